@@ -1,0 +1,58 @@
+// pyllama: shared declarations of the glue between Python and llama.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace pyllama {
+
+// Exceptions thrown by the glue. They are translated once, in module.cpp:
+//   llama_error          -> pyllama.LlamaError (a RuntimeError)
+//   file_not_found_error -> FileNotFoundError
+//   std::invalid_argument -> ValueError, std::out_of_range -> IndexError (pybind11's defaults)
+struct llama_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct file_not_found_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// --- backend.cpp -------------------------------------------------------------------------------
+
+// Initialises llama.cpp's backends and installs the log callback; safe to call many times.
+void backend_ensure_init();
+
+// Adds a log line to the captures active on this thread (called by the log callback).
+void log_capture_add(int level, const std::string & line);
+
+// Collects the log lines llama.cpp and ggml write on this thread while it lives, so that a failed
+// call can say why it failed (many reasons exist only as log lines). Nests.
+class log_capture {
+  public:
+    log_capture();
+    ~log_capture();
+    log_capture(const log_capture &)             = delete;
+    log_capture & operator=(const log_capture &) = delete;
+
+    // The captured lines at WARNING level and above, joined with "; " (or "" when there are none).
+    std::string problems() const;
+
+  private:
+    std::vector<std::pair<int, std::string>> lines_;
+    log_capture *                            outer_;
+    friend void log_capture_add(int level, const std::string & line);
+};
+
+// --- registration, one per concept ---------------------------------------------------------------
+
+void register_backend(py::module_ & m);
+void register_model(py::module_ & m);
+
+}  // namespace pyllama
