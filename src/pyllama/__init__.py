@@ -1,1 +1,48 @@
-from ._core import *  # noqa
+"""pyllama: Python bindings for llama.cpp.
+
+The engine is a pinned llama.cpp compiled into the extension module ``pyllama._core``. Its log goes
+to the ``logging`` logger named ``pyllama`` (silent unless you configure logging).
+"""
+
+from __future__ import annotations
+
+try:
+    from . import _core
+except ImportError as _err:  # pragma: no cover - only when the build is missing or broken
+    raise ImportError(
+        "pyllama's native extension (pyllama._core) could not be imported. pyllama must be built "
+        "and installed with `pip install .` from its source tree (which compiles llama.cpp); "
+        "importing it from a source checkout without installing does not work. "
+        f"The underlying error was: {_err}"
+    ) from _err
+
+from ._core import (
+    LLAMA_CPP_COMMIT,
+    LlamaError,
+    Model,
+    TokenAttr,
+    __version__,
+    devices,
+    max_devices,
+    supports_gpu_offload,
+    supports_mlock,
+    supports_mmap,
+    system_info,
+)
+from ._logging import logger, set_log_level
+
+__all__ = [
+    "LLAMA_CPP_COMMIT",
+    "LlamaError",
+    "Model",
+    "TokenAttr",
+    "__version__",
+    "devices",
+    "logger",
+    "max_devices",
+    "set_log_level",
+    "supports_gpu_offload",
+    "supports_mlock",
+    "supports_mmap",
+    "system_info",
+]

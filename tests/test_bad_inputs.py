@@ -1,0 +1,87 @@
+"""Bad input from Python gets a clear exception, never a crash. Each case runs in a subprocess,
+so that a crash would fail the test instead of taking pytest down."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_python
+from tiny_models import vocab_path
+
+# Each case: Python code run against `m` (a loaded vocabulary) or on its own, and the exception
+# type it must raise with a fragment of the message.
+CASES: dict[str, tuple[str, str, str]] = {
+    "missing file": ("pyllama.Model('/no/such/model.gguf')", "FileNotFoundError", "not found"),
+    "directory": ("pyllama.Model(TMP)", "LlamaError", "directory"),
+    "not gguf": ("open(TMP + '/x.gguf', 'wb').write(b'hello world'); pyllama.Model(TMP + '/x.gguf')",
+                 "LlamaError", "not a GGUF file"),
+    "empty file": ("open(TMP + '/e.gguf', 'wb').close(); pyllama.Model(TMP + '/e.gguf')",
+                   "LlamaError", "not a GGUF file"),
+    "truncated": ("open(TMP + '/t.gguf', 'wb').write(open(VOCAB, 'rb').read()[:5000]); "
+                  "pyllama.Model(TMP + '/t.gguf')", "LlamaError", "t.gguf"),
+    "split_mode": ("pyllama.Model(VOCAB, split_mode='diagonal')", "ValueError", "split_mode"),
+    "main_gpu": ("pyllama.Model(VOCAB, main_gpu=-1)", "ValueError", "main_gpu"),
+    "tensor_split length": ("pyllama.Model(VOCAB, tensor_split=[1.0] * 100000)", "ValueError", "tensor_split"),
+    "tensor_split value": ("pyllama.Model(VOCAB, tensor_split=[float('nan')])", "ValueError", "tensor_split"),
+    "kv_overrides key": ("pyllama.Model(VOCAB, kv_overrides={'k' * 200: 1})", "ValueError", "127"),
+    "kv_overrides value": ("pyllama.Model(VOCAB, kv_overrides={'a.b': [1]})", "ValueError", "bool, int, float or str"),
+    "kv_overrides int": ("pyllama.Model(VOCAB, kv_overrides={'a.b': 2**70})", "ValueError", "64-bit"),
+    "progress not callable": ("pyllama.Model(VOCAB, progress_callback=3)", "TypeError", "callable"),
+    "detokenize id too big": ("m.detokenize([1, 10**6])", "ValueError", "out of range"),
+    "detokenize id negative": ("m.detokenize([-1])", "ValueError", "out of range"),
+    "detokenize id huge": ("m.detokenize([2**40])", "ValueError", "out of range"),
+    "detokenize not ints": ("m.detokenize(['a'])", "TypeError", "integers"),
+    "token_to_piece": ("m.token_to_piece(32000)", "ValueError", "out of range"),
+    "token_to_piece lstrip": ("m.token_to_piece(5, lstrip=-1)", "ValueError", "lstrip"),
+    "token_get_text": ("m.token_get_text(-5)", "ValueError", "out of range"),
+    "token_get_attr": ("m.token_get_attr(99999)", "ValueError", "out of range"),
+    "token_is_eog": ("m.token_is_eog(99999)", "ValueError", "out of range"),
+    "invalid utf-8": ("m.tokenize(b'ok \\xff\\xfe')", "ValueError", "UTF-8"),
+    "truncated utf-8": ("m.tokenize(b'ok \\xe4\\xbd')", "ValueError", "UTF-8"),
+    "surrogate utf-8": ("m.tokenize(b'\\xed\\xa0\\x80')", "ValueError", "UTF-8"),
+    "lone surrogate str": ("m.tokenize('a\\ud800b')", "UnicodeEncodeError", "surrogate"),
+    "tokenize wrong type": ("m.tokenize(42)", "TypeError", "str or bytes"),
+    "closed model": ("m.close(); m.tokenize('x')", "LlamaError", "closed"),
+    "closed twice": ("m.close(); m.close()", "LlamaError", "already closed"),
+}
+
+RUNNER = """
+import json, sys, pyllama
+TMP, VOCAB, code = sys.argv[1], sys.argv[2], sys.argv[3]
+m = pyllama.Model(VOCAB, vocab_only=True)
+try:
+    exec(code)
+except BaseException as e:
+    print(json.dumps({"type": type(e).__name__, "msg": str(e)}))
+else:
+    print(json.dumps({"type": None, "msg": ""}))
+"""
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises(case: str, tmp_path: Path) -> None:
+    code, exc_type, fragment = CASES[case]
+    proc = run_python(RUNNER, str(tmp_path), str(vocab_path("llama-spm")), code)
+    assert proc.returncode == 0, f"crashed with {proc.returncode}: {proc.stderr[-2000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["type"] == exc_type, result
+    assert fragment in result["msg"], result
+
+
+def test_huge_input_tokenizes_or_raises_cleanly() -> None:
+    """A 64 MiB text either tokenizes (the result is then checked) or raises; it never crashes."""
+    proc = run_python(
+        """
+        import sys, pyllama
+        m = pyllama.Model(sys.argv[1], vocab_only=True)
+        text = "ab " * (64 * 1024 * 1024 // 3)
+        tokens = m.tokenize(text, add_special=False)
+        assert len(tokens) > 1_000_000
+        print(len(tokens))
+        """,
+        str(vocab_path("llama-spm")),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
