@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fill ``vendor/llama.cpp`` with the pinned llama.cpp sources.
 
-The normal way is ``git submodule update --init``. Where git cannot reach GitHub, this script takes
+It first tries ``git submodule update --init`` (the normal way). Where git cannot reach GitHub, it takes
 the identical copy of llama.cpp that ships inside the PyPI sdist of ``llama-cpp-python==0.3.35``:
 it downloads the sdist with pip (or uses one given with ``--sdist``), checks its sha256 before
 extracting anything, and extracts only ``vendor/llama.cpp``. Running it again when the directory
@@ -48,8 +48,18 @@ def download_sdist(into: Path) -> Path:
     # --no-build-isolation: pip only needs the archive; without it pip would build the sdist's
     # build requirements (cmake among them) from source just to read its metadata.
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--no-build-isolation", "--disable-pip-version-check", "-d", str(into), SDIST_REQUIREMENT,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "-d",
+        str(into),
+        SDIST_REQUIREMENT,
     ]
     say("downloading " + SDIST_REQUIREMENT + " sdist with pip")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -59,6 +69,28 @@ def download_sdist(into: Path) -> Path:
     return path
 
 
+def try_git_submodule() -> bool:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return False
+    say("trying `git submodule update --init vendor/llama.cpp`")
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(ROOT), "submodule", "update", "--init", "--depth", "1", "vendor/llama.cpp"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except subprocess.TimeoutExpired:
+        say("git timed out")
+        return False
+    if proc.returncode != 0 or not (DEST / MARKER).is_file():
+        reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        say(f"git could not fetch the submodule ({reason}); using the PyPI sdist instead")
+        return False
+    say("vendor/llama.cpp checked out by git")
+    return True
+
+
 def extract(sdist: Path, dest: Path) -> int:
     count = 0
     with tarfile.open(sdist, "r:gz") as tar:
@@ -66,7 +98,7 @@ def extract(sdist: Path, dest: Path) -> int:
         for m in tar.getmembers():
             if not m.name.startswith(PREFIX):
                 continue
-            rel = m.name[len(PREFIX):]
+            rel = m.name[len(PREFIX) :]
             # The sdist's own submodule pointer (a '.git' file) would make git think this is a
             # checkout of llama-cpp-python's repository: leave it out.
             if not rel or rel == ".git" or rel.startswith(".git/"):
@@ -84,11 +116,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sdist", type=Path, help="use this llama-cpp-python-0.3.35 sdist instead of downloading it")
     ap.add_argument("--force", action="store_true", help="replace vendor/llama.cpp even if it is filled")
+    ap.add_argument("--no-git", action="store_true", help="do not try `git submodule update` first")
     args = ap.parse_args()
 
     if (DEST / MARKER).is_file() and not args.force:
         origin = (DEST / STAMP).read_text().strip() if (DEST / STAMP).is_file() else "a git checkout"
         say(f"vendor/llama.cpp is already filled ({origin}); nothing to do")
+        return 0
+
+    if not args.force and not args.sdist and not args.no_git and try_git_submodule():
         return 0
 
     with tempfile.TemporaryDirectory(prefix="pyllama-fetch-") as tmp:

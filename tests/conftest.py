@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from tiny_models import LLAMA_CPP, template_text, write_tiny_llama
 
 if not (LLAMA_CPP / "include" / "llama.h").is_file():  # pragma: no cover

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import run_python
 from tiny_models import vocab_path
 
@@ -15,12 +16,21 @@ from tiny_models import vocab_path
 CASES: dict[str, tuple[str, str, str]] = {
     "missing file": ("pyllama.Model('/no/such/model.gguf')", "FileNotFoundError", "not found"),
     "directory": ("pyllama.Model(TMP)", "LlamaError", "directory"),
-    "not gguf": ("open(TMP + '/x.gguf', 'wb').write(b'hello world'); pyllama.Model(TMP + '/x.gguf')",
-                 "LlamaError", "not a GGUF file"),
-    "empty file": ("open(TMP + '/e.gguf', 'wb').close(); pyllama.Model(TMP + '/e.gguf')",
-                   "LlamaError", "not a GGUF file"),
-    "truncated": ("open(TMP + '/t.gguf', 'wb').write(open(VOCAB, 'rb').read()[:5000]); "
-                  "pyllama.Model(TMP + '/t.gguf')", "LlamaError", "t.gguf"),
+    "not gguf": (
+        "open(TMP + '/x.gguf', 'wb').write(b'hello world'); pyllama.Model(TMP + '/x.gguf')",
+        "LlamaError",
+        "not a GGUF file",
+    ),
+    "empty file": (
+        "open(TMP + '/e.gguf', 'wb').close(); pyllama.Model(TMP + '/e.gguf')",
+        "LlamaError",
+        "not a GGUF file",
+    ),
+    "truncated": (
+        "open(TMP + '/t.gguf', 'wb').write(open(VOCAB, 'rb').read()[:5000]); pyllama.Model(TMP + '/t.gguf')",
+        "LlamaError",
+        "t.gguf",
+    ),
     "split_mode": ("pyllama.Model(VOCAB, split_mode='diagonal')", "ValueError", "split_mode"),
     "main_gpu": ("pyllama.Model(VOCAB, main_gpu=-1)", "ValueError", "main_gpu"),
     "tensor_split length": ("pyllama.Model(VOCAB, tensor_split=[1.0] * 100000)", "ValueError", "tensor_split"),
@@ -28,6 +38,32 @@ CASES: dict[str, tuple[str, str, str]] = {
     "kv_overrides key": ("pyllama.Model(VOCAB, kv_overrides={'k' * 200: 1})", "ValueError", "127"),
     "kv_overrides value": ("pyllama.Model(VOCAB, kv_overrides={'a.b': [1]})", "ValueError", "bool, int, float or str"),
     "kv_overrides int": ("pyllama.Model(VOCAB, kv_overrides={'a.b': 2**70})", "ValueError", "64-bit"),
+    # Metadata the loader would abort on (GGML_ASSERT) is refused first, overrides included.
+    "override block_count 0": (
+        "pyllama.Model(VOCAB, kv_overrides={'llama.block_count': 0})",
+        "LlamaError",
+        "block_count is 0",
+    ),
+    "override block_count 600": (
+        "pyllama.Model(VOCAB, kv_overrides={'llama.block_count': 600})",
+        "LlamaError",
+        "block_count is 600",
+    ),
+    "override experts": (
+        "pyllama.Model(VOCAB, kv_overrides={'llama.expert_count': 4})",
+        "LlamaError",
+        "expert_used_count is 0",
+    ),
+    "override too many experts": (
+        "pyllama.Model(VOCAB, kv_overrides={'llama.expert_count': 5000})",
+        "LlamaError",
+        "expert_count is 5000",
+    ),
+    "override rope scaling": (
+        "pyllama.Model(VOCAB, kv_overrides={'llama.rope.scaling.type': 'bogus'})",
+        "LlamaError",
+        "rope.scaling.type",
+    ),
     "progress not callable": ("pyllama.Model(VOCAB, progress_callback=3)", "TypeError", "callable"),
     "detokenize id too big": ("m.detokenize([1, 10**6])", "ValueError", "out of range"),
     "detokenize id negative": ("m.detokenize([-1])", "ValueError", "out of range"),

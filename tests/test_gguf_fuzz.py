@@ -26,7 +26,10 @@ import pytest
 
 from tiny_models import write_tiny_llama
 
-SEED = 0x6775_6666  # "guff"
+# Among seed 9's byte flips is one (mutation #83) that turns token 4814 "enu" into "en\0", which reads
+# back as the existing token "en": llama.cpp asserts that tokens are unique (llama-vocab.cpp) and would
+# abort; pyllama's metadata precheck refuses the file first. The seed is kept as a regression test.
+SEED = 9
 N_MUTATIONS = 200
 BATCH_SIZE = 20
 N_PARALLEL = max(1, min(4, os.cpu_count() or 1))
@@ -121,9 +124,7 @@ def _part_offsets(field: gguf.ReaderField) -> list[int]:
     return [field.offset, *(field.offset + np.cumsum(sizes)).tolist()]
 
 
-def _slot(
-    base: bytes, field: gguf.ReaderField, offsets: Sequence[int], j: int, name: str, k: int = 0
-) -> Slot:
+def _slot(base: bytes, field: gguf.ReaderField, offsets: Sequence[int], j: int, name: str, k: int = 0) -> Slot:
     """Element k of part j of a field, after checking that the file holds exactly that there."""
     part = field.parts[j]
     width = part.dtype.itemsize
@@ -226,9 +227,7 @@ def _set(index: int, kind: str, slot: Slot, value: int, label: str | None = None
     )
 
 
-def _pick(
-    rng: random.Random, slot: Slot, candidates: Iterable[tuple[int, str | None]]
-) -> tuple[int, str | None]:
+def _pick(rng: random.Random, slot: Slot, candidates: Iterable[tuple[int, str | None]]) -> tuple[int, str | None]:
     """A random candidate value that differs from the slot's current value."""
     choices = [(v, label) for v, label in candidates if v >= 0 and v != slot.value]
     return rng.choice(choices)
@@ -249,9 +248,7 @@ def make_mutations(base: bytes, layout: Layout, rng: random.Random, n: int) -> l
         if kind == "truncate":
             section, start, end = truncation_sections[round_ % len(truncation_sections)]
             at = rng.randrange(start, end)
-            mutations.append(
-                Mutation(index, kind, f"file truncated in the {section}", str(at), truncate_at=at)
-            )
+            mutations.append(Mutation(index, kind, f"file truncated in the {section}", str(at), truncate_at=at))
         elif kind == "header_count":
             slot = layout.header_counts[round_ % 2]
             near = [(slot.value + d, f"{slot.value + d} (n{d:+d})") for d in (-3, -2, -1, 1, 2, 3)]
@@ -303,20 +300,19 @@ def make_mutations(base: bytes, layout: Layout, rng: random.Random, n: int) -> l
                 candidates = [(v, None) for v in (*range(GGML_TYPE_COUNT + 2), *HUGE_U32)]
             else:
                 slot = rng.choice(layout.tensor_offsets)
+                other = rng.choice(layout.tensor_offsets)
                 candidates = [
                     *huge,
                     (slot.value + 1, f"{slot.value + 1} (offset+1)"),
                     (slot.value + 32, f"{slot.value + 32} (offset+32)"),
                     (slot.value - 32, f"{slot.value - 32} (offset-32)"),
                     (layout.size, f"{layout.size} (file size)"),
-                    (rng.choice(layout.tensor_offsets).value, "another tensor's offset"),
+                    (other.value, f"{other.value} (the {other.name})"),
                 ]
             mutations.append(_set(index, kind, slot, *_pick(rng, slot, candidates)))
         else:
             window = min(FLIP_WINDOW, layout.size)
-            flips = sorted(
-                {rng.randrange(window): rng.randrange(1, 256) for _ in range(rng.randint(1, 8))}.items()
-            )
+            flips = sorted({rng.randrange(window): rng.randrange(1, 256) for _ in range(rng.randint(1, 8))}.items())
             patches = tuple((offset, bytes([base[offset] ^ xor])) for offset, xor in flips)
             mutations.append(
                 Mutation(
@@ -350,6 +346,13 @@ def _text(stream: str | bytes | None) -> str:
     return stream or ""
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _run_worker(paths: Sequence[Path], timeout: float) -> tuple[dict[str, Outcome], Outcome | None]:
     """Load the files in one worker process: the outcome of each file it finished, and how it ended
     (None when it exited normally)."""
@@ -360,7 +363,7 @@ def _run_worker(paths: Sequence[Path], timeout: float) -> tuple[dict[str, Outcom
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         stdout = proc.stdout
         if proc.returncode < 0:
-            ended = Outcome("signal", signal.Signals(-proc.returncode).name, proc.stderr[-2000:])
+            ended = Outcome("signal", _signal_name(-proc.returncode), proc.stderr[-2000:])
         elif proc.returncode != 0:
             ended = Outcome("exit", f"status {proc.returncode}", proc.stderr[-2000:])
     except subprocess.TimeoutExpired as exc:
@@ -370,7 +373,10 @@ def _run_worker(paths: Sequence[Path], timeout: float) -> tuple[dict[str, Outcom
     for line in stdout.splitlines():
         if not line.startswith("{"):
             continue
-        result = json.loads(line)
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
         if result["outcome"] == "ok":
             results[result["path"]] = Outcome("ok")
         else:
@@ -394,9 +400,7 @@ def run_batch(batch: Sequence[Mutation], base: bytes, directory: Path) -> tuple[
         for m in batch:
             single, single_ended = _run_worker([paths[m.index]], SINGLE_TIMEOUT_S)
             outcome = single.get(str(paths[m.index]))
-            outcomes[m.index] = (
-                outcome if single_ended is None and outcome else (single_ended or Outcome("exit"))
-            )
+            outcomes[m.index] = outcome if single_ended is None and outcome else (single_ended or Outcome("exit"))
         if all(outcome.survived for outcome in outcomes.values()):
             unexplained = (
                 f"a worker loading {', '.join(str(p) for p in paths.values())} ended with {ended} "
@@ -437,7 +441,7 @@ def test_mutated_gguf_files_load_or_raise(tmp_path_factory: pytest.TempPathFacto
     for m in mutations:
         table[m.kind, outcomes[m.index].status] += 1
     statuses = sorted({status for _, status in table})
-    print(f"\nGGUF fuzz, seed {SEED:#x}: outcome of {len(mutations)} loads per mutation kind")
+    print(f"\nGGUF fuzz, seed {SEED}: outcome of {len(mutations)} loads per mutation kind")
     print(f"{'kind':<15}" + "".join(f"{status:>9}" for status in statuses))
     for kind in KINDS:
         print(f"{kind:<15}" + "".join(f"{table[kind, status]:>9}" for status in statuses))
@@ -450,7 +454,7 @@ def test_mutated_gguf_files_load_or_raise(tmp_path_factory: pytest.TempPathFacto
     ]
     if crashes or unexplained:
         pytest.fail(
-            f"{len(crashes)} mutated GGUF file(s) crashed or hung the loader (seed {SEED:#x}):\n"
+            f"{len(crashes)} mutated GGUF file(s) crashed or hung the loader (seed {SEED}):\n"
             + "\n".join(crashes + unexplained),
             pytrace=False,
         )
@@ -464,8 +468,6 @@ def test_mutated_gguf_files_load_or_raise(tmp_path_factory: pytest.TempPathFacto
 
     # The mutations must really reach the error paths, or the test proves nothing.
     n_errors = sum(outcome.status == "error" for outcome in outcomes.values())
-    assert n_errors >= len(mutations) // 2, (
-        f"only {n_errors} of {len(mutations)} mutated files failed to load"
-    )
+    assert n_errors >= len(mutations) // 2, f"only {n_errors} of {len(mutations)} mutated files failed to load"
     for kind in KINDS:
         assert table[kind, "error"] > 0, f"no {kind} mutation made the load fail"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import gguf
 import pytest
-from tiny_models import template_text, vocab_path, write_tiny_llama
 
 import pyllama
+
+from tiny_models import template_text, vocab_path, write_tiny_llama
 
 
 def gguf_scalar(path: Path, key: str) -> object:
@@ -134,9 +135,7 @@ def test_progress_callback_reports_and_cancels(tiny_model_path: Path) -> None:
         pyllama.Model(str(tiny_model_path), progress_callback=explode)
 
 
-def test_kv_overrides_change_the_loaded_values(
-    tiny_model_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_kv_overrides_change_the_loaded_values(tiny_model_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pyllama.Model(str(tiny_model_path), kv_overrides={"llama.context_length": 512}) as model:
         assert model.n_ctx_train == 512
     # llama.cpp ignores an override of the wrong type for a known key, and says so in its log,

@@ -39,6 +39,7 @@ def test_gemma_metadata(gemma_path: Path) -> None:
         tokens = model.tokenize("The capital of France is")
         assert tokens[0] == model.token_bos
         assert model.detokenize(tokens, remove_special=True) == "The capital of France is"
-        assert model.token_id("<start_of_turn>") == model.tokenize(
-            "<start_of_turn>", add_special=False, parse_special=True
-        )[0]
+        assert (
+            model.token_id("<start_of_turn>")
+            == model.tokenize("<start_of_turn>", add_special=False, parse_special=True)[0]
+        )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import VOCABS
 
 import pyllama
+
+from tiny_models import VOCABS
 
 SEP = "\n__ggml_vocab_test__\n"
 VOCAB_FILES = sorted(p for p in VOCABS.glob("ggml-vocab-*.gguf") if Path(f"{p}.inp").is_file())
@@ -29,7 +30,7 @@ def read_vectors(vocab: Path) -> dict[str, list[int]]:
     if outputs and outputs[-1] == "":
         outputs.pop()
     assert len(inputs) == len(outputs), f"{vocab.name}: {len(inputs)} inputs, {len(outputs)} outputs"
-    return {s: [int(t) for t in o.strip().split(" ") if t] for s, o in zip(inputs, outputs)}
+    return {s: [int(t) for t in o.strip().split(" ") if t] for s, o in zip(inputs, outputs, strict=False)}
 
 
 def test_vectors_found() -> None:

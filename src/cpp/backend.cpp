@@ -33,15 +33,15 @@ constexpr int PY_ERROR   = 40;
 constexpr size_t LOG_QUEUE_MAX = 10000;
 
 struct log_state {
-    std::mutex                               mtx;
-    std::condition_variable                  cv;
-    std::deque<std::pair<int, std::string>>  queue;
-    size_t                                   dropped = 0;
-    bool                                     closed  = false;
+    std::mutex                              mtx;
+    std::condition_variable                 cv;
+    std::deque<std::pair<int, std::string>> queue;
+    size_t                                  dropped = 0;
+    bool                                    closed  = false;
 };
 
 log_state &      g_log = *new log_state;  // never destroyed: native threads may log at exit
-std::atomic<int> g_log_min_level{PY_WARNING};
+std::atomic<int> g_log_min_level{ PY_WARNING };
 
 thread_local log_capture * t_capture = nullptr;
 thread_local std::string   t_pending;
@@ -50,9 +50,9 @@ thread_local int           t_pending_level = PY_INFO;
 int py_level(ggml_log_level level) {
     switch (level) {
         case GGML_LOG_LEVEL_DEBUG: return PY_DEBUG;
-        case GGML_LOG_LEVEL_WARN:  return PY_WARNING;
+        case GGML_LOG_LEVEL_WARN: return PY_WARNING;
         case GGML_LOG_LEVEL_ERROR: return PY_ERROR;
-        default:                   return PY_INFO;
+        default: return PY_INFO;
     }
 }
 
@@ -106,7 +106,7 @@ void sync_common_verbosity(int min_level) {
     common_log_set_verbosity_thold(min_level <= PY_DEBUG ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO);
 #else
     // Without the link-time redirection common/ would print to the terminal itself: keep it quiet.
-    (void) min_level;
+    (void)min_level;
     common_log_set_verbosity_thold(-1);
 #endif
 }
@@ -115,14 +115,14 @@ py::list log_wait(double timeout_s) {
     std::vector<std::pair<int, std::string>> lines;
     size_t                                   dropped = 0;
     {
-        py::gil_scoped_release      release;
+        py::gil_scoped_release       release;
         std::unique_lock<std::mutex> lock(g_log.mtx);
         g_log.cv.wait_for(lock, std::chrono::duration<double>(timeout_s),
                           [] { return g_log.closed || !g_log.queue.empty(); });
         lines.assign(std::make_move_iterator(g_log.queue.begin()), std::make_move_iterator(g_log.queue.end()));
         g_log.queue.clear();
-        dropped         = g_log.dropped;
-        g_log.dropped   = 0;
+        dropped       = g_log.dropped;
+        g_log.dropped = 0;
     }
     py::list out;
     if (dropped > 0) {
@@ -156,16 +156,16 @@ void log_set_level(int level) {
 py::list devices() {
     py::list out;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        ggml_backend_dev_t dev      = ggml_backend_dev_get(i);
         size_t             free_mem = 0, total_mem = 0;
         ggml_backend_dev_memory(dev, &free_mem, &total_mem);
         const char * type = "cpu";
         switch (ggml_backend_dev_type(dev)) {
-            case GGML_BACKEND_DEVICE_TYPE_CPU:   type = "cpu"; break;
-            case GGML_BACKEND_DEVICE_TYPE_GPU:   type = "gpu"; break;
-            case GGML_BACKEND_DEVICE_TYPE_IGPU:  type = "igpu"; break;
+            case GGML_BACKEND_DEVICE_TYPE_CPU: type = "cpu"; break;
+            case GGML_BACKEND_DEVICE_TYPE_GPU: type = "gpu"; break;
+            case GGML_BACKEND_DEVICE_TYPE_IGPU: type = "igpu"; break;
             case GGML_BACKEND_DEVICE_TYPE_ACCEL: type = "accel"; break;
-            case GGML_BACKEND_DEVICE_TYPE_META:  type = "meta"; break;
+            case GGML_BACKEND_DEVICE_TYPE_META: type = "meta"; break;
         }
         py::dict d;
         d["index"]        = i;
@@ -187,9 +187,13 @@ void log_capture_add(int level, const std::string & line) {
     }
 }
 
-log_capture::log_capture() : outer_(t_capture) { t_capture = this; }
+log_capture::log_capture() : outer_(t_capture) {
+    t_capture = this;
+}
 
-log_capture::~log_capture() { t_capture = outer_; }
+log_capture::~log_capture() {
+    t_capture = outer_;
+}
 
 std::string log_capture::problems() const {
     std::string out;
@@ -219,8 +223,9 @@ void backend_ensure_init() {
 void register_backend(py::module_ & m) {
     backend_ensure_init();
 
-    m.def("system_info", [] { return std::string(llama_print_system_info()); },
-          "llama.cpp's system information line: the CPU features and backends compiled in.");
+    m.def(
+        "system_info", [] { return std::string(llama_print_system_info()); },
+        "llama.cpp's system information line: the CPU features and backends compiled in.");
     m.def("devices", &devices,
           "The compute devices ggml found: a list of dicts with index, name, description, type "
           "('cpu', 'gpu', 'igpu', 'accel'), memory_free and memory_total in bytes.");

@@ -2,18 +2,24 @@
 
 #include "model.h"
 
+#include "gguf.h"
+
 #include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <optional>
+#include <string_view>
 
 namespace pyllama {
 
 namespace {
 
-std::string type_name(const py::handle & h) { return py::str(py::type::of(h).attr("__name__")); }
+std::string type_name(const py::handle & h) {
+    return py::str(py::type::of(h).attr("__name__"));
+}
 
 bool interpreter_finalizing() {
 #if PY_VERSION_HEX >= 0x030D0000
@@ -96,13 +102,13 @@ std::vector<llama_model_kv_override> parse_kv_overrides(const py::dict & overrid
 }
 
 struct progress_state {
-    py::object                              fn;
-    std::unique_ptr<py::error_already_set>  error;
-    bool                                    cancelled = false;
+    py::object                             fn;
+    std::unique_ptr<py::error_already_set> error;
+    bool                                   cancelled = false;
 };
 
 bool progress_trampoline(float progress, void * user_data) {
-    auto *               st = static_cast<progress_state *>(user_data);
+    auto *                 st = static_cast<progress_state *>(user_data);
     py::gil_scoped_acquire gil;
     if (st->error || st->cancelled) {
         return false;
@@ -142,6 +148,181 @@ void check_gguf_file(const std::string & path) {
     }
 }
 
+// llama.cpp's loader guards some of the file's metadata with GGML_ASSERT, which aborts the process
+// (src/llama-model.cpp load_hparams, src/llama-vocab.cpp load). A model file is untrusted input, so
+// those preconditions are checked here first, on the metadata as the loader will see it: the file's
+// values with the caller's kv_overrides applied. A file gguf cannot parse is left to the loader,
+// which reports why.
+class gguf_precheck {
+  public:
+    gguf_precheck(const std::string & path, const std::vector<llama_model_kv_override> & overrides) :
+        overrides_(overrides) {
+        gguf_init_params params = { /*no_alloc =*/true, /*ctx =*/nullptr };
+        ctx_                    = gguf_init_from_file(path.c_str(), params);
+    }
+
+    ~gguf_precheck() {
+        if (ctx_ != nullptr) {
+            gguf_free(ctx_);
+        }
+    }
+
+    // Throws llama_error naming the first problem.
+    void run(bool vocab_only) const {
+        if (ctx_ == nullptr) {
+            return;
+        }
+        check_tokens();
+        if (vocab_only) {
+            return;
+        }
+        const int64_t ia = gguf_find_key(ctx_, "general.architecture");
+        if (ia < 0 || gguf_get_kv_type(ctx_, ia) != GGUF_TYPE_STRING) {
+            return;  // the loader refuses this itself
+        }
+        const std::string arch = gguf_get_val_str(ctx_, ia);
+        const auto        key  = [&](const char * suffix) {
+            return arch + "." + suffix;
+        };
+
+        const auto n_layer = get_int(key("block_count"));
+        if (n_layer && (*n_layer <= 0 || *n_layer > LLAMA_MAX_LAYERS_)) {
+            fail(key("block_count") + " is " + std::to_string(*n_layer) + "; it must be in 1.." +
+                 std::to_string(LLAMA_MAX_LAYERS_));
+        }
+        int64_t n_expert   = get_int(key("expert_count")).value_or(0);
+        int64_t n_used     = get_int(key("expert_used_count")).value_or(0);
+        int64_t n_groups   = get_int(key("expert_group_count")).value_or(0);
+        int64_t n_grp_used = get_int(key("expert_group_used_count")).value_or(0);
+        if ((arch == "hunyuan-vl" || arch == "hunyuan-dense") && n_expert <= 1) {
+            n_expert = n_used = 0;
+        }
+        if (n_expert < 0 || n_expert > LLAMA_MAX_EXPERTS_) {
+            fail(key("expert_count") + " is " + std::to_string(n_expert) + "; it must be in 0.." +
+                 std::to_string(LLAMA_MAX_EXPERTS_));
+        }
+        if (n_used < 0 || n_used > n_expert) {
+            fail(key("expert_used_count") + " is " + std::to_string(n_used) + "; it must be in 0.." +
+                 std::to_string(n_expert) + " (the expert count)");
+        }
+        if (n_expert > 0) {
+            if (n_used == 0) {
+                fail(key("expert_used_count") + " is 0 for a model with experts");
+            }
+            if (n_groups < 0 || n_groups >= n_expert) {
+                fail(key("expert_group_count") + " must be smaller than the expert count");
+            }
+            if (n_groups > 1 && (n_expert % n_groups != 0 || n_grp_used <= 0 || n_grp_used >= n_groups)) {
+                fail(key("expert_group_count") + " and " + key("expert_group_used_count") + " are inconsistent");
+            }
+        } else if (n_used != 0 || n_groups != 0) {
+            fail(key("expert_used_count") + " and " + key("expert_group_count") + " must be 0 without experts");
+        }
+        if (const auto posnet = get_int(key("posnet.block_count"))) {
+            if (n_layer && *posnet > *n_layer) {
+                fail(key("posnet.block_count") + " is larger than " + key("block_count"));
+            }
+        }
+        if (const auto convnext = get_int(key("convnext.block_count"))) {
+            if (n_layer && *convnext > *n_layer) {
+                fail(key("convnext.block_count") + " is larger than " + key("block_count"));
+            }
+        }
+        if (const auto scaling = get_str(key("rope.scaling.type"))) {
+            if (*scaling != "none" && *scaling != "linear" && *scaling != "yarn" && *scaling != "longrope") {
+                fail(key("rope.scaling.type") + " is '" + *scaling + "'; llama.cpp knows none, linear, yarn, longrope");
+            }
+        }
+    }
+
+  private:
+    static constexpr int64_t LLAMA_MAX_LAYERS_  = 512;   // src/llama-hparams.h at the pinned commit
+    static constexpr int64_t LLAMA_MAX_EXPERTS_ = 1024;  // idem
+
+    gguf_context *                               ctx_ = nullptr;
+    const std::vector<llama_model_kv_override> & overrides_;
+
+    [[noreturn]] static void fail(const std::string & why) { throw llama_error("invalid model metadata: " + why); }
+
+    const llama_model_kv_override * override_for(const std::string & key) const {
+        for (const auto & kv : overrides_) {
+            if (kv.key[0] != '\0' && key == kv.key) {
+                return &kv;
+            }
+        }
+        return nullptr;
+    }
+
+    std::optional<int64_t> get_int(const std::string & key) const {
+        if (const auto * kv = override_for(key)) {
+            if (kv->tag == LLAMA_KV_OVERRIDE_TYPE_INT) {
+                return kv->val_i64;
+            }
+        }
+        const int64_t i = gguf_find_key(ctx_, key.c_str());
+        if (i < 0) {
+            return std::nullopt;
+        }
+        switch (gguf_get_kv_type(ctx_, i)) {
+            case GGUF_TYPE_UINT8: return gguf_get_val_u8(ctx_, i);
+            case GGUF_TYPE_INT8: return gguf_get_val_i8(ctx_, i);
+            case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx_, i);
+            case GGUF_TYPE_INT16: return gguf_get_val_i16(ctx_, i);
+            case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx_, i);
+            case GGUF_TYPE_INT32: return gguf_get_val_i32(ctx_, i);
+            case GGUF_TYPE_UINT64: {
+                const uint64_t v = gguf_get_val_u64(ctx_, i);
+                return v > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(v);
+            }
+            case GGUF_TYPE_INT64: return gguf_get_val_i64(ctx_, i);
+            default: return std::nullopt;  // a wrong type is refused by the loader itself
+        }
+    }
+
+    std::optional<std::string> get_str(const std::string & key) const {
+        if (const auto * kv = override_for(key)) {
+            if (kv->tag == LLAMA_KV_OVERRIDE_TYPE_STR) {
+                return std::string(kv->val_str);
+            }
+        }
+        const int64_t i = gguf_find_key(ctx_, key.c_str());
+        if (i < 0 || gguf_get_kv_type(ctx_, i) != GGUF_TYPE_STRING) {
+            return std::nullopt;
+        }
+        return std::string(gguf_get_val_str(ctx_, i));
+    }
+
+    // The vocabulary loader keys its text->id map by each token's text read as a C string (an
+    // empty one becomes "[EMPTY_<id>]") and asserts that no two tokens share a text.
+    void check_tokens() const {
+        const int64_t i = gguf_find_key(ctx_, "tokenizer.ggml.tokens");
+        if (i < 0 || gguf_get_kv_type(ctx_, i) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ctx_, i) != GGUF_TYPE_STRING) {
+            return;
+        }
+        const size_t                                 n = gguf_get_arr_n(ctx_, i);
+        std::unordered_map<std::string_view, size_t> seen;
+        std::vector<std::string>                     empties;
+        seen.reserve(n);
+        for (size_t t = 0; t < n; ++t) {
+            std::string_view word(gguf_get_arr_str(ctx_, i, t));
+            if (word.empty()) {
+                empties.push_back("[EMPTY_" + std::to_string(t) + "]");
+                continue;
+            }
+            const auto [it, inserted] = seen.emplace(word, t);
+            if (!inserted) {
+                fail("tokens " + std::to_string(it->second) + " and " + std::to_string(t) +
+                     " of tokenizer.ggml.tokens have the same text");
+            }
+        }
+        for (const auto & e : empties) {
+            if (seen.count(e) != 0) {
+                fail("token text '" + e + "' collides with the name given to an empty token");
+            }
+        }
+    }
+};
+
 // Checks that bytes from Python are UTF-8 before a tokenizer sees them.
 void check_utf8(const char * s, size_t n) {
     size_t i = 0;
@@ -162,11 +343,12 @@ void check_utf8(const char * s, size_t n) {
             len = 4;
             cp  = c & 0x07;
         } else {
-            throw std::invalid_argument("text is not valid UTF-8 (bad byte 0x" + std::to_string(c) +
-                                        " at offset " + std::to_string(i) + ")");
+            throw std::invalid_argument("text is not valid UTF-8 (bad byte 0x" + std::to_string(c) + " at offset " +
+                                        std::to_string(i) + ")");
         }
         if (i + len > n) {
-            throw std::invalid_argument("text is not valid UTF-8 (truncated character at offset " + std::to_string(i) + ")");
+            throw std::invalid_argument("text is not valid UTF-8 (truncated character at offset " + std::to_string(i) +
+                                        ")");
         }
         for (size_t k = 1; k < len; ++k) {
             const auto cc = static_cast<unsigned char>(s[i + k]);
@@ -178,7 +360,8 @@ void check_utf8(const char * s, size_t n) {
         }
         const bool overlong = (len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
         if (overlong || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-            throw std::invalid_argument("text is not valid UTF-8 (invalid code point at offset " + std::to_string(i) + ")");
+            throw std::invalid_argument("text is not valid UTF-8 (invalid code point at offset " + std::to_string(i) +
+                                        ")");
         }
         i += len;
     }
@@ -255,12 +438,12 @@ py::str decode_lossy(const std::string & s) {
 
 const char * vocab_type_name(enum llama_vocab_type t) {
     switch (t) {
-        case LLAMA_VOCAB_TYPE_NONE:   return "none";
-        case LLAMA_VOCAB_TYPE_SPM:    return "spm";
-        case LLAMA_VOCAB_TYPE_BPE:    return "bpe";
-        case LLAMA_VOCAB_TYPE_WPM:    return "wpm";
-        case LLAMA_VOCAB_TYPE_UGM:    return "ugm";
-        case LLAMA_VOCAB_TYPE_RWKV:   return "rwkv";
+        case LLAMA_VOCAB_TYPE_NONE: return "none";
+        case LLAMA_VOCAB_TYPE_SPM: return "spm";
+        case LLAMA_VOCAB_TYPE_BPE: return "bpe";
+        case LLAMA_VOCAB_TYPE_WPM: return "wpm";
+        case LLAMA_VOCAB_TYPE_UGM: return "ugm";
+        case LLAMA_VOCAB_TYPE_RWKV: return "rwkv";
         case LLAMA_VOCAB_TYPE_PLAMO2: return "plamo2";
     }
     return "unknown";
@@ -268,9 +451,17 @@ const char * vocab_type_name(enum llama_vocab_type t) {
 
 }  // namespace
 
-Model::Model(const std::string & path, int n_gpu_layers, const std::string & split_mode, int main_gpu,
-             const std::vector<float> & tensor_split, py::object use_mmap, bool use_mlock, bool vocab_only,
-             bool check_tensors, const py::dict & kv_overrides, py::object progress_callback) :
+Model::Model(const std::string &        path,
+             int                        n_gpu_layers,
+             const std::string &        split_mode,
+             int                        main_gpu,
+             const std::vector<float> & tensor_split,
+             py::object                 use_mmap,
+             bool                       use_mlock,
+             bool                       vocab_only,
+             bool                       check_tensors,
+             const py::dict &           kv_overrides,
+             py::object                 progress_callback) :
     path_(path) {
     backend_ensure_init();
 
@@ -318,6 +509,10 @@ Model::Model(const std::string & path, int n_gpu_layers, const std::string & spl
     }
 
     check_gguf_file(path);
+    {
+        py::gil_scoped_release nogil;
+        gguf_precheck(path, overrides).run(vocab_only);
+    }
 
     llama_model * raw = nullptr;
     std::string   reason;
@@ -357,7 +552,7 @@ Model::~Model() {
         return;
     }
     if (PyGILState_Check() && !interpreter_finalizing()) {
-        py::gil_scoped_release nogil;
+        py::gil_scoped_release              nogil;
         std::unique_lock<std::shared_mutex> lock(mtx_);
         model_.reset();
     } else {
@@ -371,7 +566,7 @@ Model::use Model::acquire() const {
         throw llama_error("this Model is closed");
     }
     llama_model * m = model_.get();
-    return use{std::move(lock), m, llama_model_get_vocab(m)};
+    return use{ std::move(lock), m, llama_model_get_vocab(m) };
 }
 
 std::shared_ptr<llama_model> Model::shared() const {
@@ -385,8 +580,8 @@ std::shared_ptr<llama_model> Model::shared() const {
 void Model::close() {
     bool was_open = false;
     {
-        py::gil_scoped_release              nogil;
-        std::shared_ptr<llama_model>        doomed;
+        py::gil_scoped_release       nogil;
+        std::shared_ptr<llama_model> doomed;
         {
             std::unique_lock<std::shared_mutex> lock(mtx_);
             was_open = static_cast<bool>(model_);
@@ -407,8 +602,8 @@ bool Model::closed() const {
 void Model::check_token(const llama_vocab * vocab, llama_token token) {
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     if (token < 0 || token >= n_vocab) {
-        throw std::invalid_argument("token id " + std::to_string(token) + " is out of range: the vocabulary has ids 0 to " +
-                                    std::to_string(n_vocab - 1));
+        throw std::invalid_argument("token id " + std::to_string(token) +
+                                    " is out of range: the vocabulary has ids 0 to " + std::to_string(n_vocab - 1));
     }
 }
 
@@ -426,8 +621,8 @@ or off. progress_callback(progress: float) is called while loading; returning Fa
 load (LlamaError). The GIL is released while loading.
 )doc");
 
-    cls.def(py::init<const std::string &, int, const std::string &, int, const std::vector<float> &, py::object,
-                     bool, bool, bool, const py::dict &, py::object>(),
+    cls.def(py::init<const std::string &, int, const std::string &, int, const std::vector<float> &, py::object, bool,
+                     bool, bool, const py::dict &, py::object>(),
             py::arg("path"), py::kw_only(), py::arg("n_gpu_layers") = -1, py::arg("split_mode") = "layer",
             py::arg("main_gpu") = 0, py::arg("tensor_split") = std::vector<float>{}, py::arg("use_mmap") = py::none(),
             py::arg("use_mlock") = false, py::arg("vocab_only") = false, py::arg("check_tensors") = false,
@@ -455,15 +650,18 @@ load (LlamaError). The GIL is released while loading.
     });
 
     // --- metadata -------------------------------------------------------------------------------
-    cls.def_property_readonly("metadata", [](const Model & self) {
-        auto     use = self.acquire();
-        py::dict out;
-        const int32_t n = llama_model_meta_count(use.model);
-        for (int32_t i = 0; i < n; ++i) {
-            out[decode_lossy(meta_string(use.model, i, true))] = decode_lossy(meta_string(use.model, i, false));
-        }
-        return out;
-    }, "All scalar GGUF metadata as a dict of str to str (arrays such as the vocabulary are not included).");
+    cls.def_property_readonly(
+        "metadata",
+        [](const Model & self) {
+            auto          use = self.acquire();
+            py::dict      out;
+            const int32_t n = llama_model_meta_count(use.model);
+            for (int32_t i = 0; i < n; ++i) {
+                out[decode_lossy(meta_string(use.model, i, true))] = decode_lossy(meta_string(use.model, i, false));
+            }
+            return out;
+        },
+        "All scalar GGUF metadata as a dict of str to str (arrays such as the vocabulary are not included).");
     cls.def_property_readonly("description", [](const Model & self) {
         auto use = self.acquire();
         char buf[256];
@@ -479,8 +677,8 @@ load (LlamaError). The GIL is released while loading.
         return py::str(buf);
     });
     cls.def_property_readonly("name", [](const Model & self) -> py::object {
-        auto        use = self.acquire();
-        std::string buf(512, '\0');
+        auto          use = self.acquire();
+        std::string   buf(512, '\0');
         const int32_t n = llama_model_meta_val_str(use.model, "general.name", buf.data(), buf.size());
         if (n < 0) {
             return py::none();
@@ -488,67 +686,86 @@ load (LlamaError). The GIL is released while loading.
         buf.resize(std::min<size_t>(static_cast<size_t>(n), buf.size() - 1));
         return decode_lossy(buf);
     });
-    cls.def_property_readonly("size", [](const Model & self) { return llama_model_size(self.acquire().model); },
-                              "Total size of the weights in bytes.");
-    cls.def_property_readonly("n_params", [](const Model & self) { return llama_model_n_params(self.acquire().model); });
-    cls.def_property_readonly("n_ctx_train", [](const Model & self) { return llama_model_n_ctx_train(self.acquire().model); });
+    cls.def_property_readonly(
+        "size", [](const Model & self) { return llama_model_size(self.acquire().model); },
+        "Total size of the weights in bytes.");
+    cls.def_property_readonly("n_params",
+                              [](const Model & self) { return llama_model_n_params(self.acquire().model); });
+    cls.def_property_readonly("n_ctx_train",
+                              [](const Model & self) { return llama_model_n_ctx_train(self.acquire().model); });
     cls.def_property_readonly("n_embd", [](const Model & self) { return llama_model_n_embd(self.acquire().model); });
     cls.def_property_readonly("n_layer", [](const Model & self) { return llama_model_n_layer(self.acquire().model); });
     cls.def_property_readonly("n_head", [](const Model & self) { return llama_model_n_head(self.acquire().model); });
-    cls.def_property_readonly("n_head_kv", [](const Model & self) { return llama_model_n_head_kv(self.acquire().model); });
+    cls.def_property_readonly("n_head_kv",
+                              [](const Model & self) { return llama_model_n_head_kv(self.acquire().model); });
     cls.def_property_readonly("n_swa", [](const Model & self) { return llama_model_n_swa(self.acquire().model); });
-    cls.def_property_readonly("has_encoder", [](const Model & self) { return llama_model_has_encoder(self.acquire().model); });
-    cls.def_property_readonly("has_decoder", [](const Model & self) { return llama_model_has_decoder(self.acquire().model); });
-    cls.def_property_readonly("is_recurrent", [](const Model & self) { return llama_model_is_recurrent(self.acquire().model); });
-    cls.def_property_readonly("is_hybrid", [](const Model & self) { return llama_model_is_hybrid(self.acquire().model); });
-    cls.def_property_readonly("is_diffusion", [](const Model & self) { return llama_model_is_diffusion(self.acquire().model); });
+    cls.def_property_readonly("has_encoder",
+                              [](const Model & self) { return llama_model_has_encoder(self.acquire().model); });
+    cls.def_property_readonly("has_decoder",
+                              [](const Model & self) { return llama_model_has_decoder(self.acquire().model); });
+    cls.def_property_readonly("is_recurrent",
+                              [](const Model & self) { return llama_model_is_recurrent(self.acquire().model); });
+    cls.def_property_readonly("is_hybrid",
+                              [](const Model & self) { return llama_model_is_hybrid(self.acquire().model); });
+    cls.def_property_readonly("is_diffusion",
+                              [](const Model & self) { return llama_model_is_diffusion(self.acquire().model); });
     cls.def_property_readonly("decoder_start_token", [](const Model & self) {
         return token_or_none(llama_model_decoder_start_token(self.acquire().model));
     });
 
     // --- chat templates -------------------------------------------------------------------------
-    cls.def_property_readonly("chat_template", [](const Model & self) -> py::object {
-        auto         use  = self.acquire();
-        const char * tmpl = llama_model_chat_template(use.model, nullptr);
-        if (tmpl == nullptr) {
-            return py::none();
-        }
-        return decode_lossy(tmpl);
-    }, "The model's default chat template (tokenizer.chat_template), or None.");
-    cls.def_property_readonly("chat_templates", [](const Model & self) {
-        auto               use = self.acquire();
-        py::dict           out;
-        const std::string  prefix = "tokenizer.chat_template.";
-        const int32_t      n      = llama_model_meta_count(use.model);
-        if (const char * tmpl = llama_model_chat_template(use.model, nullptr)) {
-            out["default"] = decode_lossy(tmpl);
-        }
-        for (int32_t i = 0; i < n; ++i) {
-            const std::string key = meta_string(use.model, i, true);
-            if (key.compare(0, prefix.size(), prefix) == 0) {
-                const std::string name = key.substr(prefix.size());
-                if (const char * tmpl = llama_model_chat_template(use.model, name.c_str())) {
-                    out[py::str(name)] = decode_lossy(tmpl);
+    cls.def_property_readonly(
+        "chat_template",
+        [](const Model & self) -> py::object {
+            auto         use  = self.acquire();
+            const char * tmpl = llama_model_chat_template(use.model, nullptr);
+            if (tmpl == nullptr) {
+                return py::none();
+            }
+            return decode_lossy(tmpl);
+        },
+        "The model's default chat template (tokenizer.chat_template), or None.");
+    cls.def_property_readonly(
+        "chat_templates",
+        [](const Model & self) {
+            auto              use = self.acquire();
+            py::dict          out;
+            const std::string prefix = "tokenizer.chat_template.";
+            const int32_t     n      = llama_model_meta_count(use.model);
+            if (const char * tmpl = llama_model_chat_template(use.model, nullptr)) {
+                out["default"] = decode_lossy(tmpl);
+            }
+            for (int32_t i = 0; i < n; ++i) {
+                const std::string key = meta_string(use.model, i, true);
+                if (key.compare(0, prefix.size(), prefix) == 0) {
+                    const std::string name = key.substr(prefix.size());
+                    if (const char * tmpl = llama_model_chat_template(use.model, name.c_str())) {
+                        out[py::str(name)] = decode_lossy(tmpl);
+                    }
                 }
             }
-        }
-        return out;
-    }, "Every chat template of the model by name: 'default' and named variants such as 'tool_use'.");
-    cls.def("get_chat_template", [](const Model & self, py::object name) -> py::object {
-        auto              use = self.acquire();
-        const std::string n   = name.is_none() ? std::string() : name.cast<std::string>();
-        const char *      tmpl = llama_model_chat_template(use.model, name.is_none() ? nullptr : n.c_str());
-        if (tmpl == nullptr) {
-            return py::none();
-        }
-        return decode_lossy(tmpl);
-    }, py::arg("name") = py::none(), "The chat template with this name (None: the default), or None.");
+            return out;
+        },
+        "Every chat template of the model by name: 'default' and named variants such as 'tool_use'.");
+    cls.def(
+        "get_chat_template",
+        [](const Model & self, py::object name) -> py::object {
+            auto              use  = self.acquire();
+            const std::string n    = name.is_none() ? std::string() : name.cast<std::string>();
+            const char *      tmpl = llama_model_chat_template(use.model, name.is_none() ? nullptr : n.c_str());
+            if (tmpl == nullptr) {
+                return py::none();
+            }
+            return decode_lossy(tmpl);
+        },
+        py::arg("name") = py::none(), "The chat template with this name (None: the default), or None.");
 
     // --- vocabulary -----------------------------------------------------------------------------
     cls.def_property_readonly("n_vocab", [](const Model & self) { return llama_vocab_n_tokens(self.acquire().vocab); });
-    cls.def_property_readonly("vocab_type", [](const Model & self) {
-        return std::string(vocab_type_name(llama_vocab_type(self.acquire().vocab)));
-    }, "'spm', 'bpe', 'wpm', 'ugm', 'rwkv', 'plamo2' or 'none'.");
+    cls.def_property_readonly(
+        "vocab_type",
+        [](const Model & self) { return std::string(vocab_type_name(llama_vocab_type(self.acquire().vocab))); },
+        "'spm', 'bpe', 'wpm', 'ugm', 'rwkv', 'plamo2' or 'none'.");
 #define PYLLAMA_SPECIAL_TOKEN(name, fn) \
     cls.def_property_readonly(name, [](const Model & self) { return token_or_none(fn(self.acquire().vocab)); })
     PYLLAMA_SPECIAL_TOKEN("token_bos", llama_vocab_bos);
@@ -564,135 +781,167 @@ load (LlamaError). The GIL is released while loading.
     PYLLAMA_SPECIAL_TOKEN("token_fim_rep", llama_vocab_fim_rep);
     PYLLAMA_SPECIAL_TOKEN("token_fim_sep", llama_vocab_fim_sep);
 #undef PYLLAMA_SPECIAL_TOKEN
-    cls.def_property_readonly("add_bos", [](const Model & self) { return llama_vocab_get_add_bos(self.acquire().vocab); });
-    cls.def_property_readonly("add_eos", [](const Model & self) { return llama_vocab_get_add_eos(self.acquire().vocab); });
-    cls.def_property_readonly("add_sep", [](const Model & self) { return llama_vocab_get_add_sep(self.acquire().vocab); });
+    cls.def_property_readonly("add_bos",
+                              [](const Model & self) { return llama_vocab_get_add_bos(self.acquire().vocab); });
+    cls.def_property_readonly("add_eos",
+                              [](const Model & self) { return llama_vocab_get_add_eos(self.acquire().vocab); });
+    cls.def_property_readonly("add_sep",
+                              [](const Model & self) { return llama_vocab_get_add_sep(self.acquire().vocab); });
 
-    cls.def("token_get_text", [](const Model & self, llama_token token) {
-        auto use = self.acquire();
-        Model::check_token(use.vocab, token);
-        return decode_lossy(llama_vocab_get_text(use.vocab, token));
-    }, py::arg("token"), "The token's text as stored in the vocabulary (e.g. '▁Hello' for SentencePiece).");
-    cls.def("token_get_score", [](const Model & self, llama_token token) {
-        auto use = self.acquire();
-        Model::check_token(use.vocab, token);
-        return llama_vocab_get_score(use.vocab, token);
-    }, py::arg("token"));
-    cls.def("token_get_attr", [](const Model & self, llama_token token) {
-        auto use = self.acquire();
-        Model::check_token(use.vocab, token);
-        return static_cast<int>(llama_vocab_get_attr(use.vocab, token));
-    }, py::arg("token"), "The token's attribute flags (see pyllama.TokenAttr).");
-    cls.def("token_is_eog", [](const Model & self, llama_token token) {
-        auto use = self.acquire();
-        Model::check_token(use.vocab, token);
-        return llama_vocab_is_eog(use.vocab, token);
-    }, py::arg("token"), "Whether the token ends generation (EOS, EOT, ...).");
-    cls.def("token_is_control", [](const Model & self, llama_token token) {
-        auto use = self.acquire();
-        Model::check_token(use.vocab, token);
-        return llama_vocab_is_control(use.vocab, token);
-    }, py::arg("token"));
-    cls.def("token_id", [](const Model & self, const std::string & text) {
-        auto use = self.acquire();
-        std::call_once(self.piece_index_once_, [&] {
-            const int32_t n = llama_vocab_n_tokens(use.vocab);
-            self.piece_index_.reserve(static_cast<size_t>(n));
-            for (llama_token t = 0; t < n; ++t) {
-                self.piece_index_.emplace(llama_vocab_get_text(use.vocab, t), t);
+    cls.def(
+        "token_get_text",
+        [](const Model & self, llama_token token) {
+            auto use = self.acquire();
+            Model::check_token(use.vocab, token);
+            return decode_lossy(llama_vocab_get_text(use.vocab, token));
+        },
+        py::arg("token"), "The token's text as stored in the vocabulary (e.g. '▁Hello' for SentencePiece).");
+    cls.def(
+        "token_get_score",
+        [](const Model & self, llama_token token) {
+            auto use = self.acquire();
+            Model::check_token(use.vocab, token);
+            return llama_vocab_get_score(use.vocab, token);
+        },
+        py::arg("token"));
+    cls.def(
+        "token_get_attr",
+        [](const Model & self, llama_token token) {
+            auto use = self.acquire();
+            Model::check_token(use.vocab, token);
+            return static_cast<int>(llama_vocab_get_attr(use.vocab, token));
+        },
+        py::arg("token"), "The token's attribute flags (see pyllama.TokenAttr).");
+    cls.def(
+        "token_is_eog",
+        [](const Model & self, llama_token token) {
+            auto use = self.acquire();
+            Model::check_token(use.vocab, token);
+            return llama_vocab_is_eog(use.vocab, token);
+        },
+        py::arg("token"), "Whether the token ends generation (EOS, EOT, ...).");
+    cls.def(
+        "token_is_control",
+        [](const Model & self, llama_token token) {
+            auto use = self.acquire();
+            Model::check_token(use.vocab, token);
+            return llama_vocab_is_control(use.vocab, token);
+        },
+        py::arg("token"));
+    cls.def(
+        "token_id",
+        [](const Model & self, const std::string & text) {
+            auto use = self.acquire();
+            std::call_once(self.piece_index_once_, [&] {
+                const int32_t n = llama_vocab_n_tokens(use.vocab);
+                self.piece_index_.reserve(static_cast<size_t>(n));
+                for (llama_token t = 0; t < n; ++t) {
+                    self.piece_index_.emplace(llama_vocab_get_text(use.vocab, t), t);
+                }
+            });
+            auto it = self.piece_index_.find(text);
+            if (it == self.piece_index_.end()) {
+                throw py::key_error("no token with the text '" + text + "' in the vocabulary");
             }
-        });
-        auto it = self.piece_index_.find(text);
-        if (it == self.piece_index_.end()) {
-            throw py::key_error("no token with the text '" + text + "' in the vocabulary");
-        }
-        return it->second;
-    }, py::arg("text"), "The id of the token whose vocabulary text is exactly `text` (KeyError if none).");
+            return it->second;
+        },
+        py::arg("text"), "The id of the token whose vocabulary text is exactly `text` (KeyError if none).");
 
     // --- tokenizer ------------------------------------------------------------------------------
-    cls.def("tokenize", [](const Model & self, const py::object & text, bool add_special, bool parse_special) {
-        const std::string s = text_arg(text);
-        if (s.size() > static_cast<size_t>(INT32_MAX) - 16) {
-            throw std::invalid_argument("text is too long to tokenize (" + std::to_string(s.size()) +
-                                        " bytes; the limit is 2 GiB)");
-        }
-        std::vector<llama_token> out;
-        std::string              error;
-        {
-            py::gil_scoped_release nogil;
-            auto                   use = self.acquire();
-            try {
-                out.resize(s.size() + 8);
-                int32_t n = llama_tokenize(use.vocab, s.data(), static_cast<int32_t>(s.size()), out.data(),
+    cls.def(
+        "tokenize",
+        [](const Model & self, const py::object & text, bool add_special, bool parse_special) {
+            const std::string s = text_arg(text);
+            if (s.size() > static_cast<size_t>(INT32_MAX) - 16) {
+                throw std::invalid_argument("text is too long to tokenize (" + std::to_string(s.size()) +
+                                            " bytes; the limit is 2 GiB)");
+            }
+            std::vector<llama_token> out;
+            std::string              error;
+            {
+                py::gil_scoped_release nogil;
+                auto                   use = self.acquire();
+                try {
+                    out.resize(s.size() + 8);
+                    int32_t n = llama_tokenize(use.vocab, s.data(), static_cast<int32_t>(s.size()), out.data(),
+                                               static_cast<int32_t>(out.size()), add_special, parse_special);
+                    if (n < 0 && n != INT32_MIN) {
+                        out.resize(static_cast<size_t>(-static_cast<int64_t>(n)));
+                        n = llama_tokenize(use.vocab, s.data(), static_cast<int32_t>(s.size()), out.data(),
                                            static_cast<int32_t>(out.size()), add_special, parse_special);
-                if (n < 0 && n != INT32_MIN) {
-                    out.resize(static_cast<size_t>(-static_cast<int64_t>(n)));
-                    n = llama_tokenize(use.vocab, s.data(), static_cast<int32_t>(s.size()), out.data(),
-                                       static_cast<int32_t>(out.size()), add_special, parse_special);
+                    }
+                    if (n < 0) {
+                        error = "the text gives more tokens than fit in 32 bits";
+                        out.clear();
+                    } else {
+                        out.resize(static_cast<size_t>(n));
+                    }
+                } catch (const std::exception & e) {
+                    error = e.what();
                 }
+            }
+            if (!error.empty()) {
+                throw llama_error("tokenize failed: " + error);
+            }
+            return out;
+        },
+        py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = false,
+        "Token ids of `text` (str, or UTF-8 bytes). add_special adds BOS/EOS as the model asks; "
+        "parse_special turns special-token text such as '<|im_start|>' into those tokens.");
+
+    cls.def(
+        "detokenize",
+        [](const Model & self, const py::object & tokens, bool remove_special, bool unparse_special) {
+            std::vector<llama_token> toks;
+            {
+                auto use = self.acquire();
+                toks     = tokens_arg(tokens, use.vocab);
+            }
+            if (toks.size() > static_cast<size_t>(INT32_MAX)) {
+                throw std::invalid_argument("too many tokens");
+            }
+            std::string out;
+            {
+                py::gil_scoped_release nogil;
+                auto                   use = self.acquire();
+                out.resize(toks.size() * 8 + 16);
+                int32_t n = llama_detokenize(use.vocab, toks.data(), static_cast<int32_t>(toks.size()), out.data(),
+                                             static_cast<int32_t>(std::min<size_t>(out.size(), INT32_MAX)),
+                                             remove_special, unparse_special);
                 if (n < 0) {
-                    error = "the text gives more tokens than fit in 32 bits";
-                    out.clear();
-                } else {
-                    out.resize(static_cast<size_t>(n));
+                    out.resize(static_cast<size_t>(-static_cast<int64_t>(n)));
+                    n = llama_detokenize(use.vocab, toks.data(), static_cast<int32_t>(toks.size()), out.data(),
+                                         static_cast<int32_t>(out.size()), remove_special, unparse_special);
                 }
-            } catch (const std::exception & e) {
-                error = e.what();
+                out.resize(n < 0 ? 0 : static_cast<size_t>(n));
             }
-        }
-        if (!error.empty()) {
-            throw llama_error("tokenize failed: " + error);
-        }
-        return out;
-    }, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = false,
-       "Token ids of `text` (str, or UTF-8 bytes). add_special adds BOS/EOS as the model asks; "
-       "parse_special turns special-token text such as '<|im_start|>' into those tokens.");
+            return decode_lossy(out);
+        },
+        py::arg("tokens"), py::arg("remove_special") = false, py::arg("unparse_special") = false,
+        "The text of `tokens` (a str; bytes that are not UTF-8 become U+FFFD). remove_special drops "
+        "BOS/EOS; unparse_special renders special tokens as their text.");
 
-    cls.def("detokenize", [](const Model & self, const py::object & tokens, bool remove_special, bool unparse_special) {
-        std::vector<llama_token> toks;
-        {
+    cls.def(
+        "token_to_piece",
+        [](const Model & self, llama_token token, bool special, int lstrip) {
             auto use = self.acquire();
-            toks     = tokens_arg(tokens, use.vocab);
-        }
-        if (toks.size() > static_cast<size_t>(INT32_MAX)) {
-            throw std::invalid_argument("too many tokens");
-        }
-        std::string out;
-        {
-            py::gil_scoped_release nogil;
-            auto                   use = self.acquire();
-            out.resize(toks.size() * 8 + 16);
-            int32_t n = llama_detokenize(use.vocab, toks.data(), static_cast<int32_t>(toks.size()), out.data(),
-                                         static_cast<int32_t>(std::min<size_t>(out.size(), INT32_MAX)), remove_special,
-                                         unparse_special);
-            if (n < 0) {
-                out.resize(static_cast<size_t>(-static_cast<int64_t>(n)));
-                n = llama_detokenize(use.vocab, toks.data(), static_cast<int32_t>(toks.size()), out.data(),
-                                     static_cast<int32_t>(out.size()), remove_special, unparse_special);
+            Model::check_token(use.vocab, token);
+            if (lstrip < 0) {
+                throw std::invalid_argument("lstrip must be >= 0");
             }
-            out.resize(n < 0 ? 0 : static_cast<size_t>(n));
-        }
-        return decode_lossy(out);
-    }, py::arg("tokens"), py::arg("remove_special") = false, py::arg("unparse_special") = false,
-       "The text of `tokens` (a str; bytes that are not UTF-8 become U+FFFD). remove_special drops "
-       "BOS/EOS; unparse_special renders special tokens as their text.");
-
-    cls.def("token_to_piece", [](const Model & self, llama_token token, bool special, int lstrip) {
-        auto use = self.acquire();
-        Model::check_token(use.vocab, token);
-        if (lstrip < 0) {
-            throw std::invalid_argument("lstrip must be >= 0");
-        }
-        std::string buf(64, '\0');
-        int32_t     n = llama_token_to_piece(use.vocab, token, buf.data(), static_cast<int32_t>(buf.size()), lstrip, special);
-        if (n < 0) {
-            buf.resize(static_cast<size_t>(-n));
-            n = llama_token_to_piece(use.vocab, token, buf.data(), static_cast<int32_t>(buf.size()), lstrip, special);
-        }
-        buf.resize(n < 0 ? 0 : static_cast<size_t>(n));
-        return py::bytes(buf);
-    }, py::arg("token"), py::arg("special") = false, py::arg("lstrip") = 0,
-       "The bytes one token renders to (may be part of a UTF-8 character). special renders control tokens.");
+            std::string buf(64, '\0');
+            int32_t     n =
+                llama_token_to_piece(use.vocab, token, buf.data(), static_cast<int32_t>(buf.size()), lstrip, special);
+            if (n < 0) {
+                buf.resize(static_cast<size_t>(-n));
+                n = llama_token_to_piece(use.vocab, token, buf.data(), static_cast<int32_t>(buf.size()), lstrip,
+                                         special);
+            }
+            buf.resize(n < 0 ? 0 : static_cast<size_t>(n));
+            return py::bytes(buf);
+        },
+        py::arg("token"), py::arg("special") = false, py::arg("lstrip") = 0,
+        "The bytes one token renders to (may be part of a UTF-8 character). special renders control tokens.");
 
     py::enum_<llama_token_attr>(m, "TokenAttr", py::arithmetic(), "Token attribute flags of llama.cpp.")
         .value("UNDEFINED", LLAMA_TOKEN_ATTR_UNDEFINED)

@@ -22,9 +22,17 @@ class Model {
         const llama_vocab *                 vocab;
     };
 
-    Model(const std::string & path, int n_gpu_layers, const std::string & split_mode, int main_gpu,
-          const std::vector<float> & tensor_split, py::object use_mmap, bool use_mlock, bool vocab_only,
-          bool check_tensors, const py::dict & kv_overrides, py::object progress_callback);
+    Model(const std::string &        path,
+          int                        n_gpu_layers,
+          const std::string &        split_mode,
+          int                        main_gpu,
+          const std::vector<float> & tensor_split,
+          py::object                 use_mmap,
+          bool                       use_mlock,
+          bool                       vocab_only,
+          bool                       check_tensors,
+          const py::dict &           kv_overrides,
+          py::object                 progress_callback);
     ~Model();
 
     Model(const Model &)             = delete;
@@ -37,18 +45,18 @@ class Model {
     // The llama_model, kept alive by the returned pointer even after close() (for Context).
     std::shared_ptr<llama_model> shared() const;
 
-    void close();
-    bool closed() const;
+    void                close();
+    bool                closed() const;
     const std::string & path() const { return path_; }
 
     // Vocabulary checks shared by every file that takes token ids from Python.
     static void check_token(const llama_vocab * vocab, llama_token token);
 
   private:
-    std::shared_ptr<llama_model>            model_;
-    std::string                             path_;
-    mutable std::shared_mutex               mtx_;
-    mutable std::once_flag                  piece_index_once_;
+    std::shared_ptr<llama_model>                         model_;
+    std::string                                          path_;
+    mutable std::shared_mutex                            mtx_;
+    mutable std::once_flag                               piece_index_once_;
     mutable std::unordered_map<std::string, llama_token> piece_index_;
 
     friend void register_model(py::module_ & m);

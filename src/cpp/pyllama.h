@@ -47,7 +47,7 @@ class log_capture {
   private:
     std::vector<std::pair<int, std::string>> lines_;
     log_capture *                            outer_;
-    friend void log_capture_add(int level, const std::string & line);
+    friend void                              log_capture_add(int level, const std::string & line);
 };
 
 // --- registration, one per concept ---------------------------------------------------------------

@@ -7,7 +7,7 @@ to the ``logging`` logger named ``pyllama`` (silent unless you configure logging
 from __future__ import annotations
 
 try:
-    from . import _core
+    from . import _core  # noqa: F401  (imported first so that a failure is explained)
 except ImportError as _err:  # pragma: no cover - only when the build is missing or broken
     raise ImportError(
         "pyllama's native extension (pyllama._core) could not be imported. pyllama must be built "
