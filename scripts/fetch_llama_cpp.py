@@ -45,8 +45,8 @@ def sha256_of(path: Path) -> str:
 
 
 def download_sdist(into: Path) -> Path:
-    # --no-build-isolation: pip only needs the archive; without it pip would build the sdist's
-    # build requirements (cmake among them) from source just to read its metadata.
+    # Only llama-cpp-python itself must come as an sdist. `--no-binary :all:` would also apply to
+    # the build requirements pip installs to read the sdist's metadata, and build cmake from source.
     cmd = [
         sys.executable,
         "-m",
@@ -54,8 +54,7 @@ def download_sdist(into: Path) -> Path:
         "download",
         "--no-deps",
         "--no-binary",
-        ":all:",
-        "--no-build-isolation",
+        "llama-cpp-python",
         "--disable-pip-version-check",
         "-d",
         str(into),
