@@ -32,14 +32,17 @@ def stub_names() -> tuple[set[str], dict[str, set[str]]]:
     return top, members
 
 
-def public(names: object) -> set[str]:
-    return {n for n in dir(names) if not n.startswith("__") or n in ("__enter__", "__exit__", "__version__")}
-
-
 def test_module_level_names_match() -> None:
     top, _ = stub_names()
     runtime = {n for n in dir(_core) if not (n.startswith("__") and n != "__version__")}
     assert top == runtime
+
+
+DUNDERS = {"__init__", "__enter__", "__exit__", "__len__"}
+
+
+def relevant(name: str) -> bool:
+    return not name.startswith("_") or name in DUNDERS
 
 
 def test_class_members_match() -> None:
@@ -48,14 +51,12 @@ def test_class_members_match() -> None:
         cls = getattr(_core, cls_name)
         if inspect.isclass(cls) and issubclass(cls, BaseException):
             continue
-        runtime = {n for n in vars(cls) if not n.startswith("_") or n in ("__enter__", "__exit__")}
         if cls_name == "TokenAttr":
-            runtime = {n for n in cls.__members__}
-            names = names - {"__init__"}
-        else:
-            names = names | ({"__init__"} if "__init__" in vars(cls) else set())
-            runtime = runtime | ({"__init__"} if "__init__" in vars(cls) else set())
-        assert names == runtime, f"{cls_name}: only in stub {names - runtime}, only in extension {runtime - names}"
+            assert names == set(cls.__members__)
+            continue
+        runtime = {n for n in vars(cls) if relevant(n)}
+        stub = {n for n in names if relevant(n)}
+        assert stub == runtime, f"{cls_name}: only in stub {stub - runtime}, only in extension {runtime - stub}"
 
 
 def test_package_is_typed() -> None:

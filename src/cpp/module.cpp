@@ -21,4 +21,6 @@ PYBIND11_MODULE(_core, m) {
 
     pyllama::register_backend(m);
     pyllama::register_model(m);
+    pyllama::register_context(m);
+    pyllama::register_sampler(m);
 }

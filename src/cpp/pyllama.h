@@ -54,5 +54,7 @@ class log_capture {
 
 void register_backend(py::module_ & m);
 void register_model(py::module_ & m);
+void register_context(py::module_ & m);
+void register_sampler(py::module_ & m);
 
 }  // namespace pyllama

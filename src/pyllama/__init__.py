@@ -17,12 +17,17 @@ except ImportError as _err:  # pragma: no cover - only when the build is missing
     ) from _err
 
 from ._core import (
+    JSON_GRAMMAR,
     LLAMA_CPP_COMMIT,
+    Batch,
+    Context,
     LlamaError,
     Model,
+    Sampler,
     TokenAttr,
     __version__,
     devices,
+    json_schema_to_grammar,
     max_devices,
     supports_gpu_offload,
     supports_mlock,
@@ -32,12 +37,17 @@ from ._core import (
 from ._logging import logger, set_log_level
 
 __all__ = [
+    "JSON_GRAMMAR",
     "LLAMA_CPP_COMMIT",
+    "Batch",
+    "Context",
     "LlamaError",
     "Model",
+    "Sampler",
     "TokenAttr",
     "__version__",
     "devices",
+    "json_schema_to_grammar",
     "logger",
     "max_devices",
     "set_log_level",

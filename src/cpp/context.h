@@ -1,0 +1,80 @@
+// Context and Batch: RAII over llama_context, and a validated batch of tokens or embeddings.
+#pragma once
+
+#include "model.h"
+#include "pyllama.h"
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace pyllama {
+
+// Tokens (or embeddings) with positions, sequence ids and per-token output flags. Plain vectors:
+// a llama_batch view onto them is made for each decode.
+struct Batch {
+    std::vector<llama_token>               tokens;
+    std::vector<float>                     embd;  // n_tokens x n_embd when the batch holds embeddings
+    int32_t                                n_embd = 0;
+    std::vector<llama_pos>                 pos;
+    std::vector<std::vector<llama_seq_id>> seq_ids;
+    std::vector<int8_t>                    logits;
+
+    size_t size() const { return pos.size(); }
+    bool   is_embd() const { return n_embd > 0; }
+    void   clear();
+};
+
+class Context {
+  public:
+    Context(Model & model, const py::kwargs & kwargs);
+    ~Context();
+
+    Context(const Context &)             = delete;
+    Context & operator=(const Context &) = delete;
+
+    // Runs `batch` through the model (decoder, or encoder when encode is true). Validates it first;
+    // on failure rolls the KV memory back to its state before the call and raises.
+    void decode(const Batch & batch, bool encode);
+
+    // A locked use of the context: the mutex is taken after the GIL was released.
+    struct use {
+        std::unique_lock<std::mutex> lock;
+        llama_context *              ctx;
+    };
+
+    use  acquire();  // call without the GIL
+    void close();
+    bool closed() const { return ctx_ == nullptr; }
+    void cancel() { abort_.store(true); }
+
+    // Checks that row i (llama.cpp's convention: >= 0 a batch index, < 0 counted back from the last
+    // output) has outputs from the last decode; returns the index to pass to llama.cpp.
+    int32_t check_output(int32_t i, const char * what) const;
+
+    const llama_model *          model() const { return model_.get(); }
+    std::shared_ptr<llama_model> model_shared() const { return model_; }
+    int32_t                      n_vocab() const;
+
+  private:
+    std::shared_ptr<llama_model> model_;
+    llama_context *              ctx_ = nullptr;
+    std::mutex                   mtx_;
+    std::atomic<bool>            abort_{ false };
+    bool                         causal_ = true;
+
+    // Outputs of the last successful decode: for each batch index, its output row or -1.
+    std::vector<int32_t> output_rows_;
+    int32_t              n_outputs_     = 0;
+    bool                 outputs_known_ = true;  // false after a state load: ask llama.cpp
+
+    static bool abort_callback(void * data);
+    void        validate(const Batch & batch, bool encode) const;
+
+    friend void register_context(py::module_ & m);
+};
+
+void register_context(py::module_ & m);
+
+}  // namespace pyllama

@@ -1,0 +1,561 @@
+// Sampler: llama.cpp's common_sampler (common/sampling.h) — the usual chain of samplers, with
+// grammar and JSON-schema constraints, lazy grammar triggers and preserved tokens.
+
+#include <pybind11/numpy.h>
+
+#include "pyllama.h"
+
+#include "common.h"
+#include "context.h"
+#include "json-schema-to-grammar.h"
+#include "nlohmann/json.hpp"
+#include "pyllama_json_gbnf.h"
+#include "sampling.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <regex>
+
+#ifndef _WIN32
+#include <unistd.h>
+#endif
+
+namespace pyllama {
+
+namespace {
+
+const std::map<std::string, common_sampler_type> k_sampler_names = {
+    { "penalties", COMMON_SAMPLER_TYPE_PENALTIES },
+    { "dry", COMMON_SAMPLER_TYPE_DRY },
+    { "top_n_sigma", COMMON_SAMPLER_TYPE_TOP_N_SIGMA },
+    { "top_k", COMMON_SAMPLER_TYPE_TOP_K },
+    { "typical_p", COMMON_SAMPLER_TYPE_TYPICAL_P },
+    { "top_p", COMMON_SAMPLER_TYPE_TOP_P },
+    { "min_p", COMMON_SAMPLER_TYPE_MIN_P },
+    { "xtc", COMMON_SAMPLER_TYPE_XTC },
+    { "temperature", COMMON_SAMPLER_TYPE_TEMPERATURE },
+    { "infill", COMMON_SAMPLER_TYPE_INFILL },
+    { "adaptive_p", COMMON_SAMPLER_TYPE_ADAPTIVE_P },
+};
+
+struct grammar_spec {
+    std::string              text;  // GBNF, root rule "root"
+    bool                     lazy = false;
+    std::vector<std::string> patterns;  // regexes, as common_sampler_init builds them
+    std::vector<llama_token> tokens;
+};
+
+}  // namespace
+
+class Sampler {
+  public:
+    Sampler(std::shared_ptr<llama_model> model, common_params_sampling params, grammar_spec grammar) :
+        model_(std::move(model)), params_(std::move(params)), grammar_(std::move(grammar)) {
+        const llama_vocab * vocab = llama_model_get_vocab(model_.get());
+        log_capture         capture;
+        try {
+            smpl_ = common_sampler_init(model_.get(), params_);
+        } catch (const std::exception & e) {
+            const std::string logged = capture.problems();
+            throw std::invalid_argument(std::string("invalid sampler: ") + e.what() +
+                                        (logged.empty() ? "" : ": " + logged));
+        }
+        if (smpl_ == nullptr) {
+            throw std::invalid_argument("invalid sampler: " + capture.problems());
+        }
+        if (!grammar_.text.empty()) {
+            // A second grammar sampler that follows the same tokens: it answers whether the grammar
+            // can end now, which llama.cpp checks with an abort() when an end-of-generation token is
+            // accepted too early.
+            shadow_ = make_grammar(vocab);
+        }
+    }
+
+    Sampler(const Sampler & other) : model_(other.model_), params_(other.params_), grammar_(other.grammar_) {
+        smpl_ = common_sampler_clone(other.smpl_);
+        if (other.shadow_ != nullptr) {
+            shadow_ = llama_sampler_clone(other.shadow_);
+        }
+    }
+
+    ~Sampler() {
+        common_sampler_free(smpl_);
+        if (shadow_ != nullptr) {
+            llama_sampler_free(shadow_);
+        }
+    }
+
+    llama_token sample(Context & ctx, int32_t idx) {
+        if (ctx.model() != model_.get()) {
+            throw std::invalid_argument("this Sampler was built for another model than the Context's");
+        }
+        auto                        u = ctx.acquire();
+        std::lock_guard<std::mutex> lock(mtx_);
+        const int32_t               j = ctx.check_output(idx, "sample");
+        if (llama_get_logits_ith(u.ctx, j) == nullptr) {
+            throw std::out_of_range("sample: no logits for index " + std::to_string(idx));
+        }
+        try {
+            return common_sampler_sample(smpl_, u.ctx, j, false);
+        } catch (const std::exception & e) {
+            throw llama_error(std::string("sampling failed: ") + e.what());
+        }
+    }
+
+    void accept(llama_token token, bool accept_grammar) {
+        std::lock_guard<std::mutex> lock(mtx_);
+        const llama_vocab *         vocab = llama_model_get_vocab(model_.get());
+        Model::check_token(vocab, token);
+        if (accept_grammar && shadow_ != nullptr) {
+            if (llama_vocab_is_eog(vocab, token) && !grammar_can_end()) {
+                throw std::invalid_argument("token " + std::to_string(token) +
+                                            " ends generation but the grammar is not complete");
+            }
+            try {
+                llama_sampler_accept(shadow_, token);
+            } catch (const std::exception & e) {
+                throw std::invalid_argument(std::string("the grammar does not accept token ") + std::to_string(token) +
+                                            ": " + e.what());
+            }
+        }
+        try {
+            common_sampler_accept(smpl_, token, accept_grammar);
+        } catch (const std::exception & e) {
+            throw llama_error(std::string("accept failed: ") + e.what());
+        }
+    }
+
+    void reset() {
+        std::lock_guard<std::mutex> lock(mtx_);
+        common_sampler_reset(smpl_);
+        if (shadow_ != nullptr) {
+            llama_sampler_reset(shadow_);
+        }
+    }
+
+    std::vector<std::string> chain() const {
+        std::vector<std::string> out;
+        llama_sampler *          ch = common_sampler_get(smpl_);
+        for (int i = 0; i < llama_sampler_chain_n(ch); ++i) {
+            out.emplace_back(llama_sampler_name(llama_sampler_chain_get(ch, i)));
+        }
+        return out;
+    }
+
+    uint32_t seed() const { return common_sampler_get_seed(smpl_); }
+
+    const common_params_sampling & params() const { return params_; }
+
+    std::mutex & mutex() { return mtx_; }
+
+  private:
+    std::shared_ptr<llama_model> model_;
+    common_params_sampling       params_;
+    grammar_spec                 grammar_;
+    common_sampler *             smpl_   = nullptr;
+    llama_sampler *              shadow_ = nullptr;
+    std::mutex                   mtx_;
+
+    llama_sampler * make_grammar(const llama_vocab * vocab) const {
+        if (!grammar_.lazy) {
+            return llama_sampler_init_grammar(vocab, grammar_.text.c_str(), "root");
+        }
+        std::vector<const char *> pats;
+        for (const auto & p : grammar_.patterns) {
+            pats.push_back(p.c_str());
+        }
+        return llama_sampler_init_grammar_lazy_patterns(vocab, grammar_.text.c_str(), "root", pats.data(), pats.size(),
+                                                        grammar_.tokens.data(), grammar_.tokens.size());
+    }
+
+    // Whether the grammar lets generation end now: apply it to a candidate list holding only an
+    // end-of-generation token and see whether that token survives.
+    bool grammar_can_end() const {
+        const llama_vocab * vocab = llama_model_get_vocab(model_.get());
+        llama_token         eog   = llama_vocab_eos(vocab);
+        if (eog == LLAMA_TOKEN_NULL) {
+            eog = llama_vocab_eot(vocab);
+        }
+        if (eog == LLAMA_TOKEN_NULL) {
+            return true;
+        }
+        llama_token_data       data  = { eog, 0.0f, 0.0f };
+        llama_token_data_array cur_p = { &data, 1, -1, false };
+        llama_sampler_apply(shadow_, &cur_p);
+        return std::isfinite(data.logit);
+    }
+};
+
+namespace {
+
+std::string schema_to_grammar(const py::handle & schema) {
+    std::string text;
+    if (py::isinstance<py::str>(schema)) {
+        text = schema.cast<std::string>();
+    } else {
+        text = py::module_::import("json").attr("dumps")(schema).cast<std::string>();
+    }
+    try {
+        return json_schema_to_grammar(nlohmann::ordered_json::parse(text));
+    } catch (const std::exception & e) {
+        throw std::invalid_argument(std::string("invalid JSON schema: ") + e.what());
+    }
+}
+
+// llama.cpp's GBNF parser prints its syntax errors with fprintf(stderr) rather than through its
+// log. While a grammar is checked, file descriptor 2 is pointed at a temporary file so that the
+// message can become the exception's. (Anything another thread writes to stderr in that instant
+// lands there too, and is echoed back afterwards.)
+class stderr_capture {
+  public:
+    stderr_capture() {
+#ifndef _WIN32
+        lock_ = std::unique_lock<std::mutex>(mutex());
+        std::fflush(stderr);
+        tmp_   = std::tmpfile();
+        saved_ = tmp_ != nullptr ? dup(2) : -1;
+        if (saved_ >= 0 && dup2(fileno(tmp_), 2) < 0) {
+            close(saved_);
+            saved_ = -1;
+        }
+#endif
+    }
+
+    // Restores stderr and returns what was written meanwhile.
+    std::string finish() {
+        std::string out;
+#ifndef _WIN32
+        if (saved_ >= 0) {
+            std::fflush(stderr);
+            dup2(saved_, 2);
+            close(saved_);
+            saved_ = -1;
+            std::rewind(tmp_);
+            char   buf[4096];
+            size_t n;
+            while ((n = std::fread(buf, 1, sizeof(buf), tmp_)) > 0) {
+                out.append(buf, n);
+            }
+        }
+        if (tmp_ != nullptr) {
+            std::fclose(tmp_);
+            tmp_ = nullptr;
+        }
+#endif
+        return out;
+    }
+
+    ~stderr_capture() { finish(); }
+
+  private:
+    static std::mutex & mutex() {
+        static std::mutex m;
+        return m;
+    }
+
+    std::unique_lock<std::mutex> lock_;
+    std::FILE *                  tmp_   = nullptr;
+    int                          saved_ = -1;
+};
+
+// Checks a GBNF grammar with llama.cpp's parser; its message becomes the ValueError's.
+void check_grammar(const llama_vocab * vocab, const std::string & text) {
+    if (text.rfind("%llguidance", 0) == 0) {
+        throw std::invalid_argument("llguidance grammars are not supported by this build");
+    }
+    log_capture     capture;
+    llama_sampler * g = nullptr;
+    std::string     printed;
+    {
+        stderr_capture err;
+        try {
+            g = llama_sampler_init_grammar(vocab, text.c_str(), "root");
+        } catch (const std::exception & e) {
+            printed = err.finish();
+            throw std::invalid_argument(std::string("invalid grammar: ") + e.what());
+        }
+        printed = err.finish();
+    }
+    if (g != nullptr) {
+        llama_sampler_free(g);
+        if (!printed.empty()) {
+            std::fputs(printed.c_str(), stderr);  // not ours: give it back
+        }
+        return;
+    }
+    // "llama_grammar_parser::parse: error parsing grammar: <reason>\n\n<grammar>": keep the reason.
+    std::string why;
+    const auto  at = printed.find("error parsing grammar: ");
+    if (at != std::string::npos) {
+        const auto start = at + std::strlen("error parsing grammar: ");
+        why              = printed.substr(start, printed.find("\n\n", start) - start);
+    }
+    const std::string logged = capture.problems();
+    if (why.empty()) {
+        why = logged.empty() ? "parse error" : logged;
+    }
+    throw std::invalid_argument("invalid grammar: " + why);
+}
+
+template <typename T>
+T opt(const py::kwargs & kw, const char * name, T fallback) {
+    if (kw.contains(name) && !kw[name].is_none()) {
+        try {
+            return kw[name].cast<T>();
+        } catch (const py::cast_error &) {
+            throw py::type_error(std::string("Sampler: wrong type for ") + name);
+        }
+    }
+    return fallback;
+}
+
+float finite(const char * name, float v) {
+    if (!std::isfinite(v)) {
+        throw std::invalid_argument(std::string(name) + " must be finite");
+    }
+    return v;
+}
+
+std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
+    static const std::vector<std::string> known = {
+        "seed",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "dynatemp_range",
+        "dynatemp_exponent",
+        "xtc_probability",
+        "xtc_threshold",
+        "top_n_sigma",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "repeat_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "penalty_last_n",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "dry_sequence_breakers",
+        "logit_bias",
+        "min_keep",
+        "samplers",
+        "grammar",
+        "json_schema",
+        "grammar_lazy",
+        "trigger_words",
+        "trigger_patterns",
+        "trigger_tokens",
+        "preserved_tokens",
+        "n_prev",
+        "greedy",
+    };
+    for (auto item : kw) {
+        const std::string k = item.first.cast<std::string>();
+        if (std::find(known.begin(), known.end(), k) == known.end()) {
+            throw py::type_error("Sampler() got an unexpected keyword argument '" + k + "'");
+        }
+    }
+    std::shared_ptr<llama_model> shared  = model.shared();
+    const llama_vocab *          vocab   = llama_model_get_vocab(shared.get());
+    const int32_t                n_vocab = llama_vocab_n_tokens(vocab);
+
+    common_params_sampling p;
+    p.no_perf = false;
+    if (kw.contains("seed") && !kw["seed"].is_none()) {
+        const int64_t seed = kw["seed"].cast<int64_t>();
+        if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
+            throw std::invalid_argument("seed must be in 0..2**32-1");
+        }
+        p.seed = static_cast<uint32_t>(seed);
+    }
+    p.temp               = finite("temperature", opt<float>(kw, "temperature", p.temp));
+    p.top_k              = opt<int32_t>(kw, "top_k", p.top_k);
+    p.top_p              = finite("top_p", opt<float>(kw, "top_p", p.top_p));
+    p.min_p              = finite("min_p", opt<float>(kw, "min_p", p.min_p));
+    p.typ_p              = finite("typical_p", opt<float>(kw, "typical_p", p.typ_p));
+    p.dynatemp_range     = finite("dynatemp_range", opt<float>(kw, "dynatemp_range", p.dynatemp_range));
+    p.dynatemp_exponent  = finite("dynatemp_exponent", opt<float>(kw, "dynatemp_exponent", p.dynatemp_exponent));
+    p.xtc_probability    = finite("xtc_probability", opt<float>(kw, "xtc_probability", p.xtc_probability));
+    p.xtc_threshold      = finite("xtc_threshold", opt<float>(kw, "xtc_threshold", p.xtc_threshold));
+    p.top_n_sigma        = finite("top_n_sigma", opt<float>(kw, "top_n_sigma", p.top_n_sigma));
+    p.mirostat           = opt<int32_t>(kw, "mirostat", p.mirostat);
+    p.mirostat_tau       = finite("mirostat_tau", opt<float>(kw, "mirostat_tau", p.mirostat_tau));
+    p.mirostat_eta       = finite("mirostat_eta", opt<float>(kw, "mirostat_eta", p.mirostat_eta));
+    p.penalty_repeat     = opt<float>(kw, "repeat_penalty", p.penalty_repeat);
+    p.penalty_freq       = finite("frequency_penalty", opt<float>(kw, "frequency_penalty", p.penalty_freq));
+    p.penalty_present    = finite("presence_penalty", opt<float>(kw, "presence_penalty", p.penalty_present));
+    p.penalty_last_n     = opt<int32_t>(kw, "penalty_last_n", p.penalty_last_n);
+    p.dry_multiplier     = finite("dry_multiplier", opt<float>(kw, "dry_multiplier", p.dry_multiplier));
+    p.dry_base           = finite("dry_base", opt<float>(kw, "dry_base", p.dry_base));
+    p.dry_allowed_length = opt<int32_t>(kw, "dry_allowed_length", p.dry_allowed_length);
+    p.dry_penalty_last_n = opt<int32_t>(kw, "dry_penalty_last_n", p.dry_penalty_last_n);
+    p.min_keep           = opt<int32_t>(kw, "min_keep", p.min_keep);
+    p.n_prev             = opt<int32_t>(kw, "n_prev", p.n_prev);
+    if (kw.contains("dry_sequence_breakers") && !kw["dry_sequence_breakers"].is_none()) {
+        p.dry_sequence_breakers = kw["dry_sequence_breakers"].cast<std::vector<std::string>>();
+    }
+    if (p.mirostat < 0 || p.mirostat > 2) {
+        throw std::invalid_argument("mirostat must be 0 (off), 1 or 2");
+    }
+    if (p.penalty_last_n < -1 || p.dry_penalty_last_n < -1 || p.min_keep < 0 || p.dry_allowed_length < 0) {
+        throw std::invalid_argument(
+            "penalty_last_n and dry_penalty_last_n must be >= -1; min_keep, "
+            "dry_allowed_length >= 0");
+    }
+    if (opt<bool>(kw, "greedy", false)) {
+        p.temp = 0.0f;
+    }
+    if (kw.contains("samplers") && !kw["samplers"].is_none()) {
+        p.samplers.clear();
+        for (const auto & name : kw["samplers"].cast<std::vector<std::string>>()) {
+            auto it = k_sampler_names.find(name);
+            if (it == k_sampler_names.end()) {
+                std::string names;
+                for (const auto & kv : k_sampler_names) {
+                    names += (names.empty() ? "" : ", ") + kv.first;
+                }
+                throw std::invalid_argument("unknown sampler '" + name + "'; known: " + names);
+            }
+            p.samplers.push_back(it->second);
+        }
+    }
+    if (kw.contains("logit_bias") && !kw["logit_bias"].is_none()) {
+        for (auto item : kw["logit_bias"].cast<py::dict>()) {
+            const int64_t t = py::int_(py::reinterpret_borrow<py::object>(item.first)).cast<int64_t>();
+            if (t < 0 || t >= n_vocab) {
+                throw std::invalid_argument("logit_bias: token id " + std::to_string(t) + " is out of range");
+            }
+            const float bias = item.second.cast<float>();
+            if (!std::isfinite(bias)) {
+                throw std::invalid_argument("logit_bias values must be finite (use e.g. -100 to ban a token)");
+            }
+            p.logit_bias.push_back({ static_cast<llama_token>(t), bias });
+        }
+    }
+
+    grammar_spec g;
+    const bool   has_grammar = kw.contains("grammar") && !kw["grammar"].is_none();
+    const bool   has_schema  = kw.contains("json_schema") && !kw["json_schema"].is_none();
+    if (has_grammar && has_schema) {
+        throw std::invalid_argument("give grammar or json_schema, not both");
+    }
+    if (has_grammar) {
+        g.text = kw["grammar"].cast<std::string>();
+        if (g.text == "json") {
+            g.text = PYLLAMA_JSON_GBNF;
+        }
+    } else if (has_schema) {
+        g.text = schema_to_grammar(kw["json_schema"]);
+    }
+    g.lazy = opt<bool>(kw, "grammar_lazy", false);
+    if (!g.text.empty()) {
+        check_grammar(vocab, g.text);
+        p.grammar = common_grammar(has_schema ? COMMON_GRAMMAR_TYPE_OUTPUT_FORMAT : COMMON_GRAMMAR_TYPE_USER, g.text);
+        p.grammar_lazy = g.lazy;
+        for (const auto & w : opt<std::vector<std::string>>(kw, "trigger_words", {})) {
+            p.grammar_triggers.push_back({ COMMON_GRAMMAR_TRIGGER_TYPE_WORD, w });
+            g.patterns.push_back(regex_escape(w));
+        }
+        for (const auto & pat : opt<std::vector<std::string>>(kw, "trigger_patterns", {})) {
+            try {
+                std::regex check(pat);
+            } catch (const std::regex_error & e) {
+                throw std::invalid_argument("invalid trigger pattern '" + pat + "': " + e.what());
+            }
+            p.grammar_triggers.push_back({ COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN, pat });
+            g.patterns.push_back(pat);
+        }
+        for (int64_t t : opt<std::vector<int64_t>>(kw, "trigger_tokens", {})) {
+            if (t < 0 || t >= n_vocab) {
+                throw std::invalid_argument("trigger token " + std::to_string(t) + " is out of range");
+            }
+            common_grammar_trigger trig{ COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN, "", static_cast<llama_token>(t) };
+            p.grammar_triggers.push_back(trig);
+            g.tokens.push_back(static_cast<llama_token>(t));
+        }
+        if (g.lazy && p.grammar_triggers.empty()) {
+            throw std::invalid_argument("a lazy grammar needs trigger_words, trigger_patterns or trigger_tokens");
+        }
+    } else if (g.lazy || kw.contains("trigger_words") || kw.contains("trigger_patterns") ||
+               kw.contains("trigger_tokens")) {
+        throw std::invalid_argument("grammar_lazy and triggers need a grammar");
+    }
+    for (int64_t t : opt<std::vector<int64_t>>(kw, "preserved_tokens", {})) {
+        if (t < 0 || t >= n_vocab) {
+            throw std::invalid_argument("preserved token " + std::to_string(t) + " is out of range");
+        }
+        p.preserved_tokens.insert(static_cast<llama_token>(t));
+    }
+    if (!g.text.empty()) {
+        g.lazy = p.grammar_lazy;
+    }
+    return std::make_unique<Sampler>(std::move(shared), std::move(p), std::move(g));
+}
+
+}  // namespace
+
+void register_sampler(py::module_ & m) {
+    py::class_<Sampler> cls(m, "Sampler", R"doc(
+A chain of samplers built by llama.cpp's common/sampling, with llama.cpp's usual order:
+penalties, DRY, top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature, then a random draw
+(or mirostat). temperature <= 0 (or greedy=True) picks the most likely token.
+
+Sampler(model, *, seed=None, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, typical_p=1.0,
+        dynatemp_range=0, dynatemp_exponent=1, xtc_probability=0, xtc_threshold=0.1,
+        top_n_sigma=-1, mirostat=0, mirostat_tau=5, mirostat_eta=0.1, repeat_penalty=1.0,
+        frequency_penalty=0, presence_penalty=0, penalty_last_n=64, dry_multiplier=0,
+        dry_base=1.75, dry_allowed_length=2, dry_penalty_last_n=-1, dry_sequence_breakers=None,
+        logit_bias=None, min_keep=0, samplers=None, greedy=False,
+        grammar=None, json_schema=None, grammar_lazy=False, trigger_words=(),
+        trigger_patterns=(), trigger_tokens=(), preserved_tokens=())
+
+grammar is GBNF text with a `root` rule, or "json" for llama.cpp's JSON grammar; json_schema (a
+dict or a JSON string) is turned into a grammar by llama.cpp's json-schema-to-grammar. A lazy
+grammar applies from the first trigger on.
+)doc");
+    cls.def(py::init([](Model & model, const py::kwargs & kw) { return make_sampler(model, kw); }), py::arg("model"));
+    cls.def(
+        "sample",
+        [](Sampler & self, Context & ctx, int32_t idx) {
+            py::gil_scoped_release nogil;
+            return self.sample(ctx, idx);
+        },
+        py::arg("ctx"), py::arg("idx") = -1,
+        "Sample a token from output idx of the context's last decode (GIL released). Does not accept it.");
+    cls.def(
+        "accept",
+        [](Sampler & self, llama_token token, bool accept_grammar) {
+            py::gil_scoped_release nogil;
+            self.accept(token, accept_grammar);
+        },
+        py::arg("token"), py::arg("accept_grammar") = true,
+        "Record a token as generated: it advances the grammar and the repetition penalties.");
+    cls.def("reset", [](Sampler & self) {
+        py::gil_scoped_release nogil;
+        self.reset();
+    });
+    cls.def(
+        "clone",
+        [](Sampler & self) {
+            py::gil_scoped_release      nogil;
+            std::lock_guard<std::mutex> lock(self.mutex());
+            return std::make_unique<Sampler>(self);
+        },
+        "An independent copy with the same state (grammar position, history, RNG).");
+    cls.def_property_readonly("chain", &Sampler::chain, "The names of the llama.cpp samplers in the chain, in order.");
+    cls.def_property_readonly("seed", &Sampler::seed);
+
+    m.attr("JSON_GRAMMAR") = PYLLAMA_JSON_GBNF;
+    m.def(
+        "json_schema_to_grammar", [](const py::object & schema) { return schema_to_grammar(schema); },
+        py::arg("schema"), "The GBNF grammar llama.cpp derives from a JSON schema (dict or JSON string).");
+}
+
+}  // namespace pyllama
