@@ -1,0 +1,21 @@
+"""The code in the docs runs as written (on the default model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.real_model
+def test_low_level_walkthrough_runs(gemma_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (DOCS / "low-level.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    exec(compile(code.group(1), "docs/low-level.md", "exec"), {})  # its asserts check greedy == argmax
+    out = capsys.readouterr().out
+    assert out.startswith("most likely next token:")
+    assert "The capital of France is" in out
