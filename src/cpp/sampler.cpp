@@ -26,20 +26,6 @@ namespace pyllama {
 
 namespace {
 
-const std::map<std::string, common_sampler_type> k_sampler_names = {
-    { "penalties", COMMON_SAMPLER_TYPE_PENALTIES },
-    { "dry", COMMON_SAMPLER_TYPE_DRY },
-    { "top_n_sigma", COMMON_SAMPLER_TYPE_TOP_N_SIGMA },
-    { "top_k", COMMON_SAMPLER_TYPE_TOP_K },
-    { "typical_p", COMMON_SAMPLER_TYPE_TYPICAL_P },
-    { "top_p", COMMON_SAMPLER_TYPE_TOP_P },
-    { "min_p", COMMON_SAMPLER_TYPE_MIN_P },
-    { "xtc", COMMON_SAMPLER_TYPE_XTC },
-    { "temperature", COMMON_SAMPLER_TYPE_TEMPERATURE },
-    { "infill", COMMON_SAMPLER_TYPE_INFILL },
-    { "adaptive_p", COMMON_SAMPLER_TYPE_ADAPTIVE_P },
-};
-
 struct grammar_spec {
     std::string              text;  // GBNF, root rule "root"
     bool                     lazy = false;
@@ -413,17 +399,18 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
         p.temp = 0.0f;
     }
     if (kw.contains("samplers") && !kw["samplers"].is_none()) {
-        p.samplers.clear();
-        for (const auto & name : kw["samplers"].cast<std::vector<std::string>>()) {
-            auto it = k_sampler_names.find(name);
-            if (it == k_sampler_names.end()) {
-                std::string names;
-                for (const auto & kv : k_sampler_names) {
-                    names += (names.empty() ? "" : ", ") + kv.first;
-                }
-                throw std::invalid_argument("unknown sampler '" + name + "'; known: " + names);
+        // llama.cpp's own names and aliases ("top_k", "top-k", "topk", "temp", ...); it logs and skips
+        // a name it does not know, which becomes the error here.
+        std::vector<std::string> names = kw["samplers"].cast<std::vector<std::string>>();
+        for (auto & n : names) {
+            if (n == "typical_p" || n == "typical") {
+                n = "typ_p";  // the keyword argument's spelling
             }
-            p.samplers.push_back(it->second);
+        }
+        log_capture capture;
+        p.samplers = common_sampler_types_from_names(names);
+        if (p.samplers.size() != names.size()) {
+            throw std::invalid_argument("unknown sampler name: " + capture.problems());
         }
     }
     if (kw.contains("logit_bias") && !kw["logit_bias"].is_none()) {

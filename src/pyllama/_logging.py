@@ -56,6 +56,8 @@ def flush() -> None:
 def _stop() -> None:
     # At interpreter exit: stop queueing, wake the pump and wait for it, so that no native thread
     # ever calls into a finalising interpreter (the native callback never calls Python anyway).
+    # Lines still queued are handed to the logger first.
+    flush()
     _core._log_close()
     if _thread is not None:
         _thread.join(timeout=2.0)
