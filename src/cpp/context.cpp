@@ -193,11 +193,11 @@ Context::Context(Model & model, const py::kwargs & kwargs) : model_(model.shared
         }
     }
 
-    llama_context_params p = llama_context_default_params();
-    p.n_ctx                = kw_u32(kwargs, "n_ctx", p.n_ctx, 0);
-    p.n_batch              = kw_u32(kwargs, "n_batch", p.n_batch, 1);
-    p.n_ubatch             = kw_u32(kwargs, "n_ubatch", p.n_ubatch, 1);
-    p.n_seq_max            = kw_u32(kwargs, "n_seq_max", p.n_seq_max, 1);
+    llama_context_params p     = llama_context_default_params();
+    p.n_ctx                    = kw_u32(kwargs, "n_ctx", p.n_ctx, 0);
+    p.n_batch                  = kw_u32(kwargs, "n_batch", p.n_batch, 1);
+    p.n_ubatch                 = kw_u32(kwargs, "n_ubatch", p.n_ubatch, 1);
+    p.n_seq_max                = kw_u32(kwargs, "n_seq_max", p.n_seq_max, 1);
     constexpr uint32_t max_seq = 256;  // LLAMA_MAX_SEQ in src/llama-cparams.h at the pinned commit
     if (p.n_seq_max > max_seq) {
         throw std::invalid_argument("n_seq_max must be at most " + std::to_string(max_seq));
@@ -226,12 +226,13 @@ Context::Context(Model & model, const py::kwargs & kwargs) : model_(model.shared
     }
     p.embeddings = kw<bool>(kwargs, "embeddings", p.embeddings);
     if (kwargs.contains("pooling_type") && !kwargs["pooling_type"].is_none()) {
-        p.pooling_type = parse_choice<enum llama_pooling_type>("pooling_type", kw<std::string>(kwargs, "pooling_type", ""),
-                                                          { { "none", LLAMA_POOLING_TYPE_NONE },
-                                                            { "mean", LLAMA_POOLING_TYPE_MEAN },
-                                                            { "cls", LLAMA_POOLING_TYPE_CLS },
-                                                            { "last", LLAMA_POOLING_TYPE_LAST },
-                                                            { "rank", LLAMA_POOLING_TYPE_RANK } });
+        p.pooling_type =
+            parse_choice<enum llama_pooling_type>("pooling_type", kw<std::string>(kwargs, "pooling_type", ""),
+                                                  { { "none", LLAMA_POOLING_TYPE_NONE },
+                                                    { "mean", LLAMA_POOLING_TYPE_MEAN },
+                                                    { "cls", LLAMA_POOLING_TYPE_CLS },
+                                                    { "last", LLAMA_POOLING_TYPE_LAST },
+                                                    { "rank", LLAMA_POOLING_TYPE_RANK } });
     }
     if (kwargs.contains("attention_type") && !kwargs["attention_type"].is_none()) {
         p.attention_type = parse_choice<llama_attention_type>(
@@ -304,7 +305,8 @@ Context::~Context() {
 }
 
 bool Context::abort_callback(void * data) {
-    return static_cast<Context *>(data)->abort_.load(std::memory_order_relaxed);
+    const auto * self = static_cast<Context *>(data);
+    return self->abort_.load(std::memory_order_relaxed) || self->closing_.load(std::memory_order_relaxed);
 }
 
 Context::use Context::acquire() {
@@ -317,9 +319,9 @@ Context::use Context::acquire() {
 
 void Context::close() {
     py::gil_scoped_release nogil;
-    abort_.store(true);  // a decode in progress stops at its next check
+    closing_.store(true);  // a decode in progress stops at its next check
     std::lock_guard<std::mutex> lock(mtx_);
-    abort_.store(false);
+    closing_.store(false);
     if (ctx_ != nullptr) {
         llama_free(ctx_);
         ctx_ = nullptr;
@@ -413,6 +415,7 @@ void Context::decode(const Batch & b, bool encode) {
         py::gil_scoped_release nogil;
         auto                   u = acquire();
         validate(b, encode);
+        abort_.store(false);  // cancel() stops the decode in progress, not one that has not started
 
         // Where each sequence of the batch ends in the KV memory now, to roll back a failure.
         std::map<llama_seq_id, llama_pos> pos_before;
@@ -432,6 +435,9 @@ void Context::decode(const Batch & b, bool encode) {
             log_capture  capture;
             try {
                 rc = encode ? llama_encode(ctx_, lb) : llama_decode(ctx_, lb);
+                if (rc == 0) {
+                    llama_synchronize(ctx_);  // the work is done when decode returns, and counted
+                }
             } catch (const std::exception & e) {
                 rc     = -3;
                 reason = e.what();
@@ -450,11 +456,9 @@ void Context::decode(const Batch & b, bool encode) {
                     output_rows_[i] = n_outputs_++;
                 }
             }
-            outputs_known_ = true;
         } else {
             output_rows_.clear();
-            n_outputs_     = 0;
-            outputs_known_ = true;
+            n_outputs_ = 0;
             if (mem != nullptr && (rc == 2 || rc < -1)) {
                 // llama.cpp keeps the micro-batches that were processed before the failure.
                 for (const auto & [s, p] : pos_before) {
@@ -474,9 +478,9 @@ void Context::decode(const Batch & b, bool encode) {
         throw llama_error(what + " was cancelled; the KV memory is as it was before the call");
     }
     if (rc == 1) {
-        throw llama_error(what +
-                          " found no free KV slot for the batch (the context is full): use a smaller batch, "
-                          "remove old tokens, or create the Context with a larger n_ctx");
+        throw llama_error(what + " found no free KV slot for the batch" +
+                          (reason.empty() ? std::string(" (the context is full)") : ": " + reason) +
+                          ". Use a smaller batch, remove old tokens, or create the Context with a larger n_ctx");
     }
     if (rc == -1) {
         throw std::invalid_argument("llama.cpp refused the batch: " + (reason.empty() ? "invalid batch" : reason));
@@ -486,9 +490,6 @@ void Context::decode(const Batch & b, bool encode) {
 }
 
 int32_t Context::check_output(int32_t i, const char * what) const {
-    if (!outputs_known_) {
-        return i;  // after a state load llama.cpp's own check decides
-    }
     if (n_outputs_ == 0) {
         throw std::out_of_range(std::string(what) + ": the last decode produced no outputs");
     }
@@ -528,6 +529,46 @@ llama_pos pos_arg(int64_t p) {
         throw std::invalid_argument("position " + std::to_string(p) + " is out of range");
     }
     return static_cast<llama_pos>(p);
+}
+
+// llama.cpp sizes buffers by a sequence state's cell count before it checks that count against the
+// KV cache (llama_kv_cache::state_read_meta), so a corrupt count can exhaust memory. For KV-cache
+// memories the layout starts with: magic u32, seq_id u32, n_stream u32, then per stream a cell count
+// u32 (zero for every stream but the sequence's own, whose cells follow). Check the first non-zero
+// count against the context size and against the bytes that could hold its cells.
+void check_seq_state(const llama_model * model, llama_context * ctx, const std::string & data) {
+    if (llama_model_is_recurrent(model) || llama_model_is_hybrid(model)) {
+        return;  // another layout; llama.cpp checks it
+    }
+    auto u32_at = [&](size_t off, uint32_t & v) {
+        if (off + 4 > data.size()) {
+            return false;
+        }
+        std::memcpy(&v, data.data() + off, 4);
+        return true;
+    };
+    uint32_t magic = 0, n_stream = 0;
+    if (!u32_at(0, magic) || magic != 0xaf143cd8u || !u32_at(8, n_stream)) {
+        return;  // not this layout: llama.cpp refuses it itself
+    }
+    if (n_stream == 0 || n_stream > llama_n_seq_max(ctx)) {
+        throw llama_error("invalid sequence state: it has " + std::to_string(n_stream) + " KV streams");
+    }
+    for (uint32_t st = 0; st < n_stream; ++st) {
+        uint32_t cells = 0;
+        if (!u32_at(12 + 4 * static_cast<size_t>(st), cells)) {
+            throw llama_error("invalid sequence state: truncated");
+        }
+        if (cells == 0) {
+            continue;
+        }
+        const size_t room = (data.size() - 16 - 4 * static_cast<size_t>(st)) / 8;  // >= 8 bytes per cell
+        if (cells > llama_n_ctx(ctx) || cells > room) {
+            throw llama_error("invalid sequence state: " + std::to_string(cells) + " cells, more than the context (" +
+                              std::to_string(llama_n_ctx(ctx)) + ") or the data can hold");
+        }
+        return;
+    }
 }
 
 py::dict perf_dict(const llama_perf_context_data & d) {
@@ -753,9 +794,6 @@ alive. One thread at a time: concurrent calls are serialised.
                     py::gil_scoped_release nogil;
                     auto                   u = self.acquire();
                     n_out                    = self.n_outputs_;
-                    if (!self.outputs_known_) {
-                        throw std::out_of_range("logits_all: unknown after a state load; use logits(i)");
-                    }
                 }
                 arr = float_array({ n_out, static_cast<py::ssize_t>(self.n_vocab()) });
             }
@@ -866,9 +904,18 @@ alive. One thread at a time: concurrent calls are serialised.
             py::gil_scoped_release nogil;
             auto                   u = self.acquire();
             mem_seq(self, s, false);
-            llama_memory_seq_keep(llama_get_memory(u.ctx), s);
+            // llama.cpp's seq_keep clears only the kept sequence's own buffer when sequences have
+            // separate buffers (kv_unified=False); removing every other sequence is the same
+            // operation in both layouts.
+            llama_memory_t mem   = llama_get_memory(u.ctx);
+            const auto     n_seq = static_cast<llama_seq_id>(llama_n_seq_max(u.ctx));
+            for (llama_seq_id other = 0; other < n_seq; ++other) {
+                if (other != s) {
+                    llama_memory_seq_rm(mem, other, -1, -1);
+                }
+            }
         },
-        py::arg("seq_id"));
+        py::arg("seq_id"), "Remove every sequence but this one.");
     cls.def(
         "seq_add",
         [mem_seq](Context & self, llama_seq_id s, llama_pos p0, llama_pos p1, llama_pos delta) {
@@ -956,14 +1003,15 @@ alive. One thread at a time: concurrent calls are serialised.
                     llama_memory_clear(llama_get_memory(u.ctx), true);
                 }
                 self.output_rows_.clear();
-                self.n_outputs_     = 0;
-                self.outputs_known_ = n != 0 ? false : true;
+                self.n_outputs_ = 0;
             }
             if (n == 0) {
                 throw llama_error("could not load the state (the KV memory was cleared): " + reason);
             }
         },
-        py::arg("state"), "Restore a state from state_get(); the logits of its last decode come back too.");
+        py::arg("state"),
+        "Restore a state from state_get(): the KV memory and the RNG. The outputs of the last decode are not part "
+        "of a state: decode the next token to get logits.");
     cls.def(
         "seq_state_get",
         [mem_seq](Context & self, llama_seq_id s) {
@@ -988,6 +1036,7 @@ alive. One thread at a time: concurrent calls are serialised.
                 py::gil_scoped_release nogil;
                 auto                   u = self.acquire();
                 mem_seq(self, dst, false);
+                check_seq_state(self.model(), u.ctx, data);
                 log_capture capture;
                 try {
                     n = llama_state_seq_set_data(u.ctx, reinterpret_cast<const uint8_t *>(data.data()), data.size(),
@@ -1038,8 +1087,7 @@ alive. One thread at a time: concurrent calls are serialised.
                     llama_memory_clear(llama_get_memory(u.ctx), true);
                 }
                 self.output_rows_.clear();
-                self.n_outputs_     = 0;
-                self.outputs_known_ = !ok;
+                self.n_outputs_ = 0;
             }
             if (!ok) {
                 throw llama_error("could not load the state from '" + path + "': " + reason);

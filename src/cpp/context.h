@@ -61,13 +61,13 @@ class Context {
     std::shared_ptr<llama_model> model_;
     llama_context *              ctx_ = nullptr;
     std::mutex                   mtx_;
-    std::atomic<bool>            abort_{ false };
+    std::atomic<bool>            abort_{ false };    // cancel(): stop the decode in progress
+    std::atomic<bool>            closing_{ false };  // close(): stop whatever runs, then free
     bool                         causal_ = true;
 
     // Outputs of the last successful decode: for each batch index, its output row or -1.
     std::vector<int32_t> output_rows_;
-    int32_t              n_outputs_     = 0;
-    bool                 outputs_known_ = true;  // false after a state load: ask llama.cpp
+    int32_t              n_outputs_ = 0;
 
     static bool abort_callback(void * data);
     void        validate(const Batch & batch, bool encode) const;

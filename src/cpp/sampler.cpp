@@ -113,9 +113,16 @@ class Sampler {
         }
     }
 
+    // A fresh chain from the same parameters: common_sampler_reset() leaves the grammar where it is,
+    // so the grammar, the history and the RNG all start over this way.
     void reset() {
         std::lock_guard<std::mutex> lock(mtx_);
-        common_sampler_reset(smpl_);
+        common_sampler *            fresh = common_sampler_init(model_.get(), params_);
+        if (fresh == nullptr) {
+            throw llama_error("reset failed to rebuild the sampler");
+        }
+        common_sampler_free(smpl_);
+        smpl_ = fresh;
         if (shadow_ != nullptr) {
             llama_sampler_reset(shadow_);
         }
