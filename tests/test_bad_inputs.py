@@ -3,16 +3,17 @@ so that a crash would fail the test instead of taking pytest down."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import run_python
+from isolated_cases import check_case, run_cases
 from tiny_models import vocab_path
 
-# Each case: Python code run against `m` (a loaded vocabulary) or on its own, and the exception
-# type it must raise with a fragment of the message.
+# Each case: Python code run against `m` (a loaded vocabulary; TMP is a fresh directory) and the
+# exception type it must raise with a fragment of the message. The cases run in as few subprocesses
+# as possible (tests/isolated_cases.py): a crash still fails exactly the case that caused it.
 CASES: dict[str, tuple[str, str, str]] = {
     "missing file": ("pyllama.Model('/no/such/model.gguf')", "FileNotFoundError", "not found"),
     "directory": ("pyllama.Model(TMP)", "LlamaError", "directory"),
@@ -83,27 +84,22 @@ CASES: dict[str, tuple[str, str, str]] = {
     "closed twice": ("m.close(); m.close()", "LlamaError", "already closed"),
 }
 
-RUNNER = """
-import json, sys, pyllama
-TMP, VOCAB, code = sys.argv[1], sys.argv[2], sys.argv[3]
+SETUP = """
+import pyllama
 m = pyllama.Model(VOCAB, vocab_only=True)
-try:
-    exec(code)
-except BaseException as e:
-    print(json.dumps({"type": type(e).__name__, "msg": str(e)}))
-else:
-    print(json.dumps({"type": None, "msg": ""}))
 """
 
 
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    setup = f"VOCAB = {str(vocab_path('llama-spm'))!r}\n" + SETUP
+    return run_cases(setup, {name: code for name, (code, _, _) in CASES.items()}, tmp_path_factory.mktemp("bad"))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_raises(case: str, tmp_path: Path) -> None:
-    code, exc_type, fragment = CASES[case]
-    proc = run_python(RUNNER, str(tmp_path), str(vocab_path("llama-spm")), code)
-    assert proc.returncode == 0, f"crashed with {proc.returncode}: {proc.stderr[-2000:]}"
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["type"] == exc_type, result
-    assert fragment in result["msg"], result
+def test_bad_input_raises(case: str, bad_input_results: dict[str, dict[str, Any]]) -> None:
+    _, exc_type, fragment = CASES[case]
+    check_case(bad_input_results[case], exc_type, fragment)
 
 
 def test_huge_input_tokenizes_or_raises_cleanly() -> None:

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 import pyllama
-from isolated_cases import check_case, run_cases
 
 from conftest import run_python
+from isolated_cases import check_case, run_cases
 
 Batch = pyllama.Batch
 

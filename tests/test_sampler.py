@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import pyllama
+
 from isolated_cases import check_case, run_cases
 
 Batch = pyllama.Batch
