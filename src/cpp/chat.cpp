@@ -1,0 +1,461 @@
+// ChatTemplate: a model's own chat template rendered by llama.cpp's native Jinja engine
+// (common/chat.h), with tools, tool_choice, JSON schema and reasoning; and the output parsed back
+// into an OpenAI-shaped message by the parser llama.cpp builds for that very request.
+
+#include "chat.h"
+
+#include "model.h"
+#include "pyllama.h"
+
+#include "nlohmann/json.hpp"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pyllama {
+
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+ojson to_ojson(const py::handle & obj, const char * what) {
+    std::string text;
+    try {
+        text = py::module_::import("json").attr("dumps")(obj).cast<std::string>();
+    } catch (py::error_already_set & e) {
+        throw std::invalid_argument(std::string(what) + " must be JSON-serialisable: " + e.what());
+    }
+    return ojson::parse(text);
+}
+
+py::object from_ojson(const ojson & j) {
+    return py::module_::import("json").attr("loads")(j.dump());
+}
+
+py::dict tool_call_dict(const common_chat_tool_call & tc) {
+    py::dict fn;
+    fn["name"]      = tc.name;
+    fn["arguments"] = tc.arguments;
+    py::dict out;
+    out["id"]       = tc.id;
+    out["type"]     = "function";
+    out["function"] = fn;
+    return out;
+}
+
+// An OpenAI assistant message: content (None when empty and there are tool calls), reasoning_content
+// when any, tool_calls when any.
+py::dict message_dict(const common_chat_msg & msg) {
+    py::dict out;
+    out["role"] = msg.role.empty() ? "assistant" : msg.role;
+    if (msg.content.empty() && !msg.tool_calls.empty()) {
+        out["content"] = py::none();
+    } else {
+        out["content"] = msg.content;
+    }
+    if (!msg.reasoning_content.empty()) {
+        out["reasoning_content"] = msg.reasoning_content;
+    }
+    if (!msg.tool_calls.empty()) {
+        py::list calls;
+        for (const auto & tc : msg.tool_calls) {
+            calls.append(tool_call_dict(tc));
+        }
+        out["tool_calls"] = calls;
+    }
+    return out;
+}
+
+// A streamed delta as llama-server sends it: content, reasoning_content, or one tool-call fragment
+// with its index (id, type and name on the first fragment of a call).
+py::dict delta_dict(const common_chat_msg_diff & d) {
+    py::dict out;
+    if (!d.reasoning_content_delta.empty()) {
+        out["reasoning_content"] = d.reasoning_content_delta;
+    }
+    if (!d.content_delta.empty()) {
+        out["content"] = d.content_delta;
+    }
+    if (d.tool_call_index != std::string::npos) {
+        py::dict tc;
+        tc["index"] = d.tool_call_index;
+        py::dict fn;
+        if (!d.tool_call_delta.id.empty()) {
+            tc["id"]   = d.tool_call_delta.id;
+            tc["type"] = "function";
+        }
+        if (!d.tool_call_delta.name.empty()) {
+            fn["name"] = d.tool_call_delta.name;
+        }
+        fn["arguments"] = d.tool_call_delta.arguments;
+        tc["function"]  = fn;
+        py::list calls;
+        calls.append(tc);
+        out["tool_calls"] = calls;
+    }
+    return out;
+}
+
+const char * trigger_type_name(common_grammar_trigger_type t) {
+    switch (t) {
+        case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN: return "token";
+        case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: return "word";
+        case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN: return "pattern";
+        case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: return "pattern_full";
+    }
+    return "unknown";
+}
+
+}  // namespace
+
+// The result of one apply: the prompt, the constraints for sampling, and this request's parser.
+class ChatResult {
+  public:
+    common_chat_params        params;
+    common_chat_parser_params parser;
+
+    common_chat_msg parse(const std::string & text, bool is_partial) const {
+        log_capture capture;
+        try {
+            return common_chat_parse(text, is_partial, parser);
+        } catch (const std::exception & e) {
+            throw std::invalid_argument(std::string("the output does not parse as this template's format: ") +
+                                        e.what());
+        }
+    }
+};
+
+// Feeds text pieces; yields the deltas between successive parses of the text so far, as
+// llama-server streams them. Tool-call ids are given once per call and kept.
+class ChatStream {
+  public:
+    explicit ChatStream(std::shared_ptr<const ChatResult> result, std::string id_prefix) :
+        result_(std::move(result)), id_prefix_(std::move(id_prefix)) {}
+
+    std::vector<common_chat_msg_diff> feed(const std::string & piece, bool is_final) {
+        text_ += piece;
+        common_chat_msg next = result_->parse(text_, !is_final);
+        if (next.empty() && !is_final) {
+            return {};
+        }
+        next.set_tool_call_ids(ids_, [this] { return id_prefix_ + std::to_string(ids_.size()); });
+        auto diffs = common_chat_msg_diff::compute_diffs(msg_, next);
+        msg_       = std::move(next);
+        return diffs;
+    }
+
+    const common_chat_msg & message() const { return msg_; }
+
+  private:
+    std::shared_ptr<const ChatResult> result_;
+    std::string                       id_prefix_;
+    std::string                       text_;
+    common_chat_msg                   msg_;
+    std::vector<std::string>          ids_;
+};
+
+class ChatTemplate {
+  public:
+    ChatTemplate(Model * model, const std::string & source, const std::string & bos, const std::string & eos) {
+        std::shared_ptr<llama_model> m;
+        if (model != nullptr) {
+            m      = model->shared();
+            model_ = m;
+        }
+        if (m == nullptr && source.empty()) {
+            throw std::invalid_argument("give a model or a template");
+        }
+        log_capture capture;
+        try {
+            tmpls_ = common_chat_templates_init(m.get(), source, bos, eos);
+        } catch (const std::exception & e) {
+            throw std::invalid_argument(std::string("the chat template does not parse: ") + e.what());
+        }
+    }
+
+    std::string source(const std::string & variant) const {
+        return common_chat_templates_source(tmpls_.get(), variant);
+    }
+
+    std::map<std::string, bool> caps() const { return common_chat_templates_get_caps(tmpls_.get()); }
+
+    bool supports_thinking() const { return common_chat_templates_support_enable_thinking(tmpls_.get()); }
+
+    std::shared_ptr<ChatResult> apply(common_chat_templates_inputs inputs,
+                                      common_reasoning_format      reasoning_format,
+                                      const std::string &          named_tool) const {
+        auto        result = std::make_shared<ChatResult>();
+        log_capture capture;
+        try {
+            result->params = common_chat_templates_apply(tmpls_.get(), inputs);
+            if (!named_tool.empty()) {
+                // llama.cpp has no "this function" choice: the prompt shows every tool, while the grammar
+                // and the parser come from the same request with only that tool, required.
+                common_chat_templates_inputs only = inputs;
+                only.tools.clear();
+                for (const auto & t : inputs.tools) {
+                    if (t.name == named_tool) {
+                        only.tools.push_back(t);
+                    }
+                }
+                only.tool_choice            = COMMON_CHAT_TOOL_CHOICE_REQUIRED;
+                only.parallel_tool_calls    = false;
+                common_chat_params narrowed = common_chat_templates_apply(tmpls_.get(), only);
+                const std::string  prompt   = result->params.prompt;
+                result->params              = std::move(narrowed);
+                result->params.prompt       = prompt;
+            }
+        } catch (const std::exception & e) {
+            const std::string logged = capture.problems();
+            throw llama_error(std::string("the chat template failed: ") + e.what() +
+                              (logged.empty() ? "" : " (" + logged + ")"));
+        }
+        result->parser                  = common_chat_parser_params(result->params);
+        result->parser.reasoning_format = reasoning_format;
+        if (!result->params.parser.empty()) {
+            result->parser.parser.load(result->params.parser);
+        }
+        return result;
+    }
+
+    std::shared_ptr<llama_model> model() const { return model_; }
+
+  private:
+    common_chat_templates_ptr    tmpls_;
+    std::shared_ptr<llama_model> model_;
+};
+
+namespace {
+
+common_chat_templates_inputs make_inputs(const py::object & messages,
+                                         const py::object & tools,
+                                         const py::object & tool_choice,
+                                         const py::object & parallel_tool_calls,
+                                         bool               add_generation_prompt,
+                                         const py::object & enable_thinking,
+                                         const py::object & chat_template_kwargs,
+                                         const py::object & json_schema,
+                                         const py::object & grammar,
+                                         std::string &      named_tool) {
+    common_chat_templates_inputs in;
+    if (!py::isinstance<py::list>(messages) && !py::isinstance<py::tuple>(messages)) {
+        throw py::type_error("messages must be a list of dicts");
+    }
+    try {
+        in.messages = common_chat_msgs_parse_oaicompat(to_ojson(messages, "messages"));
+        if (!tools.is_none()) {
+            in.tools = common_chat_tools_parse_oaicompat(to_ojson(tools, "tools"));
+        }
+    } catch (const std::invalid_argument &) {
+        throw;
+    } catch (const std::exception & e) {
+        throw std::invalid_argument(e.what());
+    }
+    if (!tool_choice.is_none()) {
+        if (py::isinstance<py::str>(tool_choice)) {
+            in.tool_choice = common_chat_tool_choice_parse_oaicompat(tool_choice.cast<std::string>());
+        } else if (py::isinstance<py::dict>(tool_choice)) {
+            py::dict tc = tool_choice.cast<py::dict>();
+            if (!tc.contains("function") || !py::isinstance<py::dict>(tc["function"]) ||
+                !tc["function"].cast<py::dict>().contains("name")) {
+                throw std::invalid_argument(
+                    "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': "
+                    "...}}");
+            }
+            named_tool = tc["function"]["name"].cast<std::string>();
+            bool found = false;
+            for (const auto & t : in.tools) {
+                found = found || t.name == named_tool;
+            }
+            if (!found) {
+                throw std::invalid_argument("tool_choice names '" + named_tool + "', which is not among the tools");
+            }
+            in.tool_choice = COMMON_CHAT_TOOL_CHOICE_REQUIRED;
+        } else {
+            throw py::type_error("tool_choice must be a str or a dict");
+        }
+    }
+    if (in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_AUTO &&
+        in.tools.empty()) {
+        throw std::invalid_argument("tool_choice 'required' needs tools");
+    }
+    in.parallel_tool_calls   = parallel_tool_calls.is_none() ? false : parallel_tool_calls.cast<bool>();
+    in.add_generation_prompt = add_generation_prompt;
+    if (!enable_thinking.is_none()) {
+        in.enable_thinking = enable_thinking.cast<bool>();
+    }
+    if (!chat_template_kwargs.is_none()) {
+        for (auto item : chat_template_kwargs.cast<py::dict>()) {
+            // values are passed to the template as JSON text, as llama-server does
+            in.chat_template_kwargs[item.first.cast<std::string>()] =
+                to_ojson(item.second, "chat_template_kwargs").dump();
+        }
+    }
+    if (!json_schema.is_none() && !grammar.is_none()) {
+        throw std::invalid_argument("give json_schema or grammar, not both");
+    }
+    if (!json_schema.is_none()) {
+        in.json_schema = py::isinstance<py::str>(json_schema) ? json_schema.cast<std::string>()
+                                                              : to_ojson(json_schema, "json_schema").dump();
+    }
+    if (!grammar.is_none()) {
+        in.grammar = grammar.cast<std::string>();
+    }
+    return in;
+}
+
+}  // namespace
+
+void register_chat(py::module_ & m) {
+    py::class_<ChatResult, std::shared_ptr<ChatResult>> res(m, "ChatResult",
+                                                            "The prompt and constraints of one ChatTemplate.apply.");
+    res.def_property_readonly("prompt", [](const ChatResult & r) { return r.params.prompt; });
+    res.def_property_readonly("grammar", [](const ChatResult & r) -> py::object {
+        if (r.params.grammar.empty()) {
+            return py::none();
+        }
+        return py::str(r.params.grammar);
+    });
+    res.def_property_readonly("grammar_lazy", [](const ChatResult & r) { return r.params.grammar_lazy; });
+    res.def_property_readonly("grammar_triggers", [](const ChatResult & r) {
+        py::list out;
+        for (const auto & t : r.params.grammar_triggers) {
+            py::dict d;
+            d["type"]  = trigger_type_name(t.type);
+            d["value"] = t.value;
+            if (t.type == COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN) {
+                d["token"] = t.token;
+            }
+            out.append(d);
+        }
+        return out;
+    });
+    res.def_property_readonly("preserved_tokens", [](const ChatResult & r) { return r.params.preserved_tokens; });
+    res.def_property_readonly("additional_stops", [](const ChatResult & r) { return r.params.additional_stops; });
+    res.def_property_readonly("generation_prompt", [](const ChatResult & r) { return r.params.generation_prompt; });
+    res.def_property_readonly("format", [](const ChatResult & r) { return common_chat_format_name(r.params.format); });
+    res.def_property_readonly("supports_thinking", [](const ChatResult & r) { return r.params.supports_thinking; });
+    res.def_property_readonly("thinking_start_tag", [](const ChatResult & r) { return r.params.thinking_start_tag; });
+    res.def_property_readonly("thinking_end_tags", [](const ChatResult & r) { return r.params.thinking_end_tags; });
+    res.def(
+        "parse",
+        [](const ChatResult & r, const std::string & text, bool is_partial) {
+            common_chat_msg msg;
+            {
+                py::gil_scoped_release nogil;
+                msg = r.parse(text, is_partial);
+                std::vector<std::string> ids;
+                msg.set_tool_call_ids(ids, [&ids] { return "call_" + std::to_string(ids.size()); });
+            }
+            return message_dict(msg);
+        },
+        py::arg("text"), py::arg("is_partial") = false,
+        "Parse the model's output for this request into an OpenAI assistant message dict: content, "
+        "reasoning_content, tool_calls [{id, type: 'function', function: {name, arguments (JSON text)}}].");
+    res.def(
+        "stream",
+        [](std::shared_ptr<ChatResult> r, const std::string & id_prefix) {
+            return std::make_unique<ChatStream>(std::move(r), id_prefix);
+        },
+        py::arg("id_prefix") = "call_", "A streaming parser: feed() it text pieces, it returns OpenAI delta dicts.");
+    res.def("__repr__", [](const ChatResult & r) {
+        return "<pyllama.ChatResult format='" + std::string(common_chat_format_name(r.params.format)) +
+               "' prompt_len=" + std::to_string(r.params.prompt.size()) + ">";
+    });
+
+    py::class_<ChatStream> stream(m, "ChatStream", "Streams the parse of a model's output as OpenAI deltas.");
+    stream.def(
+        "feed",
+        [](ChatStream & s, const std::string & piece) {
+            std::vector<common_chat_msg_diff> diffs;
+            {
+                py::gil_scoped_release nogil;
+                diffs = s.feed(piece, false);
+            }
+            py::list out;
+            for (const auto & d : diffs) {
+                out.append(delta_dict(d));
+            }
+            return out;
+        },
+        py::arg("piece"), "Add generated text; returns the deltas it completes (possibly none).");
+    stream.def(
+        "finish",
+        [](ChatStream & s) {
+            std::vector<common_chat_msg_diff> diffs;
+            {
+                py::gil_scoped_release nogil;
+                diffs = s.feed("", true);
+            }
+            py::list out;
+            for (const auto & d : diffs) {
+                out.append(delta_dict(d));
+            }
+            return out;
+        },
+        "The output is complete: returns the last deltas.");
+    stream.def_property_readonly(
+        "message", [](const ChatStream & s) { return message_dict(s.message()); }, "The message parsed so far.");
+
+    py::class_<ChatTemplate> cls(m, "ChatTemplate", R"doc(
+A chat template rendered by llama.cpp's native Jinja engine (common/chat.h).
+
+ChatTemplate(model=None, *, template=None, name=None, bos_token="", eos_token="")
+
+With a model and no template: the model's own template (tokenizer.chat_template, or the named
+variant such as "tool_use"); a model without one gets ChatML, as in llama.cpp. `template` is the
+Jinja source itself (or "chatml").
+)doc");
+    cls.def(py::init([](py::object model, py::object tmpl, py::object name, const std::string & bos,
+                        const std::string & eos) {
+                Model *     mdl = model.is_none() ? nullptr : model.cast<Model *>();
+                std::string src = tmpl.is_none() ? std::string() : tmpl.cast<std::string>();
+                if (!name.is_none()) {
+                    if (mdl == nullptr || !src.empty()) {
+                        throw std::invalid_argument(
+                            "name selects one of the model's templates: give a model and no "
+                            "template");
+                    }
+                    const std::string n    = name.cast<std::string>();
+                    auto              use  = mdl->acquire();
+                    const char *      text = llama_model_chat_template(use.model, n.c_str());
+                    if (text == nullptr) {
+                        throw std::invalid_argument("the model has no chat template named '" + n + "'");
+                    }
+                    src = text;
+                }
+                py::gil_scoped_release nogil;
+                return std::make_unique<ChatTemplate>(mdl, src, bos, eos);
+            }),
+            py::arg("model") = py::none(), py::kw_only(), py::arg("template") = py::none(),
+            py::arg("name") = py::none(), py::arg("bos_token") = "", py::arg("eos_token") = "");
+    cls.def_property_readonly("source", [](const ChatTemplate & t) { return t.source(""); });
+    cls.def_property_readonly("caps", &ChatTemplate::caps,
+                              "What the template supports: tools, parallel tool calls, system role, thinking, ...");
+    cls.def_property_readonly("supports_thinking", &ChatTemplate::supports_thinking);
+    cls.def(
+        "apply",
+        [](const ChatTemplate & t, const py::object & messages, const py::object & tools,
+           const py::object & tool_choice, const py::object & parallel_tool_calls, bool add_generation_prompt,
+           const py::object & enable_thinking, const std::string & reasoning_format,
+           const py::object & chat_template_kwargs, const py::object & json_schema, const py::object & grammar) {
+            std::string                  named;
+            common_chat_templates_inputs in =
+                make_inputs(messages, tools, tool_choice, parallel_tool_calls, add_generation_prompt, enable_thinking,
+                            chat_template_kwargs, json_schema, grammar, named);
+            common_reasoning_format rf = common_reasoning_format_from_name(reasoning_format);
+            in.reasoning_format        = rf;
+            py::gil_scoped_release nogil;
+            return t.apply(std::move(in), rf, named);
+        },
+        py::arg("messages"), py::kw_only(), py::arg("tools") = py::none(), py::arg("tool_choice") = py::none(),
+        py::arg("parallel_tool_calls") = py::none(), py::arg("add_generation_prompt") = true,
+        py::arg("enable_thinking") = py::none(), py::arg("reasoning_format") = "auto",
+        py::arg("chat_template_kwargs") = py::none(), py::arg("json_schema") = py::none(),
+        py::arg("grammar") = py::none(),
+        "Render OpenAI-format messages (and tools) into the prompt; returns a ChatResult with the grammar, its "
+        "triggers, preserved tokens, stop strings, the format's name, and parse()/stream() for the output.");
+}
+
+}  // namespace pyllama
