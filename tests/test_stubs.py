@@ -55,6 +55,8 @@ def test_class_members_match() -> None:
             assert names == set(cls.__members__)
             continue
         runtime = {n for n in vars(cls) if relevant(n)}
+        if "__init__" in runtime and not (cls.__init__.__doc__ or "").startswith("__init__("):
+            runtime.discard("__init__")  # pybind11's stand-in for a class Python cannot construct
         stub = {n for n in names if relevant(n)}
         assert stub == runtime, f"{cls_name}: only in stub {stub - runtime}, only in extension {runtime - stub}"
 
