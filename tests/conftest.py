@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tiny_models import LLAMA_CPP, template_text, write_tiny_llama
+
+# Vetted chat templates are remembered on disk: keep the tests' own cache apart from the user's.
+os.environ.setdefault("PYLLAMA_CACHE", tempfile.mkdtemp(prefix="pyllama-test-cache-"))
 
 if not (LLAMA_CPP / "include" / "llama.h").is_file():  # pragma: no cover
     raise RuntimeError("vendor/llama.cpp is empty: run `python scripts/fetch_llama_cpp.py` first")

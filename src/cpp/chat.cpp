@@ -17,16 +17,47 @@ namespace pyllama {
 
 namespace {
 
+constexpr int MAX_INPUT_DEPTH = 64;
+
 using ojson = nlohmann::ordered_json;
+
+}  // namespace
+
+// Templates and json-schema-to-grammar walk messages and schemas recursively, with no recursion
+// limit in llama.cpp: bound the nesting of what a request can pass, so that no input can overflow
+// the stack. (Iterative, so that this check cannot overflow it either.)
+void check_json_depth(const nlohmann::ordered_json & j, const char * what) {
+    std::vector<std::pair<const nlohmann::ordered_json *, int>> todo{ { &j, 1 } };
+    while (!todo.empty()) {
+        auto [node, depth] = todo.back();
+        todo.pop_back();
+        if (depth > MAX_INPUT_DEPTH) {
+            throw std::invalid_argument(std::string(what) + " is nested deeper than " +
+                                        std::to_string(MAX_INPUT_DEPTH) + " levels");
+        }
+        if (node->is_structured()) {
+            for (const auto & child : *node) {
+                todo.emplace_back(&child, depth + 1);
+            }
+        }
+    }
+}
+
+namespace {
 
 ojson to_ojson(const py::handle & obj, const char * what) {
     std::string text;
     try {
         text = py::module_::import("json").attr("dumps")(obj).cast<std::string>();
     } catch (py::error_already_set & e) {
+        if (e.matches(PyExc_RecursionError)) {
+            throw std::invalid_argument(std::string(what) + " is nested too deeply");
+        }
         throw std::invalid_argument(std::string(what) + " must be JSON-serialisable: " + e.what());
     }
-    return ojson::parse(text);
+    ojson j = ojson::parse(text);
+    check_json_depth(j, what);
+    return j;
 }
 
 py::object from_ojson(const ojson & j) {
@@ -296,8 +327,9 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
         throw std::invalid_argument("give json_schema or grammar, not both");
     }
     if (!json_schema.is_none()) {
-        in.json_schema = py::isinstance<py::str>(json_schema) ? json_schema.cast<std::string>()
-                                                              : to_ojson(json_schema, "json_schema").dump();
+        const py::object schema =
+            py::isinstance<py::str>(json_schema) ? py::module_::import("json").attr("loads")(json_schema) : json_schema;
+        in.json_schema = to_ojson(schema, "json_schema").dump();
     }
     if (!grammar.is_none()) {
         in.grammar = grammar.cast<std::string>();

@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "nlohmann/json_fwd.hpp"
+
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -49,6 +51,11 @@ class log_capture {
     log_capture *                            outer_;
     friend void                              log_capture_add(int level, const std::string & line);
 };
+
+// --- chat.cpp ----------------------------------------------------------------------------------
+
+// Raises ValueError when JSON from a request nests deeper than llama.cpp's recursive code can take.
+void check_json_depth(const nlohmann::ordered_json & j, const char * what);
 
 // --- registration, one per concept ---------------------------------------------------------------
 

@@ -190,8 +190,15 @@ std::string schema_to_grammar(const py::handle & schema) {
     } else {
         text = py::module_::import("json").attr("dumps")(schema).cast<std::string>();
     }
+    nlohmann::ordered_json schema_json;
     try {
-        return json_schema_to_grammar(nlohmann::ordered_json::parse(text));
+        schema_json = nlohmann::ordered_json::parse(text);
+    } catch (const std::exception & e) {
+        throw std::invalid_argument(std::string("invalid JSON schema: ") + e.what());
+    }
+    check_json_depth(schema_json, "json_schema");
+    try {
+        return json_schema_to_grammar(schema_json);
     } catch (const std::exception & e) {
         throw std::invalid_argument(std::string("invalid JSON schema: ") + e.what());
     }

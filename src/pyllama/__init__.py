@@ -22,7 +22,6 @@ from ._core import (
     Batch,
     ChatResult,
     ChatStream,
-    ChatTemplate,
     Context,
     LlamaError,
     Model,
@@ -38,6 +37,7 @@ from ._core import (
     system_info,
 )
 from ._logging import logger, set_log_level
+from .chat import ChatTemplate, TemplateError, vet_template
 
 __all__ = [
     "JSON_GRAMMAR",
@@ -50,6 +50,7 @@ __all__ = [
     "LlamaError",
     "Model",
     "Sampler",
+    "TemplateError",
     "TokenAttr",
     "__version__",
     "devices",
@@ -61,4 +62,5 @@ __all__ = [
     "supports_mlock",
     "supports_mmap",
     "system_info",
+    "vet_template",
 ]
