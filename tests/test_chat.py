@@ -197,3 +197,59 @@ def test_bad_requests_raise(kwargs: dict, exc: type[Exception], fragment: str) -
 def test_stub_lists_the_chat_classes() -> None:
     for name in ("ChatTemplate", "ChatResult", "ChatStream"):
         assert hasattr(_core, name)
+
+
+def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:
+    """Greedy-free generation from the rendered prompt with a Sampler built from the chat result."""
+    sampler = pyllama.Sampler(model, chat=result, seed=seed, temperature=1.0)
+    ctx = pyllama.Context(model, n_ctx=1024, n_threads=1)
+    tokens = model.tokenize(result.prompt, add_special=False, parse_special=True)
+    ctx.decode(pyllama.Batch.from_tokens(tokens))
+    pieces = []
+    pos = len(tokens)
+    for _ in range(max_tokens):
+        tok = sampler.sample(ctx)
+        sampler.accept(tok)
+        if model.token_is_eog(tok):
+            break
+        pieces.append(model.token_to_piece(tok, special=True))
+        ctx.decode(pyllama.Batch.from_tokens([tok], pos0=pos))
+        pos += 1
+    ctx.close()
+    return b"".join(pieces).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sampler_from_a_chat_result_constrains_real_generation(tiny_chat_model_path: Path, seed: int) -> None:
+    """The template's prompt, its grammar from a json_schema, a random model: the reply validates."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["answer", "n"],
+        "additionalProperties": False,
+    }
+    with pyllama.Model(str(tiny_chat_model_path)) as model:
+        tmpl = pyllama.ChatTemplate(model)
+        result = tmpl.apply([{"role": "user", "content": "Answer in JSON."}], json_schema=schema)
+        assert result.grammar is not None and not result.grammar_lazy
+        text = generate_from_chat(model, result, seed, max_tokens=60)
+        msg = result.parse(text)
+        jsonschema.validate(json.loads(msg["content"]), schema)
+
+
+def test_sampler_from_chat_refuses_a_second_grammar(tiny_chat_model_path: Path) -> None:
+    with pyllama.Model(str(tiny_chat_model_path), vocab_only=True) as model:
+        result = pyllama.ChatTemplate(model).apply([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL])
+        with pytest.raises(ValueError, match="own grammar"):
+            pyllama.Sampler(model, chat=result, grammar="json")
+        # The lazy tool-call grammar comes along with its trigger: before "<tool_call>" the reply may end,
+        # after it the grammar is active and an end-of-generation token is refused until the call is complete.
+        sampler = pyllama.Sampler(model, chat=result)
+        sampler.clone().accept(model.token_eos)
+        trigger_word = next(t["value"] for t in result.grammar_triggers if t["type"] == "word")
+        for tok in model.tokenize(trigger_word, add_special=False, parse_special=True):
+            sampler.accept(tok)
+        with pytest.raises(ValueError, match="grammar is not complete"):
+            sampler.accept(model.token_eos)

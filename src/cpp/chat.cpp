@@ -2,11 +2,10 @@
 // (common/chat.h), with tools, tool_choice, JSON schema and reasoning; and the output parsed back
 // into an OpenAI-shaped message by the parser llama.cpp builds for that very request.
 
-#include "chat.h"
-
 #include "model.h"
 #include "pyllama.h"
 
+#include "chat_result.h"
 #include "nlohmann/json.hpp"
 
 #include <memory>
@@ -139,23 +138,6 @@ const char * trigger_type_name(common_grammar_trigger_type t) {
 }
 
 }  // namespace
-
-// The result of one apply: the prompt, the constraints for sampling, and this request's parser.
-class ChatResult {
-  public:
-    common_chat_params        params;
-    common_chat_parser_params parser;
-
-    common_chat_msg parse(const std::string & text, bool is_partial) const {
-        log_capture capture;
-        try {
-            return common_chat_parse(text, is_partial, parser);
-        } catch (const std::exception & e) {
-            throw std::invalid_argument(std::string("the output does not parse as this template's format: ") +
-                                        e.what());
-        }
-    }
-};
 
 // Feeds text pieces; yields the deltas between successive parses of the text so far, as
 // llama-server streams them. Tool-call ids are given once per call and kept.

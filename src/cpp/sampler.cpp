@@ -5,6 +5,7 @@
 
 #include "pyllama.h"
 
+#include "chat_result.h"
 #include "common.h"
 #include "context.h"
 #include "json-schema-to-grammar.h"
@@ -12,6 +13,7 @@
 #include "pyllama_json_gbnf.h"
 #include "sampling.h"
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -31,6 +33,7 @@ struct grammar_spec {
     bool                     lazy = false;
     std::vector<std::string> patterns;  // regexes, as common_sampler_init builds them
     std::vector<llama_token> tokens;
+    std::vector<llama_token> prefill;  // the generation prompt, accepted up front (non-lazy chat grammars)
 };
 
 }  // namespace
@@ -56,6 +59,9 @@ class Sampler {
             // can end now, which llama.cpp checks with an abort() when an end-of-generation token is
             // accepted too early.
             shadow_ = make_grammar(vocab);
+            for (llama_token t : grammar_.prefill) {
+                llama_sampler_accept(shadow_, t);
+            }
         }
     }
 
@@ -124,7 +130,11 @@ class Sampler {
         common_sampler_free(smpl_);
         smpl_ = fresh;
         if (shadow_ != nullptr) {
-            llama_sampler_reset(shadow_);
+            llama_sampler_free(shadow_);
+            shadow_ = make_grammar(llama_model_get_vocab(model_.get()));
+            for (llama_token t : grammar_.prefill) {
+                llama_sampler_accept(shadow_, t);
+            }
         }
     }
 
@@ -318,6 +328,73 @@ float finite(const char * name, float v) {
     return v;
 }
 
+// The constraints of a ChatTemplate.apply, as llama-server turns them into sampling parameters:
+// preserved tokens that are single tokens, a trigger word that is one (preserved) token becomes a
+// token trigger, "full" patterns are anchored, and the generation prompt prefills the grammar.
+void apply_chat(const ChatResult & cr, const llama_vocab * vocab, common_params_sampling & p, grammar_spec & g) {
+    for (const auto & s : cr.params.preserved_tokens) {
+        const auto ids = common_tokenize(vocab, s, false, true);
+        if (ids.size() == 1) {
+            p.preserved_tokens.insert(ids[0]);
+        }
+    }
+    if (cr.params.grammar.empty()) {
+        return;
+    }
+    g.text = cr.params.grammar;
+    check_grammar(vocab, g.text);
+    p.grammar      = common_grammar(COMMON_GRAMMAR_TYPE_TOOL_CALLS, g.text);
+    p.grammar_lazy = g.lazy = cr.params.grammar_lazy;
+    for (const auto & t : cr.params.grammar_triggers) {
+        switch (t.type) {
+            case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                const auto ids = common_tokenize(vocab, t.value, false, true);
+                if (ids.size() == 1 && p.preserved_tokens.count(ids[0]) != 0) {
+                    p.grammar_triggers.push_back({ COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN, t.value, ids[0] });
+                    g.tokens.push_back(ids[0]);
+                } else {
+                    p.grammar_triggers.push_back(t);
+                    g.patterns.push_back(regex_escape(t.value));
+                }
+                break;
+            }
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                p.grammar_triggers.push_back(t);
+                g.patterns.push_back(t.value);
+                break;
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                p.grammar_triggers.push_back(t);
+                std::string anchored = "^$";
+                if (!t.value.empty()) {
+                    anchored = (t.value.front() != '^' ? "^" : "") + t.value + (t.value.back() != '$' ? "$" : "");
+                }
+                g.patterns.push_back(anchored);
+                break;
+            }
+            case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                p.grammar_triggers.push_back(t);
+                g.tokens.push_back(t.token);
+                break;
+        }
+    }
+    if (g.lazy && p.grammar_triggers.empty()) {
+        throw std::invalid_argument("the chat result has a lazy grammar without triggers");
+    }
+    p.generation_prompt = cr.params.generation_prompt;
+    if (!g.lazy && !p.generation_prompt.empty()) {
+        // as common_sampler_init prefills its grammar
+        const auto tokens = common_tokenize(vocab, p.generation_prompt, false, true);
+        for (size_t i = 0; i < tokens.size(); ++i) {
+            const std::string piece = common_token_to_piece(vocab, tokens[i], true);
+            if (i == 0 && !piece.empty() && std::isspace(static_cast<unsigned char>(piece[0])) &&
+                !std::isspace(static_cast<unsigned char>(p.generation_prompt[0]))) {
+                continue;
+            }
+            g.prefill.push_back(tokens[i]);
+        }
+    }
+}
+
 std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     static const std::vector<std::string> known = {
         "seed",
@@ -355,6 +432,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
         "preserved_tokens",
         "n_prev",
         "greedy",
+        "chat",
     };
     for (auto item : kw) {
         const std::string k = item.first.cast<std::string>();
@@ -442,8 +520,19 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     }
 
     grammar_spec g;
-    const bool   has_grammar = kw.contains("grammar") && !kw["grammar"].is_none();
-    const bool   has_schema  = kw.contains("json_schema") && !kw["json_schema"].is_none();
+    if (kw.contains("chat") && !kw["chat"].is_none()) {
+        for (const char * k : { "grammar", "json_schema", "grammar_lazy", "trigger_words", "trigger_patterns",
+                                "trigger_tokens", "preserved_tokens" }) {
+            if (kw.contains(k) && !kw[k].is_none()) {
+                throw std::invalid_argument(
+                    std::string("chat= brings its own grammar and triggers; do not also give ") + k);
+            }
+        }
+        apply_chat(kw["chat"].cast<const ChatResult &>(), vocab, p, g);
+        return std::make_unique<Sampler>(std::move(shared), std::move(p), std::move(g));
+    }
+    const bool has_grammar = kw.contains("grammar") && !kw["grammar"].is_none();
+    const bool has_schema  = kw.contains("json_schema") && !kw["json_schema"].is_none();
     if (has_grammar && has_schema) {
         throw std::invalid_argument("give grammar or json_schema, not both");
     }
