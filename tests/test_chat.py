@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import pyllama
-from pyllama import _core
 
 from tiny_models import TEMPLATES, template_text
 
@@ -192,11 +191,6 @@ def test_bad_requests_raise(kwargs: dict, exc: type[Exception], fragment: str) -
     messages = kwargs.pop("messages")
     with pytest.raises(exc, match=fragment):
         tmpl.apply(messages, **kwargs)
-
-
-def test_stub_lists_the_chat_classes() -> None:
-    for name in ("ChatTemplate", "ChatResult", "ChatStream"):
-        assert hasattr(_core, name)
 
 
 def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:

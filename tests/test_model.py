@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -165,7 +166,9 @@ def test_vocab_only_skips_weights(tmp_path: Path) -> None:
 
 
 def test_load_releases_the_gil(tiny_model_path: Path) -> None:
-    """A Python thread keeps running while another thread loads (and tokenizes) in native code."""
+    """A Python thread runs while this thread loads and tokenizes in native code. With a long switch
+    interval the interpreter never takes the GIL from this thread by itself, so the other thread can only
+    advance during these calls if they release the GIL."""
     stop = threading.Event()
     ticks = 0
 
@@ -174,15 +177,21 @@ def test_load_releases_the_gil(tiny_model_path: Path) -> None:
         while not stop.is_set():
             ticks += 1
 
+    old = sys.getswitchinterval()
     t = threading.Thread(target=spin)
     t.start()
+    time.sleep(0.05)  # let it start spinning
+    sys.setswitchinterval(0.5)
     try:
+        before = ticks
         with pyllama.Model(str(tiny_model_path), check_tensors=True) as model:
             model.tokenize("word " * 200_000)
+        during = ticks - before
     finally:
+        sys.setswitchinterval(old)
         stop.set()
         t.join()
-    assert ticks > 0
+    assert during > 0
 
 
 def test_system_info_and_devices() -> None:

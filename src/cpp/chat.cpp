@@ -379,35 +379,24 @@ void register_chat(py::module_ & m) {
     });
 
     py::class_<ChatStream> stream(m, "ChatStream", "Streams the parse of a model's output as OpenAI deltas.");
+    // feed() and finish(): parse without the GIL, then build the delta dicts.
+    const auto             deltas = [](ChatStream & s, const std::string & piece, bool is_final) {
+        std::vector<common_chat_msg_diff> diffs;
+        {
+            py::gil_scoped_release nogil;
+            diffs = s.feed(piece, is_final);
+        }
+        py::list out;
+        for (const auto & d : diffs) {
+            out.append(delta_dict(d));
+        }
+        return out;
+    };
     stream.def(
-        "feed",
-        [](ChatStream & s, const std::string & piece) {
-            std::vector<common_chat_msg_diff> diffs;
-            {
-                py::gil_scoped_release nogil;
-                diffs = s.feed(piece, false);
-            }
-            py::list out;
-            for (const auto & d : diffs) {
-                out.append(delta_dict(d));
-            }
-            return out;
-        },
+        "feed", [deltas](ChatStream & s, const std::string & piece) { return deltas(s, piece, false); },
         py::arg("piece"), "Add generated text; returns the deltas it completes (possibly none).");
     stream.def(
-        "finish",
-        [](ChatStream & s) {
-            std::vector<common_chat_msg_diff> diffs;
-            {
-                py::gil_scoped_release nogil;
-                diffs = s.feed("", true);
-            }
-            py::list out;
-            for (const auto & d : diffs) {
-                out.append(delta_dict(d));
-            }
-            return out;
-        },
+        "finish", [deltas](ChatStream & s) { return deltas(s, "", true); },
         "The output is complete: returns the last deltas.");
     stream.def_property_readonly(
         "message", [](const ChatStream & s) { return message_dict(s.message()); }, "The message parsed so far.");

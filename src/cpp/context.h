@@ -53,9 +53,8 @@ class Context {
     // output) has outputs from the last decode; returns the index to pass to llama.cpp.
     int32_t check_output(int32_t i, const char * what) const;
 
-    const llama_model *          model() const { return model_.get(); }
-    std::shared_ptr<llama_model> model_shared() const { return model_; }
-    int32_t                      n_vocab() const;
+    const llama_model * model() const { return model_.get(); }
+    int32_t             n_vocab() const;
 
   private:
     std::shared_ptr<llama_model> model_;

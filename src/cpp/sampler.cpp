@@ -149,8 +149,6 @@ class Sampler {
 
     uint32_t seed() const { return common_sampler_get_seed(smpl_); }
 
-    const common_params_sampling & params() const { return params_; }
-
     std::mutex & mutex() { return mtx_; }
 
   private:
