@@ -6,6 +6,7 @@
 #include "pyllama.h"
 
 #include "chat_result.h"
+#include "grammar.h"
 #include "nlohmann/json.hpp"
 
 #include <memory>
@@ -197,7 +198,8 @@ class ChatTemplate {
 
     std::shared_ptr<ChatResult> apply(common_chat_templates_inputs inputs,
                                       common_reasoning_format      reasoning_format,
-                                      const std::string &          named_tool) const {
+                                      const std::string &          named_tool,
+                                      bool                         strict) const {
         auto        result = std::make_shared<ChatResult>();
         log_capture capture;
         try {
@@ -224,6 +226,9 @@ class ChatTemplate {
             throw llama_error(std::string("the chat template failed: ") + e.what() +
                               (logged.empty() ? "" : " (" + logged + ")"));
         }
+        if (strict && inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && !result->params.grammar.empty()) {
+            make_strict(*result, inputs, named_tool);
+        }
         result->parser                  = common_chat_parser_params(result->params);
         result->parser.reasoning_format = reasoning_format;
         if (!result->params.parser.empty()) {
@@ -235,6 +240,25 @@ class ChatTemplate {
     std::shared_ptr<llama_model> model() const { return model_; }
 
   private:
+    // tool_choice "required" as OpenAI means it: the reply starts with a call (see grammar.cpp).
+    void make_strict(ChatResult & result, const common_chat_templates_inputs & inputs, const std::string & named) const {
+        std::vector<std::string> names;
+        for (const auto & t : inputs.tools) {
+            if (named.empty() || t.name == named) {
+                names.push_back(t.name);
+            }
+        }
+        std::string why;
+        auto        strict = strict_tool_grammar(result.params.grammar, names, result.params.thinking_start_tag,
+                                                 result.params.thinking_end_tags, model_ ? llama_model_get_vocab(model_.get()) : nullptr, why);
+        if (strict) {
+            result.params.grammar = std::move(*strict);
+            result.strict         = true;
+        } else {
+            result.strict_failure = why;
+        }
+    }
+
     common_chat_templates_ptr    tmpls_;
     std::shared_ptr<llama_model> model_;
 };
@@ -345,6 +369,15 @@ void register_chat(py::module_ & m) {
         }
         return out;
     });
+    res.def_property_readonly(
+        "strict", [](const ChatResult & r) { return r.strict; },
+        "True when the grammar of a tool_choice='required' (or named) request was made strict: the reply must "
+        "start with the call, after the template's framing and an optional reasoning block.");
+    res.def_property_readonly(
+        "strict_failure", [](const ChatResult & r) -> py::object {
+            return r.strict_failure.empty() ? py::object(py::none()) : py::object(py::str(r.strict_failure));
+        },
+        "Why a strict grammar was asked for and could not be made (llama.cpp's grammar is kept), else None.");
     res.def_property_readonly("preserved_tokens", [](const ChatResult & r) { return r.params.preserved_tokens; });
     res.def_property_readonly("additional_stops", [](const ChatResult & r) { return r.params.additional_stops; });
     res.def_property_readonly("generation_prompt", [](const ChatResult & r) { return r.params.generation_prompt; });
@@ -442,7 +475,8 @@ Jinja source itself (or "chatml").
         [](const ChatTemplate & t, const py::object & messages, const py::object & tools,
            const py::object & tool_choice, const py::object & parallel_tool_calls, bool add_generation_prompt,
            const py::object & enable_thinking, const std::string & reasoning_format,
-           const py::object & chat_template_kwargs, const py::object & json_schema, const py::object & grammar) {
+           const py::object & chat_template_kwargs, const py::object & json_schema, const py::object & grammar,
+           bool strict_tool_choice) {
             std::string                  named;
             common_chat_templates_inputs in =
                 make_inputs(messages, tools, tool_choice, parallel_tool_calls, add_generation_prompt, enable_thinking,
@@ -450,13 +484,13 @@ Jinja source itself (or "chatml").
             common_reasoning_format rf = common_reasoning_format_from_name(reasoning_format);
             in.reasoning_format        = rf;
             py::gil_scoped_release nogil;
-            return t.apply(std::move(in), rf, named);
+            return t.apply(std::move(in), rf, named, strict_tool_choice);
         },
         py::arg("messages"), py::kw_only(), py::arg("tools") = py::none(), py::arg("tool_choice") = py::none(),
         py::arg("parallel_tool_calls") = py::none(), py::arg("add_generation_prompt") = true,
         py::arg("enable_thinking") = py::none(), py::arg("reasoning_format") = "auto",
         py::arg("chat_template_kwargs") = py::none(), py::arg("json_schema") = py::none(),
-        py::arg("grammar") = py::none(),
+        py::arg("grammar") = py::none(), py::arg("strict_tool_choice") = true,
         "Render OpenAI-format messages (and tools) into the prompt; returns a ChatResult with the grammar, its "
         "triggers, preserved tokens, stop strings, the format's name, and parse()/stream() for the output.");
 }

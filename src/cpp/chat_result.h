@@ -14,6 +14,8 @@ class ChatResult {
   public:
     common_chat_params        params;
     common_chat_parser_params parser;
+    bool                      strict = false;  // the "required" grammar was made strict
+    std::string               strict_failure;  // why it could not be, when asked
 
     common_chat_msg parse(const std::string & text, bool is_partial) const {
         log_capture capture;

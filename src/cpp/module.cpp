@@ -38,4 +38,5 @@ PYBIND11_MODULE(_core, m) {
     pyllama::register_context(m);
     pyllama::register_sampler(m);
     pyllama::register_chat(m);
+    pyllama::register_grammar(m);
 }

@@ -64,5 +64,6 @@ void register_model(py::module_ & m);
 void register_context(py::module_ & m);
 void register_sampler(py::module_ & m);
 void register_chat(py::module_ & m);
+void register_grammar(py::module_ & m);
 
 }  // namespace pyllama
