@@ -9,7 +9,7 @@ import pytest
 
 import pyllama
 
-from tiny_models import TEMPLATES, template_text
+from tiny_models import TEMPLATES, generate_from_chat, template_text
 
 TEMPLATE_FILES = sorted(TEMPLATES.glob("*.jinja"))
 
@@ -191,26 +191,6 @@ def test_bad_requests_raise(kwargs: dict, exc: type[Exception], fragment: str) -
     messages = kwargs.pop("messages")
     with pytest.raises(exc, match=fragment):
         tmpl.apply(messages, **kwargs)
-
-
-def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:
-    """Greedy-free generation from the rendered prompt with a Sampler built from the chat result."""
-    sampler = pyllama.Sampler(model, chat=result, seed=seed, temperature=1.0)
-    ctx = pyllama.Context(model, n_ctx=1024, n_threads=1)
-    tokens = model.tokenize(result.prompt, add_special=False, parse_special=True)
-    ctx.decode(pyllama.Batch.from_tokens(tokens))
-    pieces = []
-    pos = len(tokens)
-    for _ in range(max_tokens):
-        tok = sampler.sample(ctx)
-        sampler.accept(tok)
-        if model.token_is_eog(tok):
-            break
-        pieces.append(model.token_to_piece(tok, special=True))
-        ctx.decode(pyllama.Batch.from_tokens([tok], pos0=pos))
-        pos += 1
-    ctx.close()
-    return b"".join(pieces).decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

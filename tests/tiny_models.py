@@ -12,6 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+import pyllama
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP = ROOT / "vendor" / "llama.cpp"
 VOCABS = LLAMA_CPP / "models"
@@ -107,3 +109,23 @@ def write_tiny_llama(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:
+    """Greedy-free generation from the rendered prompt with a Sampler built from the chat result."""
+    sampler = pyllama.Sampler(model, chat=result, seed=seed, temperature=1.0)
+    ctx = pyllama.Context(model, n_ctx=1024, n_threads=1)
+    tokens = model.tokenize(result.prompt, add_special=False, parse_special=True)
+    ctx.decode(pyllama.Batch.from_tokens(tokens))
+    pieces = []
+    pos = len(tokens)
+    for _ in range(max_tokens):
+        tok = sampler.sample(ctx)
+        sampler.accept(tok)
+        if model.token_is_eog(tok):
+            break
+        pieces.append(model.token_to_piece(tok, special=True))
+        ctx.decode(pyllama.Batch.from_tokens([tok], pos0=pos))
+        pos += 1
+    ctx.close()
+    return b"".join(pieces).decode("utf-8", "replace")

@@ -10,6 +10,7 @@
 #include "nlohmann/json.hpp"
 
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -140,12 +141,50 @@ const char * trigger_type_name(common_grammar_trigger_type t) {
 
 }  // namespace
 
+namespace {
+
+// Tool-call ids are pyllama's, the same in a parse and a stream given the same seed: 9 letters and
+// digits, which every template accepts (Mistral's insist on exactly that). Ids a model writes into its
+// output are not used: in formats that put them after the arguments they are unknown when a streamed
+// call starts, and a stream cannot change an id it has sent.
+std::string tool_call_id(uint64_t seed, size_t index) {
+    static const char alphabet[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    uint64_t          x          = seed + 0x9E3779B97F4A7C15ULL * (index + 1);
+    std::string       id;
+    for (int i = 0; i < 9; ++i) {
+        // splitmix64 steps
+        x += 0x9E3779B97F4A7C15ULL;
+        uint64_t z = x;
+        z          = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z          = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        z ^= z >> 31;
+        id += alphabet[z % 62];
+    }
+    return id;
+}
+
+uint64_t id_seed_or_random(const py::object & seed) {
+    if (!seed.is_none()) {
+        return seed.cast<uint64_t>();
+    }
+    std::random_device rd;
+    return (uint64_t(rd()) << 32) ^ rd();
+}
+
+void assign_tool_call_ids(common_chat_msg & msg, uint64_t seed) {
+    for (size_t i = 0; i < msg.tool_calls.size(); ++i) {
+        msg.tool_calls[i].id = tool_call_id(seed, i);
+    }
+}
+
+}  // namespace
+
 // Feeds text pieces; yields the deltas between successive parses of the text so far, as
-// llama-server streams them. Tool-call ids are given once per call and kept.
+// llama-server streams them.
 class ChatStream {
   public:
-    explicit ChatStream(std::shared_ptr<const ChatResult> result, std::string id_prefix) :
-        result_(std::move(result)), id_prefix_(std::move(id_prefix)) {}
+    explicit ChatStream(std::shared_ptr<const ChatResult> result, uint64_t id_seed) :
+        result_(std::move(result)), id_seed_(id_seed) {}
 
     std::vector<common_chat_msg_diff> feed(const std::string & piece, bool is_final) {
         text_ += piece;
@@ -153,7 +192,7 @@ class ChatStream {
         if (next.empty() && !is_final) {
             return {};
         }
-        next.set_tool_call_ids(ids_, [this] { return id_prefix_ + std::to_string(ids_.size()); });
+        assign_tool_call_ids(next, id_seed_);
         auto diffs = common_chat_msg_diff::compute_diffs(msg_, next);
         msg_       = std::move(next);
         return diffs;
@@ -163,10 +202,9 @@ class ChatStream {
 
   private:
     std::shared_ptr<const ChatResult> result_;
-    std::string                       id_prefix_;
+    uint64_t                          id_seed_;
     std::string                       text_;
     common_chat_msg                   msg_;
-    std::vector<std::string>          ids_;
 };
 
 class ChatTemplate {
@@ -241,7 +279,9 @@ class ChatTemplate {
 
   private:
     // tool_choice "required" as OpenAI means it: the reply starts with a call (see grammar.cpp).
-    void make_strict(ChatResult & result, const common_chat_templates_inputs & inputs, const std::string & named) const {
+    void make_strict(ChatResult &                         result,
+                     const common_chat_templates_inputs & inputs,
+                     const std::string &                  named) const {
         std::vector<std::string> names;
         for (const auto & t : inputs.tools) {
             if (named.empty() || t.name == named) {
@@ -250,7 +290,8 @@ class ChatTemplate {
         }
         std::string why;
         auto        strict = strict_tool_grammar(result.params.grammar, names, result.params.thinking_start_tag,
-                                                 result.params.thinking_end_tags, model_ ? llama_model_get_vocab(model_.get()) : nullptr, why);
+                                                 result.params.thinking_end_tags,
+                                                 model_ ? llama_model_get_vocab(model_.get()) : nullptr, why);
         if (strict) {
             result.params.grammar = std::move(*strict);
             result.strict         = true;
@@ -374,7 +415,8 @@ void register_chat(py::module_ & m) {
         "True when the grammar of a tool_choice='required' (or named) request was made strict: the reply must "
         "start with the call, after the template's framing and an optional reasoning block.");
     res.def_property_readonly(
-        "strict_failure", [](const ChatResult & r) -> py::object {
+        "strict_failure",
+        [](const ChatResult & r) -> py::object {
             return r.strict_failure.empty() ? py::object(py::none()) : py::object(py::str(r.strict_failure));
         },
         "Why a strict grammar was asked for and could not be made (llama.cpp's grammar is kept), else None.");
@@ -387,25 +429,28 @@ void register_chat(py::module_ & m) {
     res.def_property_readonly("thinking_end_tags", [](const ChatResult & r) { return r.params.thinking_end_tags; });
     res.def(
         "parse",
-        [](const ChatResult & r, const std::string & text, bool is_partial) {
+        [](const ChatResult & r, const std::string & text, bool is_partial, const py::object & id_seed) {
+            const uint64_t  seed = id_seed_or_random(id_seed);
             common_chat_msg msg;
             {
                 py::gil_scoped_release nogil;
                 msg = r.parse(text, is_partial);
-                std::vector<std::string> ids;
-                msg.set_tool_call_ids(ids, [&ids] { return "call_" + std::to_string(ids.size()); });
+                assign_tool_call_ids(msg, seed);
             }
             return message_dict(msg);
         },
-        py::arg("text"), py::arg("is_partial") = false,
+        py::arg("text"), py::arg("is_partial") = false, py::kw_only(), py::arg("id_seed") = py::none(),
         "Parse the model's output for this request into an OpenAI assistant message dict: content, "
-        "reasoning_content, tool_calls [{id, type: 'function', function: {name, arguments (JSON text)}}].");
+        "reasoning_content, tool_calls [{id, type: 'function', function: {name, arguments (JSON text)}}]. Tool-call "
+        "ids are 9 letters and digits drawn from id_seed (random when None): a parse and a stream with the same "
+        "id_seed give the same ids.");
     res.def(
         "stream",
-        [](std::shared_ptr<ChatResult> r, const std::string & id_prefix) {
-            return std::make_unique<ChatStream>(std::move(r), id_prefix);
+        [](std::shared_ptr<ChatResult> r, const py::object & id_seed) {
+            return std::make_unique<ChatStream>(std::move(r), id_seed_or_random(id_seed));
         },
-        py::arg("id_prefix") = "call_", "A streaming parser: feed() it text pieces, it returns OpenAI delta dicts.");
+        py::kw_only(), py::arg("id_seed") = py::none(),
+        "A streaming parser: feed() it text pieces, it returns OpenAI delta dicts.");
     res.def("__repr__", [](const ChatResult & r) {
         return "<pyllama.ChatResult format='" + std::string(common_chat_format_name(r.params.format)) +
                "' prompt_len=" + std::to_string(r.params.prompt.size()) + ">";

@@ -146,7 +146,10 @@ std::vector<token> tokenize_gbnf(const std::string & src) {
             out.push_back({ token::postfix, std::string(1, c) });
             ++i;
         } else if (c == '(' || c == ')' || c == '|' || c == '.') {
-            out.push_back({ c == '(' ? token::open : c == ')' ? token::close : c == '|' ? token::bar : token::any,
+            out.push_back({ c == '('   ? token::open
+                            : c == ')' ? token::close
+                            : c == '|' ? token::bar
+                                       : token::any,
                             std::string(1, c) });
             ++i;
         } else if (word(c)) {
@@ -167,11 +170,11 @@ std::vector<token> tokenize_gbnf(const std::string & src) {
 struct expr;
 
 struct item {
-    std::string                 text;  // the primary as written, unless a group
-    std::string                 ref;   // the rule it names, if a reference
-    std::string                 literal;  // the decoded text, if a string literal
-    std::shared_ptr<expr>       group;
-    std::string                 postfix;
+    std::string           text;     // the primary as written, unless a group
+    std::string           ref;      // the rule it names, if a reference
+    std::string           literal;  // the decoded text, if a string literal
+    std::shared_ptr<expr> group;
+    std::string           postfix;
 };
 
 struct expr {
@@ -193,29 +196,28 @@ std::string decode_literal(const std::string & quoted) {
             case 'r': out += '\r'; break;
             case 'x':
             case 'u':
-            case 'U':
-                {
-                    const int len = c == 'x' ? 2 : c == 'u' ? 4 : 8;
-                    uint32_t  cp  = std::stoul(quoted.substr(i + 1, len), nullptr, 16);
-                    i += len;
-                    // the tool-name search needs only ASCII; other code points are kept as UTF-8
-                    if (cp < 0x80) {
-                        out += static_cast<char>(cp);
-                    } else if (cp < 0x800) {
-                        out += static_cast<char>(0xC0 | (cp >> 6));
-                        out += static_cast<char>(0x80 | (cp & 0x3F));
-                    } else if (cp < 0x10000) {
-                        out += static_cast<char>(0xE0 | (cp >> 12));
-                        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-                        out += static_cast<char>(0x80 | (cp & 0x3F));
-                    } else {
-                        out += static_cast<char>(0xF0 | (cp >> 18));
-                        out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-                        out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-                        out += static_cast<char>(0x80 | (cp & 0x3F));
-                    }
-                    break;
+            case 'U': {
+                const int len = c == 'x' ? 2 : c == 'u' ? 4 : 8;
+                uint32_t  cp  = std::stoul(quoted.substr(i + 1, len), nullptr, 16);
+                i += len;
+                // the tool-name search needs only ASCII; other code points are kept as UTF-8
+                if (cp < 0x80) {
+                    out += static_cast<char>(cp);
+                } else if (cp < 0x800) {
+                    out += static_cast<char>(0xC0 | (cp >> 6));
+                    out += static_cast<char>(0x80 | (cp & 0x3F));
+                } else if (cp < 0x10000) {
+                    out += static_cast<char>(0xE0 | (cp >> 12));
+                    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+                    out += static_cast<char>(0x80 | (cp & 0x3F));
+                } else {
+                    out += static_cast<char>(0xF0 | (cp >> 18));
+                    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+                    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+                    out += static_cast<char>(0x80 | (cp & 0x3F));
                 }
+                break;
+            }
             default: out += c;
         }
     }
@@ -325,8 +327,8 @@ class strictifier {
         for (size_t i = 0; i + 1 < toks.size(); ++i) {
             if (toks[i].kind == token::name && toks[i + 1].kind == token::define) {
                 size_t end = i + 2;
-                while (end < toks.size() &&
-                       !(toks[end].kind == token::name && end + 1 < toks.size() && toks[end + 1].kind == token::define)) {
+                while (end < toks.size() && !(toks[end].kind == token::name && end + 1 < toks.size() &&
+                                              toks[end + 1].kind == token::define)) {
                     ++end;
                 }
                 expr_parser p(toks, i + 2, end);
@@ -370,8 +372,8 @@ class strictifier {
         if (hit != probes_.end()) {
             return hit->second;
         }
-        const std::string gbnf = gbnf_ + "\n" + extra_ + "pyllama-probe ::= " + print_item(it) + "\n";
-        auto              g    = init_grammar(gbnf, "pyllama-probe", vocab_);
+        const std::string     gbnf = gbnf_ + "\n" + extra_ + "pyllama-probe ::= " + print_item(it) + "\n";
+        auto                  g    = init_grammar(gbnf, "pyllama-probe", vocab_);
         std::vector<uint32_t> cps;
         decode_utf8_strict(text, cps);
         // a grammar the engine cannot build (it names tokens, say) is treated as accepting nothing
@@ -430,7 +432,7 @@ class strictifier {
         auto rule        = rules_.find(it.ref);
         auto added       = added_.find(it.ref);
         bool result      = (rule != rules_.end() && reaches_call(*rule->second)) ||
-                      (added != added_.end() && reaches_call(*added->second));
+                           (added != added_.end() && reaches_call(*added->second));
         reaches_[it.ref] = result;
         return result;
     }
@@ -508,9 +510,9 @@ class strictifier {
         return verdict::keep;
     }
 
-    // Whether seq[0..upto) as a whole is a reasoning block (it opens with the thinking tag, no prose).
+    // Whether seq[0..upto) as a whole is a reasoning block: it opens with the thinking tag itself.
     bool is_reasoning_seq(const std::vector<item> & seq, size_t upto) {
-        if (upto == 0 || thinking_start_.empty()) {
+        if (upto == 0 || thinking_start_.empty() || seq[0].literal != thinking_start_ || !seq[0].postfix.empty()) {
             return false;
         }
         item whole;
@@ -527,7 +529,7 @@ class strictifier {
             if (i < upto && !thinking_start_.empty() && seq[i].literal == thinking_start_ && seq[i].postfix.empty()) {
                 size_t j = i + 1;
                 while (j < upto && !(seq[j].postfix.empty() && std::find(thinking_ends_.begin(), thinking_ends_.end(),
-                                                                          seq[j].literal) != thinking_ends_.end())) {
+                                                                         seq[j].literal) != thinking_ends_.end())) {
                     ++j;
                 }
                 if (j < upto) {
@@ -540,13 +542,18 @@ class strictifier {
                 out.push_back(seq[i]);
                 continue;
             }
-            item         copy = seq[i];
-            const auto   v    = before_call(copy, strict);
+            item       copy = seq[i];
+            const auto v    = before_call(copy, strict);
             if (v == verdict::drop) {
                 return false;
             }
             if (v == verdict::remove) {
+                // the text goes; a little whitespace may stay (a model's newline before its call)
                 changed = true;
+                item ws;
+                ws.text    = "[ \\t\\n]";
+                ws.postfix = "{0,4}";
+                out.push_back(std::move(ws));
                 continue;
             }
             changed = changed || print_item(copy) != print_item(seq[i]);
@@ -578,10 +585,12 @@ class strictifier {
                 while (!reaches_call(seq[k])) {
                     ++k;
                 }
+                // A choice on the way to the call may hold prose before the call in some of its
+                // alternatives (text, then a call): judge each. A single sequence is the call itself.
                 item & call = seq[k];
-                if (call.literal.empty() && (call.group || !call.ref.empty()) &&
+                auto   body = body_of(call);
+                if (call.literal.empty() && body && body->alts.size() > 1 &&
                     (call.ref.empty() || visiting_.insert(call.ref).second)) {
-                    auto body = body_of(call);
                     auto inner = body ? call_level(*body) : std::nullopt;
                     if (!call.ref.empty()) {
                         visiting_.erase(call.ref);
@@ -602,17 +611,17 @@ class strictifier {
         return std::nullopt;
     }
 
-    const std::string &                                  gbnf_;
-    const std::vector<std::string> &                     names_;
-    std::string                                          thinking_start_;
-    std::map<std::string, std::shared_ptr<expr>>         rules_;
-    std::map<std::string, std::shared_ptr<expr>>         added_;
-    std::string                                          extra_;
-    std::map<std::string, bool>                          reaches_;
-    std::map<std::string, grammar_match_result>          probes_;
-    std::set<std::string>                                visiting_;
-    std::vector<std::string>                             thinking_ends_;
-    const llama_vocab *                                  vocab_;
+    const std::string &                          gbnf_;
+    const std::vector<std::string> &             names_;
+    std::string                                  thinking_start_;
+    std::map<std::string, std::shared_ptr<expr>> rules_;
+    std::map<std::string, std::shared_ptr<expr>> added_;
+    std::string                                  extra_;
+    std::map<std::string, bool>                  reaches_;
+    std::map<std::string, grammar_match_result>  probes_;
+    std::set<std::string>                        visiting_;
+    std::vector<std::string>                     thinking_ends_;
+    const llama_vocab *                          vocab_;
 };
 
 }  // namespace
@@ -668,9 +677,9 @@ void register_grammar(py::module_ & m) {
                 py::gil_scoped_release nogil;
                 r = grammar_match(grammar, text, root, keep ? llama_model_get_vocab(keep.get()) : nullptr);
             }
-            return r == grammar_match_result::complete ? "complete" :
-                   r == grammar_match_result::partial  ? "partial" :
-                                                         "rejected";
+            return r == grammar_match_result::complete  ? "complete"
+                   : r == grammar_match_result::partial ? "partial"
+                                                        : "rejected";
         },
         py::arg("grammar"), py::arg("text"), py::kw_only(), py::arg("root") = "root", py::arg("model") = py::none(),
         "Feed text to a GBNF grammar with llama.cpp's grammar engine: 'complete' (the grammar accepts it), "
