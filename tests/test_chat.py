@@ -171,7 +171,7 @@ def test_model_template_is_used(tiny_chat_model_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "fragment"),
     [
-        ({"messages": "hello"}, TypeError, "list"),
+        ({"messages": "hello"}, ValueError, "messages: must be a list"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}, ValueError, "tool_choice"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, ValueError, "needs tools"),
         (
@@ -183,7 +183,71 @@ def test_model_template_is_used(tiny_chat_model_path: Path) -> None:
             ValueError,
             "not among the tools",
         ),
-        ({"messages": [{"role": "user", "content": {1, 2}}]}, ValueError, "JSON"),
+        ({"messages": [{"role": "user", "content": {1, 2}}]}, ValueError, r"messages\[0\]\.content: must be"),
+        ({"messages": [1]}, ValueError, r"messages\[0\]: must be an object"),
+        ({"messages": [{"content": "x"}]}, ValueError, r"messages\[0\]\.role: is required"),
+        ({"messages": [{"role": 3, "content": "x"}]}, ValueError, r"messages\[0\]\.role: is required"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, ValueError, r"messages\[0\]\.role: 'wizard' is not one"),
+        ({"messages": [{"role": "user", "content": 5}]}, ValueError, r"messages\[0\]\.content: must be a string"),
+        ({"messages": [{"role": "user"}]}, ValueError, r"messages\[0\]\.content: is required"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            ValueError,
+            r"messages\[0\]\.content\[0\]\.type: 'image_url' is not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            ValueError,
+            r"messages\[0\]\.content\[0\]\.text: must be a string",
+        ),
+        ({"messages": [*WITH_TOOLS[:2], {"role": "tool", "content": "r"}]}, ValueError, r"messages\[2\]\.tool_call_id"),
+        (
+            {"messages": [*WITH_TOOLS[:2], {"role": "tool", "tool_call_id": "zzz", "content": "r"}]},
+            ValueError,
+            r"messages\[2\]\.tool_call_id: 'zzz' answers no tool call",
+        ),
+        (
+            {
+                "messages": [
+                    WITH_TOOLS[0],
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "a", "function": {"name": "get_weather", "arguments": "{nope"}}],
+                    },
+                ]
+            },
+            ValueError,
+            r"messages\[1\]\.tool_calls\[0\]\.function\.arguments: is not valid JSON",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "", "tool_calls": {"id": "a"}}]},
+            ValueError,
+            r"messages\[0\]\.tool_calls: must be a list",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "a", "type": "function"}]}]},
+            ValueError,
+            r"messages\[0\]\.tool_calls\[0\]\.function: is required",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "reasoning_content": 5}]},
+            ValueError,
+            r"messages\[0\]\.reasoning_content",
+        ),
+        ({"messages": PLAIN, "tools": {"a": 1}}, ValueError, "tools: must be a list"),
+        ({"messages": PLAIN, "tools": [{"type": "function"}]}, ValueError, r"tools\[0\]\.function: is required"),
+        (
+            {"messages": PLAIN, "tools": [{"type": "function", "function": {"parameters": {}}}]},
+            ValueError,
+            r"tools\[0\]\.function\.name",
+        ),
+        (
+            {"messages": PLAIN, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            ValueError,
+            r"tools\[0\]\.function\.parameters",
+        ),
+        ({"messages": PLAIN, "tools": [{"type": "x", "function": {"name": "f"}}]}, ValueError, r"tools\[0\]\.type"),
+        ({"messages": PLAIN, "tools": [WEATHER_TOOL, WEATHER_TOOL]}, ValueError, "declared twice"),
     ],
 )
 def test_bad_requests_raise(kwargs: dict, exc: type[Exception], fragment: str) -> None:
@@ -227,3 +291,64 @@ def test_sampler_from_chat_refuses_a_second_grammar(tiny_chat_model_path: Path) 
             sampler.accept(tok)
         with pytest.raises(ValueError, match="grammar is not complete"):
             sampler.accept(model.token_eos)
+
+
+# llama.cpp's tests/test-chat-template.cpp: its conversation and its expected outputs for built-in formats.
+LLAMA_CPP_CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant"},
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi there"},
+    {"role": "user", "content": "Who are you"},
+    {"role": "assistant", "content": "   I am an assistant   "},
+    {"role": "user", "content": "Another question"},
+]
+BUILTIN_EXPECTED = {
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant<|eot_id|><|start_header_id|>"
+    "user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHi there<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nWho are you<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+    "\n\nI am an assistant<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnother question<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "<start_of_turn>user\nYou are a helpful assistant\n\nHello<end_of_turn>\n<start_of_turn>model\nHi there"
+    "<end_of_turn>\n<start_of_turn>user\nWho are you<end_of_turn>\n<start_of_turn>model\nI am an assistant"
+    "<end_of_turn>\n<start_of_turn>user\nAnother question<end_of_turn>\n<start_of_turn>model\n",
+    "phi3": "<|system|>\nYou are a helpful assistant<|end|>\n<|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>\n"
+    "<|user|>\nWho are you<|end|>\n<|assistant|>\n   I am an assistant   <|end|>\n<|user|>\nAnother question<|end|>\n"
+    "<|assistant|>\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_EXPECTED))
+def test_builtin_formats_render_plain_chat_as_llama_cpp_does(name: str) -> None:
+    assert name in pyllama.ChatTemplate.builtin_names()
+    tmpl = pyllama.ChatTemplate(template=name)
+    assert tmpl.builtin == name and tmpl.source == name
+    assert not tmpl.caps["supports_tools"] and tmpl.caps["supports_system_role"]
+    result = tmpl.apply(LLAMA_CPP_CONVERSATION)
+    assert result.prompt == BUILTIN_EXPECTED[name]
+    assert result.parse("Plain reply.") == {"role": "assistant", "content": "Plain reply."}
+    # text parts are joined; a JSON schema still constrains the reply
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
+    assert "Hello" in tmpl.apply(parts).prompt
+    constrained = tmpl.apply(parts, json_schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert constrained.grammar is not None
+    assert pyllama.grammar_match(constrained.grammar, '{"a": 1}') == "complete"
+
+
+def test_builtin_formats_refuse_tools() -> None:
+    tmpl = pyllama.ChatTemplate(template="llama3")
+    with pytest.raises(ValueError, match="carries no tools"):
+        tmpl.apply(PLAIN, tools=[WEATHER_TOOL])
+    with pytest.raises(ValueError, match="carries no tool calls"):
+        tmpl.apply(WITH_TOOLS)
+
+
+@pytest.mark.parametrize("name", ["google-gemma-2-2b-it", "microsoft-Phi-3.5-mini-instruct", "llama-cpp-rwkv-world"])
+def test_templates_without_tools_refuse_required_and_warn(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmpl = pyllama.ChatTemplate(template=template_text(name))
+    assert not tmpl.caps["supports_tools"]
+    with pytest.raises(ValueError, match="cannot be honoured"):
+        tmpl.apply([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL], tool_choice="required")
+    with caplog.at_level("WARNING", logger="pyllama"):
+        result = tmpl.apply([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL])
+    assert "does not support tools" in caplog.text
+    assert result.grammar is None and "get_weather" not in result.prompt

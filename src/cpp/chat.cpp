@@ -7,8 +7,10 @@
 
 #include "chat_result.h"
 #include "grammar.h"
+#include "json-schema-to-grammar.h"
 #include "nlohmann/json.hpp"
 
+#include <algorithm>
 #include <memory>
 #include <random>
 #include <string>
@@ -218,6 +220,10 @@ class ChatTemplate {
         if (m == nullptr && source.empty()) {
             throw std::invalid_argument("give a model or a template");
         }
+        if (source != "chatml" && is_builtin_name(source)) {
+            legacy_ = source;  // one of llama_chat_apply_template's own formats
+            return;
+        }
         log_capture capture;
         try {
             tmpls_ = common_chat_templates_init(m.get(), source, bos, eos);
@@ -226,18 +232,95 @@ class ChatTemplate {
         }
     }
 
-    std::string source(const std::string & variant) const {
-        return common_chat_templates_source(tmpls_.get(), variant);
+    // The names llama_chat_apply_template knows ("llama3", "gemma", "mistral-v7", ...).
+    static std::vector<std::string> builtin_names() {
+        std::vector<const char *> names(llama_chat_builtin_templates(nullptr, 0));
+        llama_chat_builtin_templates(names.data(), names.size());
+        return { names.begin(), names.end() };
     }
 
-    std::map<std::string, bool> caps() const { return common_chat_templates_get_caps(tmpls_.get()); }
+    static bool is_builtin_name(const std::string & s) {
+        const auto names = builtin_names();
+        return std::find(names.begin(), names.end(), s) != names.end();
+    }
 
-    bool supports_thinking() const { return common_chat_templates_support_enable_thinking(tmpls_.get()); }
+    const std::string & legacy() const { return legacy_; }
+
+    std::string source(const std::string & variant) const {
+        return legacy_.empty() ? common_chat_templates_source(tmpls_.get(), variant) : legacy_;
+    }
+
+    std::map<std::string, bool> caps() const {
+        if (legacy_.empty()) {
+            return common_chat_templates_get_caps(tmpls_.get());
+        }
+        // a built-in format: plain chat with a system role, nothing more
+        auto caps = common_chat_templates_get_caps(chatml().get());
+        for (auto & [k, v] : caps) {
+            v = k == "supports_system_role" || k == "supports_string_content";
+        }
+        return caps;
+    }
+
+    bool supports_thinking() const {
+        return legacy_.empty() && common_chat_templates_support_enable_thinking(tmpls_.get());
+    }
+
+    // Plain chat through llama_chat_apply_template: no tools, no reasoning; a JSON schema or grammar
+    // constrains the whole reply.
+    std::shared_ptr<ChatResult> apply_legacy(const common_chat_templates_inputs & in) const {
+        if (!in.tools.empty() || in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
+            throw std::invalid_argument("the built-in template '" + legacy_ +
+                                        "' carries no tools: use a Jinja chat template (the model's own, or a "
+                                        "template file) for tool calling");
+        }
+        std::vector<std::string> contents;
+        for (const auto & msg : in.messages) {
+            if (!msg.tool_calls.empty() || msg.role == "tool") {
+                throw std::invalid_argument("the built-in template '" + legacy_ +
+                                            "' carries no tool calls or tool results");
+            }
+            std::string text = msg.content;
+            for (const auto & part : msg.content_parts) {
+                text += part.text;
+            }
+            contents.push_back(std::move(text));
+        }
+        std::vector<llama_chat_message> chat;
+        for (size_t i = 0; i < in.messages.size(); ++i) {
+            chat.push_back({ in.messages[i].role.c_str(), contents[i].c_str() });
+        }
+        std::vector<char> buf(1024);
+        for (int attempt = 0; attempt < 2; ++attempt) {
+            const int32_t n = llama_chat_apply_template(legacy_.c_str(), chat.data(), chat.size(),
+                                                        in.add_generation_prompt, buf.data(), (int32_t)buf.size());
+            if (n < 0) {
+                throw std::invalid_argument("the built-in template '" + legacy_ + "' cannot render these messages");
+            }
+            if ((size_t)n <= buf.size()) {
+                auto result           = std::make_shared<ChatResult>();
+                result->params.prompt = std::string(buf.data(), n);
+                result->params.format = COMMON_CHAT_FORMAT_CONTENT_ONLY;
+                if (!in.json_schema.empty()) {
+                    result->params.grammar = json_schema_to_grammar(nlohmann::ordered_json::parse(in.json_schema));
+                } else {
+                    result->params.grammar = in.grammar;
+                }
+                result->parser = common_chat_parser_params(result->params);
+                return result;
+            }
+            buf.resize(n);
+        }
+        throw llama_error("the built-in template changed size while rendering");
+    }
 
     std::shared_ptr<ChatResult> apply(common_chat_templates_inputs inputs,
                                       common_reasoning_format      reasoning_format,
                                       const std::string &          named_tool,
                                       bool                         strict) const {
+        if (!legacy_.empty()) {
+            return apply_legacy(inputs);
+        }
         auto        result = std::make_shared<ChatResult>();
         log_capture capture;
         try {
@@ -264,7 +347,13 @@ class ChatTemplate {
             throw llama_error(std::string("the chat template failed: ") + e.what() +
                               (logged.empty() ? "" : " (" + logged + ")"));
         }
-        if (strict && inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && !result->params.grammar.empty()) {
+        if (inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && result->params.grammar.empty()) {
+            // a template without a tool-call format (Gemma 2, Phi-3.5, ...): nothing could hold the reply to a call
+            throw std::invalid_argument(
+                "tool_choice 'required' cannot be honoured: this chat template has no tool-call format that "
+                "llama.cpp can constrain (it does not support tools)");
+        }
+        if (strict && inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
             make_strict(*result, inputs, named_tool);
         }
         result->parser                  = common_chat_parser_params(result->params);
@@ -278,6 +367,11 @@ class ChatTemplate {
     std::shared_ptr<llama_model> model() const { return model_; }
 
   private:
+    static const common_chat_templates_ptr & chatml() {
+        static const common_chat_templates_ptr t = common_chat_templates_init(nullptr, "chatml");
+        return t;
+    }
+
     // tool_choice "required" as OpenAI means it: the reply starts with a call (see grammar.cpp).
     void make_strict(ChatResult &                         result,
                      const common_chat_templates_inputs & inputs,
@@ -302,6 +396,7 @@ class ChatTemplate {
 
     common_chat_templates_ptr    tmpls_;
     std::shared_ptr<llama_model> model_;
+    std::string                  legacy_;
 };
 
 namespace {
@@ -486,7 +581,8 @@ ChatTemplate(model=None, *, template=None, name=None, bos_token="", eos_token=""
 
 With a model and no template: the model's own template (tokenizer.chat_template, or the named
 variant such as "tool_use"); a model without one gets ChatML, as in llama.cpp. `template` is the
-Jinja source itself (or "chatml").
+Jinja source itself, "chatml", or the name of one of llama_chat_apply_template's built-in formats
+(ChatTemplate.builtin_names(): "llama3", "gemma", "mistral-v7", ...), which render plain chat only.
 )doc");
     cls.def(py::init([](py::object model, py::object tmpl, py::object name, const std::string & bos,
                         const std::string & eos) {
@@ -512,6 +608,14 @@ Jinja source itself (or "chatml").
             py::arg("model") = py::none(), py::kw_only(), py::arg("template") = py::none(),
             py::arg("name") = py::none(), py::arg("bos_token") = "", py::arg("eos_token") = "");
     cls.def_property_readonly("source", [](const ChatTemplate & t) { return t.source(""); });
+    cls.def_property_readonly(
+        "builtin",
+        [](const ChatTemplate & t) -> py::object {
+            return t.legacy().empty() ? py::object(py::none()) : py::object(py::str(t.legacy()));
+        },
+        "The name of llama_chat_apply_template's built-in format in use, or None for a Jinja template.");
+    cls.def_static("builtin_names", &ChatTemplate::builtin_names,
+                   "The built-in formats of llama_chat_apply_template, for plain chat without tools.");
     cls.def_property_readonly("caps", &ChatTemplate::caps,
                               "What the template supports: tools, parallel tool calls, system role, thinking, ...");
     cls.def_property_readonly("supports_thinking", &ChatTemplate::supports_thinking);

@@ -23,11 +23,13 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import _core
+from ._logging import logger
+from ._validate import check_messages, check_tools
 
 __all__ = ["ChatTemplate", "TemplateError", "vet_template"]
 
@@ -185,7 +187,7 @@ def vet_template(source: str) -> None:
 
 def _template_sources(model: _core.Model | None, template: str | None, name: str | None) -> Iterable[str]:
     if template is not None:
-        if template != "chatml":
+        if template not in _core.ChatTemplate.builtin_names():  # built-in formats run no template code
             yield template
         return
     if model is None:
@@ -222,3 +224,40 @@ class ChatTemplate(_core.ChatTemplate):
             for source in _template_sources(model, template, name):
                 vet_template(source)
         super().__init__(model, template=template, name=name, bos_token=bos_token, eos_token=eos_token)
+
+    def apply(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        reasoning_format: str = "auto",
+        chat_template_kwargs: dict[str, Any] | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        grammar: str | None = None,
+        strict_tool_choice: bool = True,
+    ) -> _core.ChatResult:
+        """Render OpenAI-format messages (and tools) into the prompt; see ``pyllama._core.ChatTemplate.apply``.
+
+        Malformed messages or tools raise ValueError naming the field (``messages[2].tool_call_id``).
+        """
+        check_messages(messages)
+        check_tools(tools)
+        if tools and not self.caps.get("supports_tools"):
+            logger.warning("this chat template does not support tools: the model may not see them, nor call them")
+        return super().apply(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            reasoning_format=reasoning_format,
+            chat_template_kwargs=chat_template_kwargs,
+            json_schema=json_schema,
+            grammar=grammar,
+            strict_tool_choice=strict_tool_choice,
+        )
