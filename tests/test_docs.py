@@ -19,3 +19,17 @@ def test_low_level_walkthrough_runs(gemma_path: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert out.startswith("most likely next token:")
     assert "The capital of France is" in out
+
+
+def test_chat_walkthrough_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tiny_models import TEMPLATES
+
+    text = (DOCS / "chat.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    monkeypatch.chdir(TEMPLATES)  # the example opens a template of llama.cpp's models/templates
+    exec(compile(code.group(1), "docs/chat.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "True True"
+    assert out[2].startswith("Let me check. {'name': 'get_weather'")
+    assert out[-1] == "{'city': 'Paris'}"
