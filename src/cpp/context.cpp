@@ -393,6 +393,19 @@ void Context::validate(const Batch & b, bool encode) const {
 }
 
 void Context::decode(const Batch & b, bool encode) {
+    int32_t     rc = 0;
+    std::string reason;
+    {
+        py::gil_scoped_release nogil;
+        rc = decode_nogil(b, encode, reason);
+    }
+    if (rc == 2 && PyErr_CheckSignals() != 0) {
+        throw py::error_already_set();
+    }
+    raise_decode_error(rc, reason, encode);
+}
+
+int32_t Context::decode_nogil(const Batch & b, bool encode, std::string & reason) {
     // The llama_batch view; seq_id pointers into the batch's own vectors.
     std::vector<int32_t>        n_seq_id(b.size());
     std::vector<llama_seq_id *> seq_ptrs(b.size());
@@ -409,11 +422,9 @@ void Context::decode(const Batch & b, bool encode) {
     lb.seq_id   = seq_ptrs.data();
     lb.logits   = const_cast<int8_t *>(b.logits.data());
 
-    int32_t     rc = 0;
-    std::string reason;
+    int32_t rc = 0;
     {
-        py::gil_scoped_release nogil;
-        auto                   u = acquire();
+        auto u = acquire();
         validate(b, encode);
         abort_.store(false);  // cancel() stops the decode in progress, not one that has not started
 
@@ -467,14 +478,15 @@ void Context::decode(const Batch & b, bool encode) {
             }
         }
     }
+    return rc;
+}
+
+void Context::raise_decode_error(int32_t rc, const std::string & reason, bool encode) {
     if (rc == 0) {
         return;
     }
     const std::string what = encode ? "encode" : "decode";
     if (rc == 2) {
-        if (PyErr_CheckSignals() != 0) {
-            throw py::error_already_set();
-        }
         throw llama_error(what + " was cancelled; the KV memory is as it was before the call");
     }
     if (rc == 1) {

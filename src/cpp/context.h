@@ -7,6 +7,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace pyllama {
@@ -37,6 +38,11 @@ class Context {
     // Runs `batch` through the model (decoder, or encoder when encode is true). Validates it first;
     // on failure rolls the KV memory back to its state before the call and raises.
     void decode(const Batch & batch, bool encode);
+
+    // The same without the GIL (the caller released it): returns llama.cpp's code (0 on success,
+    // 2 when cancelled) and the reason of a failure; raise_decode_error() turns it into an exception.
+    int32_t     decode_nogil(const Batch & batch, bool encode, std::string & reason);
+    static void raise_decode_error(int32_t rc, const std::string & reason, bool encode);
 
     // A locked use of the context: the mutex is taken after the GIL was released.
     struct use {
