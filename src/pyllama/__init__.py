@@ -23,6 +23,8 @@ from ._core import (
     ChatResult,
     ChatStream,
     Context,
+    Generation,
+    Generator,
     LlamaError,
     Model,
     Sampler,
@@ -39,6 +41,7 @@ from ._core import (
 )
 from ._logging import logger, set_log_level
 from .chat import ChatTemplate, TemplateError, vet_template
+from .llama import Llama
 
 __all__ = [
     "JSON_GRAMMAR",
@@ -48,6 +51,9 @@ __all__ = [
     "ChatStream",
     "ChatTemplate",
     "Context",
+    "Generation",
+    "Generator",
+    "Llama",
     "LlamaError",
     "Model",
     "Sampler",

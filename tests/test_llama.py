@@ -1,0 +1,198 @@
+"""Llama: chat and complete over the C++ token loop, checked against independent truths (the
+template's own rendering, numpy argmax, the non-streamed result, a JSON schema)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pyllama
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_model_path: Path) -> Any:
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, seed=3) as llm:
+        yield llm
+
+
+def _joined(chunks: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]], str | None]:
+    content, calls, finish = "", {}, None
+    for c in chunks:
+        choice = c["choices"][0]
+        delta = choice["delta"]
+        content += delta.get("content") or ""
+        for tc in delta.get("tool_calls", []):
+            slot = calls.setdefault(tc["index"], {"id": "", "name": "", "arguments": ""})
+            slot["id"] += tc.get("id", "")
+            slot["name"] += tc["function"].get("name", "")
+            slot["arguments"] += tc["function"].get("arguments", "")
+        finish = choice["finish_reason"] or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_chat_prompt_is_the_templates_rendering(llm: Any) -> None:
+    out = llm.chat(ASK, max_tokens=4, seed=1)
+    prompt = pyllama.ChatTemplate(llm.model).apply(ASK).prompt
+    expected = llm.model.tokenize(prompt, add_special=True, parse_special=True)
+    assert llm._generator.tokens[: len(expected)] == list(expected)
+    assert out["usage"]["prompt_tokens"] == len(expected)
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_streamed_chunks_add_up_to_the_non_streamed_result(llm: Any, seed: int) -> None:
+    whole = llm.chat(ASK, max_tokens=40, seed=seed, temperature=1.0)
+    chunks = list(llm.chat(ASK, max_tokens=40, seed=seed, temperature=1.0, stream=True))
+    content, _, finish = _joined(chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert content == (whole["choices"][0]["message"]["content"] or "")
+    assert finish == whole["choices"][0]["finish_reason"]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert len(chunks) >= 4  # it streams: several chunks before the last
+
+
+def test_tool_calls_arrive_with_finish_reason_tool_calls(llm: Any) -> None:
+    kwargs: dict[str, Any] = {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 80, "seed": 4}
+    out = llm.chat(ASK, **kwargs)
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+    # streamed: the same call, with the same id
+    _, calls, finish = _joined(list(llm.chat(ASK, stream=True, **kwargs)))
+    assert finish == "tool_calls"
+    assert calls[0]["name"] == "get_weather" and calls[0]["arguments"] == call["function"]["arguments"]
+
+
+def test_json_schema_response_validates(llm: Any) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "n": {"type": "integer"}},
+        "required": ["answer", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    out = llm.chat(ASK, response_format=fmt, max_tokens=60, seed=2)
+    jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), schema)
+
+
+def test_second_turn_evaluates_only_the_new_tokens(llm: Any) -> None:
+    first = llm.chat(ASK, max_tokens=8, seed=1)
+    history = [*ASK, first["choices"][0]["message"], {"role": "user", "content": "And in Rome?"}]
+    before = list(llm._generator.tokens)
+    second = llm.chat(history, max_tokens=8, seed=1)
+    prompt = llm.model.tokenize(pyllama.ChatTemplate(llm.model).apply(history).prompt, parse_special=True)
+    common = 0
+    while common < min(len(before), len(prompt)) and before[common] == prompt[common]:
+        common += 1
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == common
+    assert common >= len(llm.model.tokenize(pyllama.ChatTemplate(llm.model).apply(ASK).prompt, parse_special=True))
+
+
+def test_stop_strings_never_leak(llm: Any) -> None:
+    free = llm.complete("Once upon a time", max_tokens=30, seed=9, temperature=0)["choices"][0]["text"]
+    stop = free[10:13]
+    assert stop and stop in free
+    out = llm.complete("Once upon a time", max_tokens=30, seed=9, temperature=0, stop=[stop])
+    assert out["choices"][0]["text"] == free[: free.index(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+    streamed = "".join(
+        c["choices"][0]["text"]
+        for c in llm.complete("Once upon a time", max_tokens=30, seed=9, temperature=0, stop=[stop], stream=True)
+    )
+    assert streamed == out["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14])
+def test_multibyte_text_survives_streaming(llm: Any, seed: int) -> None:
+    """A random model emits byte-level tokens that split characters; pieces never do."""
+    whole = llm.complete("日本語", max_tokens=48, seed=seed, temperature=1.5)["choices"][0]["text"]
+    pieces = [
+        c["choices"][0]["text"] for c in llm.complete("日本語", max_tokens=48, seed=seed, temperature=1.5, stream=True)
+    ]
+    assert "".join(pieces) == whole
+    raw = llm.complete("日本語", max_tokens=48, seed=seed, temperature=1.5, logprobs=0)["choices"][0]
+    tokens_bytes = b"".join(p.encode("utf-8", "surrogateescape") for p in raw["logprobs"]["tokens"])
+    assert tokens_bytes  # the tokens' own bytes are reported
+
+
+def test_greedy_completion_is_the_argmax_of_a_fresh_evaluation(tiny_chat_model_path: Path) -> None:
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=256, n_threads=1) as llm:
+        out = llm.complete("Hello world", max_tokens=12, temperature=0, logprobs=1)
+        tokens = llm.tokenize("Hello world")
+        ctx = pyllama.Context(llm.model, n_ctx=256, n_threads=1)
+        ctx.decode(pyllama.Batch.from_tokens(tokens))
+        expected = []
+        for _ in range(12):
+            logits = ctx.logits(-1)
+            tok = int(np.argmax(logits))
+            if llm.model.token_is_eog(tok):
+                break
+            expected.append(tok)
+            ctx.decode(pyllama.Batch.from_tokens([tok], pos0=len(tokens) + len(expected) - 1))
+            # logprobs are the log-softmax of the raw logits
+        ctx.close()
+        lp = out["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(expected)
+        assert out["choices"][0]["text"] == llm.detokenize(expected)
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits(tiny_chat_model_path: Path) -> None:
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=256, n_threads=1) as llm:
+        out = llm.complete("Hello world", max_tokens=1, temperature=0, logprobs=3)
+        ctx = pyllama.Context(llm.model, n_ctx=256, n_threads=1)
+        ctx.decode(pyllama.Batch.from_tokens(llm.tokenize("Hello world")))
+        logits = ctx.logits(-1).astype(np.float64)
+        ctx.close()
+    ref = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+    lp = out["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] == pytest.approx(ref.max(), abs=1e-4)
+    assert sorted(lp["top_logprobs"][0].values(), reverse=True) == pytest.approx(np.sort(ref)[::-1][:3], abs=1e-4)
+
+
+def test_context_overflow_is_a_clear_error(llm: Any) -> None:
+    with pytest.raises(ValueError, match="exceed the context"):
+        llm.complete("hello " * 50, max_tokens=500)
+    with pytest.raises(ValueError, match="context holds"):
+        llm.chat([{"role": "user", "content": "word " * 600}])
+    # and the Llama still works
+    assert llm.complete("hello", max_tokens=2, seed=1)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_breaking_out_of_a_stream_leaves_the_llama_usable(llm: Any) -> None:
+    stream = llm.chat(ASK, max_tokens=50, seed=1, stream=True)
+    next(stream)
+    next(stream)
+    stream.close()
+    out = llm.chat(ASK, max_tokens=5, seed=1)
+    assert out["usage"]["completion_tokens"] <= 5
+
+
+def test_bad_arguments(llm: Any) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        llm.chat(ASK, temprature=0.5)
+    with pytest.raises(ValueError, match=r"response_format\.type"):
+        llm.chat(ASK, response_format={"type": "yaml"})
+    with pytest.raises(ValueError, match=r"messages\[0\]\.role"):
+        llm.chat([{"role": "wizard", "content": "x"}])
