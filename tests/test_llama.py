@@ -196,3 +196,75 @@ def test_bad_arguments(llm: Any) -> None:
         llm.chat(ASK, response_format={"type": "yaml"})
     with pytest.raises(ValueError, match=r"messages\[0\]\.role"):
         llm.chat([{"role": "wizard", "content": "x"}])
+
+
+def test_a_new_call_takes_over_from_an_abandoned_stream(llm: Any) -> None:
+    stream = llm.chat(ASK, max_tokens=50, seed=1, stream=True)
+    for _ in stream:
+        break  # `stream` is still referenced, suspended mid-generation
+    out = llm.complete("hello", max_tokens=3, seed=1)  # does not wait for ever
+    assert out["usage"]["completion_tokens"] <= 3
+    assert list(stream) == []  # the abandoned stream has ended
+
+
+def test_async_chat_and_stream(llm: Any) -> None:
+    import asyncio
+
+    async def main() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        whole = await llm.achat(ASK, max_tokens=20, seed=5, temperature=1.0)
+        chunks = [c async for c in await llm.achat(ASK, max_tokens=20, seed=5, temperature=1.0, stream=True)]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(main())
+    content, _, finish = _joined(chunks)
+    assert content == (whole["choices"][0]["message"]["content"] or "")
+    assert finish == whole["choices"][0]["finish_reason"]
+
+
+def test_cancelling_an_async_call_stops_generation_and_frees_the_llama(tiny_chat_model_path: Path) -> None:
+    import asyncio
+    import time
+
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=2048, n_threads=1, seed=1) as big:
+
+        async def main() -> float:
+            task = asyncio.create_task(big.acomplete("Once", max_tokens=2000, ignore_eos=True))
+            await asyncio.sleep(0.1)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            start = time.monotonic()
+            out = await big.acomplete("Once", max_tokens=2, seed=1)
+            assert out["usage"]["completion_tokens"] <= 2
+            return time.monotonic() - start
+
+        assert asyncio.run(main()) < 2.0  # the cancelled generation let go within a token or so
+
+
+def test_async_stream_cancel_and_loop_stays_free(llm: Any) -> None:
+    import asyncio
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        stream = await llm.achat(ASK, max_tokens=60, seed=2, stream=True)
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                break
+        await stream.aclose()
+        t.cancel()
+        out = await llm.achat(ASK, max_tokens=2, seed=1)
+        assert out["choices"][0]["finish_reason"] in ("stop", "length")
+        return ticks
+
+    assert asyncio.run(main()) > 0  # the event loop ran while tokens were generated

@@ -8,18 +8,20 @@ turn only.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from . import _core
 from .chat import ChatTemplate
 
-__all__ = ["Llama"]
+__all__ = ["AsyncStream", "Llama", "Stream"]
 
 DEFAULT_N_CTX = 4096
 
@@ -60,6 +62,98 @@ def _logprob_entry(token_text: bytes, logprob: float, top: list[dict[str, Any]] 
     if top is not None:
         entry["top_logprobs"] = top
     return entry
+
+
+_OWNER: ContextVar[object | None] = ContextVar("pyllama_owner", default=None)
+_HANDLE: ContextVar[_Use | None] = ContextVar("pyllama_handle", default=None)
+
+
+class _Use:
+    """One use of a Llama: a call, or a stream from its first chunk to its last.
+
+    ``owner`` is who started it (a thread, or an asyncio task): a new call from the same owner while
+    its stream is suspended means that stream was abandoned (the caller broke out of it), so the new
+    call takes the Llama over instead of waiting for ever.
+    """
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.generation: _core.Generation | None = None
+        self.cancelled = False
+        self.abandoned = False
+        self.running = False
+
+    def attach(self, gen: _core.Generation) -> None:
+        self.generation = gen
+        if self.cancelled:
+            gen.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.generation is not None:
+            self.generation.cancel()
+
+
+def _owner() -> object:
+    owner = _OWNER.get()
+    return owner if owner is not None else threading.get_ident()
+
+
+class Stream(Iterator[dict[str, Any]]):
+    """An iterator of OpenAI chunk dicts; ``close()`` (or ``cancel()`` from any thread) stops it."""
+
+    def __init__(self, chunks: Iterator[dict[str, Any]], use: _Use) -> None:
+        self._chunks = chunks
+        self._use = use
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._use.abandoned:
+            raise StopIteration
+        self._use.running = True
+        try:
+            return next(self._chunks)
+        finally:
+            self._use.running = False
+
+    def cancel(self) -> None:
+        self._use.cancel()
+
+    def close(self) -> None:
+        self._use.cancel()
+        if not self._use.running:
+            self._chunks.close()  # type: ignore[attr-defined]
+
+
+class AsyncStream:
+    """``async for`` over a Stream, one step at a time in a worker thread; cancelling the task
+    that iterates (or ``aclose()``) stops the generation at its next token."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+        self._pending: asyncio.Future[Any] | None = None
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        self._pending = asyncio.ensure_future(asyncio.to_thread(next, self._stream, None))
+        try:
+            chunk = await asyncio.shield(self._pending)
+        except asyncio.CancelledError:
+            self._stream.cancel()
+            raise
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        self._stream.cancel()
+        if self._pending is not None:
+            await asyncio.gather(self._pending, return_exceptions=True)
+        self._stream.close()
 
 
 class Llama:
@@ -119,7 +213,9 @@ class Llama:
             if tag in self._template.source
             and len(self._model.tokenize(tag, add_special=False, parse_special=True)) > 1
         ]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the use in progress
+        self._state = threading.Lock()  # guards _active
+        self._active: _Use | None = None
         self._seed = seed
         self._rng = random.Random(seed)
         self.model_name = Path(self.model_path).stem
@@ -161,6 +257,61 @@ class Llama:
         self.close()
 
     # --- the shared machinery -----------------------------------------------------------------
+
+    def _enter(self, use: _Use) -> None:
+        """Wait for the Llama (calls are serialised), taking it over from an abandoned stream."""
+        while not self._lock.acquire(timeout=0.02):
+            with self._state:
+                active = self._active
+                if active is not None and active.owner == use.owner and not active.running:
+                    active.abandoned = True
+                    active.cancel()
+                    self._active = None
+                    self._lock.release()
+        with self._state:
+            self._active = use
+
+    def _exit(self, use: _Use) -> None:
+        with self._state:
+            if self._active is use and not use.abandoned:
+                self._active = None
+                self._lock.release()
+
+    def _generate(
+        self,
+        use: _Use,
+        tokens: list[int],
+        sampler: _core.Sampler,
+        budget: int,
+        stops: list[str],
+        n_top: int,
+        ignore_eos: bool = False,
+    ) -> _core.Generation:
+        gen = self._generator.generate(
+            tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
+        )
+        use.attach(gen)
+        handle = _HANDLE.get()
+        if handle is not None:
+            handle.attach(gen)
+        return gen
+
+    def _run(
+        self,
+        tokens: list[int],
+        sampler: _core.Sampler,
+        budget: int,
+        stops: list[str],
+        n_top: int,
+        ignore_eos: bool = False,
+    ) -> tuple[_core.Generation, str]:
+        use = _Use(_owner())
+        self._enter(use)
+        try:
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
+            return gen, gen.run()
+        finally:
+            self._exit(use)
 
     def _sampler(self, chat: _core.ChatResult | None, seed: int | None, kw: dict[str, Any]) -> _core.Sampler:
         params = {k: v for k, v in kw.items() if v is not None}
@@ -211,7 +362,7 @@ class Llama:
         chat_template_kwargs: dict[str, Any] | None = None,
         stream: bool = False,
         **sampling: Any,
-    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    ) -> dict[str, Any] | Stream:
         """An OpenAI ChatCompletion dict, or with ``stream=True`` an iterator of ChatCompletionChunk dicts."""
         unknown = set(sampling) - set(_SAMPLING_KEYS)
         if unknown:
@@ -240,10 +391,9 @@ class Llama:
             "id_seed": self._rng.getrandbits(63),
         }
         if stream:
-            return self._chat_stream(result, tokens, sampler, budget, stops, n_top, meta)
-        with self._lock:
-            gen = self._generator.generate(tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top)
-            text = gen.run()
+            use = _Use(_owner())
+            return Stream(self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta), use)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top)
         message = _parse_reply(result, text, meta["id_seed"])
         finish = "tool_calls" if message.get("tool_calls") else gen.finish_reason
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -260,6 +410,7 @@ class Llama:
 
     def _chat_stream(
         self,
+        use: _Use,
         result: _core.ChatResult,
         tokens: list[int],
         sampler: _core.Sampler,
@@ -278,8 +429,9 @@ class Llama:
                 **extra,
             }
 
-        with self._lock:
-            gen = self._generator.generate(tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top)
+        self._enter(use)
+        try:
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top)
             parser = result.stream(id_seed=meta["id_seed"])
             yield chunk({"role": "assistant", "content": ""})
             has_calls = False
@@ -293,10 +445,10 @@ class Llama:
                     yield chunk(delta)
             except ValueError:
                 pass  # the reply does not parse as the format: what streamed so far stands
-            finally:
-                gen.cancel()
             finish = "tool_calls" if has_calls else (gen.finish_reason or "stop")
-            yield chunk({}, finish, usage=_usage(gen))
+        finally:
+            self._exit(use)
+        yield chunk({}, finish, usage=_usage(gen))
 
     # --- completion -------------------------------------------------------------------------
 
@@ -310,11 +462,12 @@ class Llama:
         logit_bias: dict[int, float] | None = None,
         logprobs: int | None = None,
         echo: bool = False,
+        ignore_eos: bool = False,
         grammar: str | None = None,
         json_schema: dict[str, Any] | None = None,
         stream: bool = False,
         **sampling: Any,
-    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    ) -> dict[str, Any] | Stream:
         """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks."""
         unknown = set(sampling) - set(_SAMPLING_KEYS)
         if unknown:
@@ -344,29 +497,60 @@ class Llama:
             }
 
         if stream:
+            use = _Use(_owner())
 
             def pieces() -> Iterator[dict[str, Any]]:
-                with self._lock:
-                    gen = self._generator.generate(tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top)
-                    try:
-                        if echo:
-                            yield shape(prompt_text, None, {})
-                        for piece in gen:
-                            yield shape(piece, None, {})
-                    finally:
-                        gen.cancel()
-                    yield shape("", gen.finish_reason or "stop", {"usage": _usage(gen)})
+                self._enter(use)
+                try:
+                    gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
+                    if echo:
+                        yield shape(prompt_text, None, {})
+                    for piece in gen:
+                        yield shape(piece, None, {})
+                finally:
+                    self._exit(use)
+                yield shape("", gen.finish_reason or "stop", {"usage": _usage(gen)})
 
-            return pieces()
-        with self._lock:
-            gen = self._generator.generate(tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top)
-            text = gen.run()
+            return Stream(pieces(), use)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos)
         out = shape((prompt_text if echo else "") + text, gen.finish_reason, {"usage": _usage(gen)})
         if logprobs is not None:
             out["choices"][0]["logprobs"] = _completion_logprobs(gen, self._model, len(prompt_text) if echo else 0)
         return out
 
     __call__ = complete
+
+    # --- async ------------------------------------------------------------------------------
+
+    async def achat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
+        """``chat`` without blocking the event loop: a ChatCompletion dict, or with ``stream=True``
+        an AsyncStream to ``async for`` over. Cancelling the task stops the generation."""
+        return await self._async(self.chat, messages, **kwargs)
+
+    async def acomplete(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+        """``complete`` without blocking the event loop (see ``achat``)."""
+        return await self._async(self.complete, prompt, **kwargs)
+
+    async def _async(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        token = _OWNER.set(("task", id(task)))
+        try:
+            if kwargs.get("stream"):
+                return AsyncStream(fn(*args, **kwargs))
+            handle = _Use(_owner())
+
+            def call() -> Any:
+                _HANDLE.set(handle)
+                return fn(*args, **kwargs)
+
+            work = asyncio.ensure_future(asyncio.to_thread(call))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                handle.cancel()  # the generation stops at its next token and the Llama is free again
+                raise
+        finally:
+            _OWNER.reset(token)
 
 
 def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
