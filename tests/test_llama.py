@@ -132,9 +132,8 @@ def test_multibyte_text_survives_streaming(llm: Any, seed: int) -> None:
         c["choices"][0]["text"] for c in llm.complete("日本語", max_tokens=48, seed=seed, temperature=1.5, stream=True)
     ]
     assert "".join(pieces) == whole
-    raw = llm.complete("日本語", max_tokens=48, seed=seed, temperature=1.5, logprobs=0)["choices"][0]
-    tokens_bytes = b"".join(p.encode("utf-8", "surrogateescape") for p in raw["logprobs"]["tokens"])
-    assert tokens_bytes  # the tokens' own bytes are reported
+    # no piece ends inside a character that the next piece completes
+    assert all(not p.endswith("\ufffd") or "\ufffd" in whole for p in pieces)
 
 
 def test_greedy_completion_is_the_argmax_of_a_fresh_evaluation(tiny_chat_model_path: Path) -> None:
@@ -151,7 +150,6 @@ def test_greedy_completion_is_the_argmax_of_a_fresh_evaluation(tiny_chat_model_p
                 break
             expected.append(tok)
             ctx.decode(pyllama.Batch.from_tokens([tok], pos0=len(tokens) + len(expected) - 1))
-            # logprobs are the log-softmax of the raw logits
         ctx.close()
         lp = out["choices"][0]["logprobs"]
         assert len(lp["tokens"]) == len(expected)
