@@ -266,3 +266,18 @@ def test_async_stream_cancel_and_loop_stays_free(llm: Any) -> None:
         return ticks
 
     assert asyncio.run(main()) > 0  # the event loop ran while tokens were generated
+
+
+def test_max_tokens_zero_generates_nothing(llm: Any) -> None:
+    out = llm.complete("hello", max_tokens=0)
+    assert out["choices"][0]["text"] == "" and out["usage"]["completion_tokens"] == 0
+    assert out["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_explicit_n_ctx_is_used_as_given(tiny_chat_model_path: Path) -> None:
+    with (
+        pyllama.Llama(tiny_chat_model_path, n_threads=1) as default,
+        pyllama.Llama(tiny_chat_model_path, n_ctx=4096, n_threads=1) as explicit,
+    ):
+        assert default.n_ctx() == default.model.n_ctx_train  # 4096 capped by the 2048-token training context
+        assert explicit.n_ctx() == 4096

@@ -157,6 +157,9 @@ class Generation {
             max_stop_ = std::max(max_stop_, s.size());
         }
         id_ = gen_->begin();
+        if (opt_.max_tokens == 0) {
+            finish("length");  // nothing to generate, nothing to evaluate
+        }
     }
 
     // The next piece of text; empty when the generation has ended. Call without the GIL.

@@ -339,6 +339,7 @@ class strictifier {
                 i = end - 1;
             }
         }
+        find_calling_rules();
     }
 
     // The strict grammar, or nullopt (and why) where the root cannot be made strict.
@@ -424,17 +425,24 @@ class strictifier {
         if (it.ref.empty()) {
             return false;
         }
-        auto memo = reaches_.find(it.ref);
-        if (memo != reaches_.end()) {
-            return memo->second;
+        if (calling_.count(it.ref)) {
+            return true;
         }
-        reaches_[it.ref] = false;  // a cycle adds nothing
-        auto rule        = rules_.find(it.ref);
-        auto added       = added_.find(it.ref);
-        bool result      = (rule != rules_.end() && reaches_call(*rule->second)) ||
-                           (added != added_.end() && reaches_call(*added->second));
-        reaches_[it.ref] = result;
-        return result;
+        auto added = added_.find(it.ref);  // a rewritten copy: it uses the rules above, no cycle
+        return added != added_.end() && reaches_call(*added->second);
+    }
+
+    // The rules that reach a call, directly or through others: a fixpoint, so cycles are exact.
+    void find_calling_rules() {
+        for (bool grew = true; grew;) {
+            grew = false;
+            for (const auto & [name, body] : rules_) {
+                if (!calling_.count(name) && reaches_call(*body)) {
+                    calling_.insert(name);
+                    grew = true;
+                }
+            }
+        }
     }
 
     // --- the rewrite ------------------------------------------------------------------------------
@@ -617,7 +625,7 @@ class strictifier {
     std::map<std::string, std::shared_ptr<expr>> rules_;
     std::map<std::string, std::shared_ptr<expr>> added_;
     std::string                                  extra_;
-    std::map<std::string, bool>                  reaches_;
+    std::set<std::string>                        calling_;
     std::map<std::string, grammar_match_result>  probes_;
     std::set<std::string>                        visiting_;
     std::vector<std::string>                     thinking_ends_;

@@ -159,11 +159,12 @@ class AsyncStream:
 class Llama:
     """A model and a context, with OpenAI-shaped ``chat`` and ``complete``.
 
-    ``Llama(model_path, *, n_ctx=4096, n_gpu_layers=-1, n_threads=None, n_batch=2048, n_ubatch=512,
+    ``Llama(model_path, *, n_ctx=None, n_gpu_layers=-1, n_threads=None, n_batch=2048, n_ubatch=512,
     flash_attn=None, seed=None, chat_template=None, verbose=False, **context_params)``
 
-    ``n_ctx=0`` takes the model's training context; the default is 4096 or the training context
-    when that is smaller. ``n_gpu_layers=-1`` offloads every layer where a GPU backend exists.
+    ``n_ctx=0`` takes the model's training context; the default (None) is 4096, or the training
+    context when that is smaller; any other value is used as given. ``n_gpu_layers=-1`` offloads
+    every layer where a GPU backend exists.
     ``chat_template`` overrides the model's template (Jinja source, "chatml" or a built-in name).
     Calls on one Llama are serialised; ``close()`` (or ``with``) frees the model and context.
     """
@@ -172,7 +173,7 @@ class Llama:
         self,
         model_path: str | Path,
         *,
-        n_ctx: int = DEFAULT_N_CTX,
+        n_ctx: int | None = None,
         n_gpu_layers: int = -1,
         n_threads: int | None = None,
         n_batch: int = 2048,
@@ -190,12 +191,12 @@ class Llama:
         self.model_path = str(model_path)
         self._model = _core.Model(self.model_path, n_gpu_layers=n_gpu_layers)
         train_ctx = int(self._model.n_ctx_train)
-        if n_ctx == 0:
+        if n_ctx is None:
+            n_ctx = min(DEFAULT_N_CTX, train_ctx) if train_ctx > 0 else DEFAULT_N_CTX
+        elif n_ctx == 0:
             n_ctx = train_ctx
         elif n_ctx < 0:
             raise ValueError("n_ctx must be >= 0")
-        else:
-            n_ctx = min(n_ctx, train_ctx) if train_ctx > 0 else n_ctx
         ctx_kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_batch": min(n_batch, n_ctx), "n_ubatch": n_ubatch}
         if n_threads is not None:
             ctx_kwargs["n_threads"] = n_threads
@@ -364,9 +365,7 @@ class Llama:
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         """An OpenAI ChatCompletion dict, or with ``stream=True`` an iterator of ChatCompletionChunk dicts."""
-        unknown = set(sampling) - set(_SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        _check_sampling(sampling)
         json_schema = _response_schema(response_format)
         result = self._template.apply(
             messages,
@@ -381,7 +380,7 @@ class Llama:
         tokens = self._prompt_tokens(result.prompt)
         budget = self._budget(len(tokens), max_tokens)
         sampler = self._sampler(result, seed, {**sampling, "logit_bias": logit_bias})
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         stops += [s for s in [*result.additional_stops, *self._turn_ends] if s not in stops]
         n_top = -1 if not logprobs else (top_logprobs or 0)
         meta: dict[str, Any] = {
@@ -469,9 +468,7 @@ class Llama:
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks."""
-        unknown = set(sampling) - set(_SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        _check_sampling(sampling)
         if isinstance(prompt, str):
             tokens = self.tokenize(prompt, add_special=True, parse_special=False)
             prompt_text = prompt
@@ -482,7 +479,7 @@ class Llama:
         sampler = self._sampler(
             None, seed, {**sampling, "logit_bias": logit_bias, "grammar": grammar, "json_schema": json_schema}
         )
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         n_top = -1 if logprobs is None else logprobs
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
@@ -551,6 +548,16 @@ class Llama:
                 raise
         finally:
             _OWNER.reset(token)
+
+
+def _check_sampling(sampling: dict[str, Any]) -> None:
+    unknown = set(sampling) - set(_SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+
+
+def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
