@@ -319,6 +319,10 @@ class ChatTemplate {
                                       const std::string &          named_tool,
                                       bool                         strict) const {
         if (!legacy_.empty()) {
+            if (inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE) {
+                throw std::invalid_argument("continue_final_message needs a Jinja chat template, not the built-in '" +
+                                            legacy_ + "' format");
+            }
             return apply_legacy(inputs);
         }
         auto        result = std::make_shared<ChatResult>();
@@ -360,6 +364,12 @@ class ChatTemplate {
         result->parser.reasoning_format = reasoning_format;
         if (!result->params.parser.empty()) {
             result->parser.parser.load(result->params.parser);
+        }
+        if (inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE) {
+            // the prefill is part of the parser's generation prompt: what it parses to alone is not the reply's
+            result->parser.is_continuation = true;
+            result->prefill                = result->parse("", true);
+            result->prefill.tool_calls.clear();
         }
         return result;
     }
@@ -410,6 +420,7 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
                                          const py::object & chat_template_kwargs,
                                          const py::object & json_schema,
                                          const py::object & grammar,
+                                         const py::object & continue_final_message,
                                          std::string &      named_tool) {
     common_chat_templates_inputs in;
     if (!py::isinstance<py::list>(messages) && !py::isinstance<py::tuple>(messages)) {
@@ -455,6 +466,33 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
     }
     in.parallel_tool_calls   = parallel_tool_calls.is_none() ? false : parallel_tool_calls.cast<bool>();
     in.add_generation_prompt = add_generation_prompt;
+    if (!continue_final_message.is_none()) {
+        if (py::isinstance<py::bool_>(continue_final_message)) {
+            in.continue_final_message = continue_final_message.cast<bool>() ? COMMON_CHAT_CONTINUATION_AUTO :
+                                                                              COMMON_CHAT_CONTINUATION_NONE;
+        } else if (py::isinstance<py::str>(continue_final_message)) {
+            const auto v = continue_final_message.cast<std::string>();
+            if (v != "content" && v != "reasoning_content") {
+                throw std::invalid_argument(
+                    "continue_final_message must be True, False, 'content' or 'reasoning_content'");
+            }
+            in.continue_final_message = common_chat_continuation_parse(nlohmann::ordered_json(v));
+        } else {
+            throw py::type_error("continue_final_message must be a bool or a str");
+        }
+    }
+    if (in.continue_final_message != COMMON_CHAT_CONTINUATION_NONE) {
+        if (in.messages.empty() || in.messages.back().role != "assistant") {
+            throw std::invalid_argument("continue_final_message: the last message must be the assistant's");
+        }
+        if (in.messages.size() >= 2 && in.messages[in.messages.size() - 2].role == "assistant") {
+            throw std::invalid_argument("continue_final_message: two assistant messages end the list");
+        }
+        if (!in.messages.back().tool_calls.empty()) {
+            throw std::invalid_argument("continue_final_message: the final assistant message has tool calls");
+        }
+        in.add_generation_prompt = false;
+    }
     if (!enable_thinking.is_none()) {
         in.enable_thinking = enable_thinking.cast<bool>();
     }
@@ -625,11 +663,11 @@ Jinja source itself, "chatml", or the name of one of llama_chat_apply_template's
            const py::object & tool_choice, const py::object & parallel_tool_calls, bool add_generation_prompt,
            const py::object & enable_thinking, const std::string & reasoning_format,
            const py::object & chat_template_kwargs, const py::object & json_schema, const py::object & grammar,
-           bool strict_tool_choice) {
+           bool strict_tool_choice, const py::object & continue_final_message) {
             std::string                  named;
             common_chat_templates_inputs in =
                 make_inputs(messages, tools, tool_choice, parallel_tool_calls, add_generation_prompt, enable_thinking,
-                            chat_template_kwargs, json_schema, grammar, named);
+                            chat_template_kwargs, json_schema, grammar, continue_final_message, named);
             common_reasoning_format rf = common_reasoning_format_from_name(reasoning_format);
             in.reasoning_format        = rf;
             py::gil_scoped_release nogil;
@@ -640,8 +678,12 @@ Jinja source itself, "chatml", or the name of one of llama_chat_apply_template's
         py::arg("enable_thinking") = py::none(), py::arg("reasoning_format") = "auto",
         py::arg("chat_template_kwargs") = py::none(), py::arg("json_schema") = py::none(),
         py::arg("grammar") = py::none(), py::arg("strict_tool_choice") = true,
+        py::arg("continue_final_message") = py::none(),
         "Render OpenAI-format messages (and tools) into the prompt; returns a ChatResult with the grammar, its "
-        "triggers, preserved tokens, stop strings, the format's name, and parse()/stream() for the output.");
+        "triggers, preserved tokens, stop strings, the format's name, and parse()/stream() for the output. "
+        "continue_final_message=True (or 'content' / 'reasoning_content') ends the prompt inside the final "
+        "assistant message, so that the model continues it (prefill); parse() and stream() then give only what "
+        "the model adds.");
 }
 
 }  // namespace pyllama

@@ -16,14 +16,27 @@ class ChatResult {
     common_chat_parser_params parser;
     bool                      strict = false;  // the "required" grammar was made strict
     std::string               strict_failure;  // why it could not be, when asked
+    common_chat_msg           prefill;         // continue_final_message: the message the prompt ends inside
 
     common_chat_msg parse(const std::string & text, bool is_partial) const {
         log_capture capture;
         try {
-            return common_chat_parse(text, is_partial, parser);
+            common_chat_msg msg = common_chat_parse(text, is_partial, parser);
+            if (parser.is_continuation) {
+                strip_prefix(msg.content, prefill.content);
+                strip_prefix(msg.reasoning_content, prefill.reasoning_content);
+            }
+            return msg;
         } catch (const std::exception & e) {
             throw std::invalid_argument(std::string("the output does not parse as this template's format: ") +
                                         e.what());
+        }
+    }
+
+  private:
+    static void strip_prefix(std::string & s, const std::string & prefix) {
+        if (!prefix.empty() && s.compare(0, prefix.size(), prefix) == 0) {
+            s.erase(0, prefix.size());
         }
     }
 };

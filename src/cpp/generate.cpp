@@ -371,6 +371,33 @@ evaluates only what follows the longest common prefix with them.
         },
         "Forget the cached tokens and clear sequence 0.");
     gen.def(
+        "adopt",
+        [](Generator & g, std::vector<llama_token> tokens) {
+            const llama_vocab * vocab = llama_model_get_vocab(g.context().model());
+            for (llama_token t : tokens) {
+                Model::check_token(vocab, t);
+            }
+            py::gil_scoped_release      nogil;
+            std::lock_guard<std::mutex> lock(g.mutex());
+            g.begin();
+            auto           u   = g.context().acquire();
+            llama_memory_t mem = llama_get_memory(u.ctx);
+            const auto     n   = mem == nullptr ? -1 : llama_memory_seq_pos_max(mem, 0) + 1;
+            if (n != static_cast<llama_pos>(tokens.size())) {
+                if (mem != nullptr) {
+                    llama_memory_seq_rm(mem, 0, -1, -1);
+                }
+                g.tokens().clear();
+                throw std::invalid_argument("sequence 0 holds " + std::to_string(n) + " positions, not the " +
+                                            std::to_string(tokens.size()) +
+                                            " tokens given (sequence 0 was cleared)");
+            }
+            g.tokens() = std::move(tokens);
+        },
+        py::arg("tokens"),
+        "Declare which tokens sequence 0 holds, after its state was loaded with Context.seq_state_set(state, 0): "
+        "the next generate() then reuses them. Their number must match what the sequence holds.");
+    gen.def(
         "generate",
         [](std::shared_ptr<Generator> g, std::vector<llama_token> prompt, std::shared_ptr<Sampler> sampler,
            int32_t max_tokens, std::vector<std::string> stop, int32_t logprobs, bool ignore_eos) {

@@ -314,6 +314,7 @@ class ChatTemplate:
         json_schema: dict[str, Any] | str | None = None,
         grammar: str | None = None,
         strict_tool_choice: bool = True,
+        continue_final_message: bool | str | None = None,
     ) -> ChatResult: ...
 
 class Generation:
@@ -339,6 +340,7 @@ class Generator:
     @property
     def tokens(self) -> list[int]: ...
     def reset(self) -> None: ...
+    def adopt(self, tokens: Sequence[int]) -> None: ...
     def generate(
         self,
         prompt: Sequence[int],

@@ -239,6 +239,7 @@ class ChatTemplate(_core.ChatTemplate):
         json_schema: dict[str, Any] | str | None = None,
         grammar: str | None = None,
         strict_tool_choice: bool = True,
+        continue_final_message: bool | str | None = None,
     ) -> _core.ChatResult:
         """Render OpenAI-format messages (and tools) into the prompt; see ``pyllama._core.ChatTemplate.apply``.
 
@@ -260,4 +261,5 @@ class ChatTemplate(_core.ChatTemplate):
             json_schema=json_schema,
             grammar=grammar,
             strict_tool_choice=strict_tool_choice,
+            continue_final_message=continue_final_message,
         )

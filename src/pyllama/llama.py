@@ -9,19 +9,87 @@ turn only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from . import _core
+from .cache import LlamaState, StateCache, common_prefix
 from .chat import ChatTemplate
 
 __all__ = ["AsyncStream", "Llama", "Stream"]
+
+# Options of a model load: two Llamas over the same file with the same options share the loaded model.
+_MODEL_OPTIONS = (
+    "n_gpu_layers",
+    "split_mode",
+    "main_gpu",
+    "tensor_split",
+    "use_mmap",
+    "use_mlock",
+    "vocab_only",
+    "check_tensors",
+    "kv_overrides",
+)
+
+
+class _SharedModels:
+    """Loaded models by (file, load options), counted: the last Llama to close one frees it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[tuple[Any, ...], list[Any]] = {}  # key -> [model, users]
+
+    @staticmethod
+    def key(path: str, options: dict[str, Any]) -> tuple[Any, ...]:
+        st = os.stat(path)
+        frozen = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in options.items()))
+        return (os.path.realpath(path), st.st_size, st.st_mtime_ns, frozen)
+
+    def acquire(
+        self, path: str, options: dict[str, Any], progress: Callable[[float], bool | None] | None
+    ) -> tuple[tuple[Any, ...], _core.Model]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file not found: '{path}'")
+        key = self.key(path, options)
+        with self._lock:
+            entry = self._models.get(key)
+            if entry is not None and not entry[0].closed:
+                entry[1] += 1
+                return key, entry[0]
+            # loading happens under the lock, so that two Llamas created at once load the file once
+            model = _core.Model(path, progress_callback=progress, **options)
+            self._models[key] = [model, 1]
+            return key, model
+
+    def release(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            entry = self._models.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._models[key]
+                entry[0].close()
+
+    def users(self, key: tuple[Any, ...]) -> int:
+        with self._lock:
+            entry = self._models.get(key)
+            return 0 if entry is None else int(entry[1])
+
+
+_MODELS = _SharedModels()
 
 DEFAULT_N_CTX = 4096
 
@@ -82,16 +150,24 @@ class _Use:
         self.cancelled = False
         self.abandoned = False
         self.running = False
+        self.linked: list[_Use] = []  # the uses a multi-round stream runs on behalf of this one
 
     def attach(self, gen: _core.Generation) -> None:
         self.generation = gen
         if self.cancelled:
             gen.cancel()
 
+    def link(self, other: _Use) -> None:
+        self.linked.append(other)
+        if self.cancelled:
+            other.cancel()
+
     def cancel(self) -> None:
         self.cancelled = True
         if self.generation is not None:
             self.generation.cancel()
+        for other in self.linked:
+            other.cancel()
 
 
 def _owner() -> object:
@@ -160,18 +236,23 @@ class Llama:
     """A model and a context, with OpenAI-shaped ``chat`` and ``complete``.
 
     ``Llama(model_path, *, n_ctx=None, n_gpu_layers=-1, n_threads=None, n_batch=2048, n_ubatch=512,
-    flash_attn=None, seed=None, chat_template=None, verbose=False, **context_params)``
+    flash_attn=None, seed=None, chat_template=None, embedding=False, pooling_type=None, cache=None,
+    verbose=False, use_mmap=None, use_mlock=False, main_gpu=0, split_mode="layer", tensor_split=None,
+    kv_overrides=None, progress=None, **context_params)``
 
     ``n_ctx=0`` takes the model's training context; the default (None) is 4096, or the training
     context when that is smaller; any other value is used as given. ``n_gpu_layers=-1`` offloads
     every layer where a GPU backend exists.
     ``chat_template`` overrides the model's template (Jinja source, "chatml" or a built-in name).
-    Calls on one Llama are serialised; ``close()`` (or ``with``) frees the model and context.
+    ``cache`` (a ``pyllama.RAMCache`` or ``pyllama.DiskCache``) keeps prompt states beyond the one
+    the context holds. Two Llamas over the same file with the same load options share one loaded
+    model. Calls on one Llama are serialised; ``close()`` (or ``with``) frees the context, and the
+    model once no other Llama uses it.
     """
 
     def __init__(
         self,
-        model_path: str | Path,
+        model_path: str | os.PathLike[str],
         *,
         n_ctx: int | None = None,
         n_gpu_layers: int = -1,
@@ -181,30 +262,65 @@ class Llama:
         flash_attn: bool | None = None,
         seed: int | None = None,
         chat_template: str | None = None,
+        embedding: bool = False,
+        pooling_type: str | None = None,
+        cache: StateCache | None = None,
         verbose: bool = False,
+        use_mmap: bool | None = None,
+        use_mlock: bool = False,
+        main_gpu: int = 0,
+        split_mode: str = "layer",
+        tensor_split: Sequence[float] | None = None,
+        kv_overrides: dict[str, bool | int | float | str] | None = None,
+        progress: Callable[[float], bool | None] | None = None,
         **context_params: Any,
     ) -> None:
+        self._closed = True
         if verbose:
             from ._logging import set_log_level
 
             set_log_level("INFO")
         self.model_path = str(model_path)
-        self._model = _core.Model(self.model_path, n_gpu_layers=n_gpu_layers)
-        train_ctx = int(self._model.n_ctx_train)
-        if n_ctx is None:
-            n_ctx = min(DEFAULT_N_CTX, train_ctx) if train_ctx > 0 else DEFAULT_N_CTX
-        elif n_ctx == 0:
-            n_ctx = train_ctx
-        elif n_ctx < 0:
-            raise ValueError("n_ctx must be >= 0")
-        ctx_kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_batch": min(n_batch, n_ctx), "n_ubatch": n_ubatch}
-        if n_threads is not None:
-            ctx_kwargs["n_threads"] = n_threads
-        if flash_attn is not None:
-            ctx_kwargs["flash_attn"] = flash_attn
-        ctx_kwargs.update(context_params)
-        self._ctx = _core.Context(self._model, **ctx_kwargs)
+        options: dict[str, Any] = {
+            "n_gpu_layers": n_gpu_layers,
+            "use_mlock": use_mlock,
+            "main_gpu": main_gpu,
+            "split_mode": split_mode,
+        }
+        if use_mmap is not None:
+            options["use_mmap"] = use_mmap
+        if tensor_split:
+            options["tensor_split"] = [float(x) for x in tensor_split]
+        if kv_overrides:
+            options["kv_overrides"] = dict(kv_overrides)
+        unknown = set(context_params) & set(_MODEL_OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        self._model_key, self._model = _MODELS.acquire(self.model_path, options, progress)
+        try:
+            train_ctx = int(self._model.n_ctx_train)
+            if n_ctx is None:
+                n_ctx = min(DEFAULT_N_CTX, train_ctx) if train_ctx > 0 else DEFAULT_N_CTX
+            elif n_ctx == 0:
+                n_ctx = train_ctx
+            elif n_ctx < 0:
+                raise ValueError("n_ctx must be >= 0")
+            ctx_kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_batch": min(n_batch, n_ctx), "n_ubatch": n_ubatch}
+            if n_threads is not None:
+                ctx_kwargs["n_threads"] = n_threads
+            if flash_attn is not None:
+                ctx_kwargs["flash_attn"] = flash_attn
+            ctx_kwargs.update(context_params)
+            self._ctx_kwargs = ctx_kwargs
+            self._ctx = _core.Context(self._model, **ctx_kwargs)
+        except BaseException:
+            _MODELS.release(self._model_key)
+            raise
+        self._closed = False
         self._generator = _core.Generator(self._ctx)
+        self._embedding = embedding
+        self._pooling_type = pooling_type
+        self._embed_ctx: _core.Context | None = None
         self._template = ChatTemplate(self._model, template=chat_template)
         # A ChatML template on a model whose vocabulary lacks ChatML's tokens (the fallback for models
         # without a template): the end of a turn is text, so it is a stop string.
@@ -219,7 +335,46 @@ class Llama:
         self._active: _Use | None = None
         self._seed = seed
         self._rng = random.Random(seed)
+        self._cache = cache
         self.model_name = Path(self.model_path).stem
+        # which model and context a saved state belongs to
+        self.fingerprint = hashlib.sha256(
+            json.dumps([list(self._model_key[:3]), sorted((k, repr(v)) for k, v in ctx_kwargs.items())]).encode()
+        ).hexdigest()[:32]
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        sha256: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: bool | None = None,
+        **llama_kwargs: Any,
+    ) -> Llama:
+        """Download a GGUF file into the cache (resumable, verified against ``sha256`` when given),
+        then load it: see ``pyllama.models.download``."""
+        from .models import download
+
+        return cls(download(url, sha256=sha256, cache_dir=cache_dir, progress=progress), **llama_kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: bool | None = None,
+        **llama_kwargs: Any,
+    ) -> Llama:
+        """Download ``filename`` (a glob pattern matching one file, e.g. ``"*q4_k_m.gguf"``) from the
+        Hugging Face Hub repository ``repo_id``, then load it (needs ``pip install 'pyllama[hf]'``)."""
+        from .models import hf_download
+
+        path = hf_download(repo_id, filename, revision=revision, cache_dir=cache_dir, progress=progress)
+        return cls(path, **llama_kwargs)
 
     # --- basics -----------------------------------------------------------------------------
 
@@ -247,9 +402,30 @@ class Llama:
         return str(self._model.detokenize(list(tokens), unparse_special=special))
 
     def close(self) -> None:
+        """Free the context now, and the model unless another Llama shares it. Idempotent."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             self._ctx.close()
-            self._model.close()
+            if self._embed_ctx is not None:
+                self._embed_ctx.close()
+            _MODELS.release(self._model_key)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_model_key", None) is not None:
+            try:
+                self._ctx.close()
+                if self._embed_ctx is not None:
+                    self._embed_ctx.close()
+                _MODELS.release(self._model_key)
+            except Exception:
+                pass
+            self._closed = True
 
     def __enter__(self) -> Llama:
         return self
@@ -271,6 +447,9 @@ class Llama:
                     self._lock.release()
         with self._state:
             self._active = use
+        if self._closed:
+            self._exit(use)
+            raise ValueError("this Llama is closed")
 
     def _exit(self, use: _Use) -> None:
         with self._state:
@@ -288,6 +467,7 @@ class Llama:
         n_top: int,
         ignore_eos: bool = False,
     ) -> _core.Generation:
+        self._restore_from_cache(tokens)
         gen = self._generator.generate(
             tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
         )
@@ -310,9 +490,86 @@ class Llama:
         self._enter(use)
         try:
             gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
-            return gen, gen.run()
+            text = gen.run()
+            self._store_in_cache()
+            return gen, text
         finally:
             self._exit(use)
+
+    # --- states and the prompt cache ---------------------------------------------------------
+
+    def _snapshot(self) -> LlamaState:
+        tokens = tuple(self._generator.tokens)
+        data = self._ctx.seq_state_get(0) if tokens else b""
+        return LlamaState(tokens, data, self.fingerprint)
+
+    def _restore(self, state: LlamaState) -> None:
+        if state.fingerprint != self.fingerprint:
+            raise ValueError("this state belongs to another model or context settings")
+        if not state.tokens:
+            self._generator.reset()
+            return
+        self._generator.reset()
+        try:
+            self._ctx.seq_state_set(state.data, 0)
+        except _core.LlamaError as e:
+            raise ValueError(f"the state could not be loaded: {e}") from e
+        self._generator.adopt(list(state.tokens))
+
+    def _restore_from_cache(self, tokens: list[int]) -> None:
+        if self._cache is None:
+            return
+        found = self._cache.lookup(tokens, self.fingerprint)
+        if found is None:
+            return
+        state, n = found
+        if n > common_prefix(self._generator.tokens, tokens):
+            try:
+                self._restore(state)
+            except ValueError:
+                self._generator.reset()
+
+    def _store_in_cache(self) -> None:
+        if self._cache is None or not self._generator.tokens:
+            return
+        try:
+            self._cache.store(self._snapshot())
+        except (_core.LlamaError, OSError):
+            pass  # a cache that cannot take the state only costs a later re-evaluation
+
+    def save_state(self, path: str | os.PathLike[str] | None = None) -> LlamaState:
+        """The tokens the context holds and their KV memory, as a ``LlamaState`` (also written to
+        ``path`` when given). ``load_state`` puts it back, here or in a new Llama with the same model
+        and context settings, so that a prompt starting with those tokens evaluates only the rest."""
+        use = _Use(_owner())
+        self._enter(use)
+        try:
+            state = self._snapshot()
+        finally:
+            self._exit(use)
+        if path is not None:
+            state.save(path)
+        return state
+
+    def load_state(self, state: LlamaState | str | os.PathLike[str]) -> None:
+        """Restore a state from ``save_state`` (or the path it was saved to). Raises ValueError for a
+        state of another model or context settings, and leaves the context empty then."""
+        if not isinstance(state, LlamaState):
+            state = LlamaState.load(state)
+        use = _Use(_owner())
+        self._enter(use)
+        try:
+            self._restore(state)
+        finally:
+            self._exit(use)
+
+    def set_cache(self, cache: StateCache | None) -> None:
+        """Use ``cache`` (a ``RAMCache`` or ``DiskCache``) for prompt states from now on; None stops."""
+        self._cache = cache
+
+    @property
+    def cache(self) -> StateCache | None:
+        return self._cache
 
     def _sampler(self, chat: _core.ChatResult | None, seed: int | None, kw: dict[str, Any]) -> _core.Sampler:
         params = {k: v for k, v in kw.items() if v is not None}
@@ -342,16 +599,22 @@ class Llama:
             )
         return max_tokens
 
+    def _room(self, max_tokens: int | None) -> int:
+        """How many prompt tokens fit when the prompt is truncated for ``max_tokens``."""
+        n_ctx = self.n_ctx()
+        reserve = max_tokens if max_tokens is not None and max_tokens >= 0 else min(n_ctx // 4, 1024)
+        return max(1, n_ctx - max(reserve, 1))
+
     # --- chat -----------------------------------------------------------------------------
 
     def chat(
         self,
         messages: Sequence[dict[str, Any]],
         *,
-        tools: Sequence[dict[str, Any]] | None = None,
+        tools: Sequence[dict[str, Any] | Callable[..., Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
-        response_format: dict[str, Any] | None = None,
+        response_format: dict[str, Any] | type | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
@@ -360,15 +623,118 @@ class Llama:
         top_logprobs: int | None = None,
         reasoning_format: str = "auto",
         enable_thinking: bool | None = None,
+        reasoning_effort: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool | str | None = None,
+        run_tools: bool = False,
+        max_tool_rounds: int = 8,
+        truncate: bool = False,
         stream: bool = False,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
-        """An OpenAI ChatCompletion dict, or with ``stream=True`` an iterator of ChatCompletionChunk dicts."""
+        """An OpenAI ChatCompletion dict, or with ``stream=True`` an iterator of ChatCompletionChunk dicts.
+
+        ``tools`` takes OpenAI tool dicts and Python functions (their type hints and docstrings become
+        the schema); with ``run_tools=True`` the calls the model makes are run and answered, round
+        after round (at most ``max_tool_rounds``), until it replies without calls. A final assistant
+        message is continued (prefill) unless ``continue_final_message=False``. ``truncate=True`` drops
+        the oldest turns (after the system message) when the conversation does not fit.
+        """
         _check_sampling(sampling)
+        toolbox = None
+        if tools is not None and (run_tools or any(callable(t) and not isinstance(t, dict) for t in tools)):
+            from .tools import Tools
+
+            toolbox = Tools(list(tools))
+            tools = toolbox.specs
+        elif run_tools:
+            raise ValueError("run_tools=True needs tools")
+        parse_as: Any = None
+        if isinstance(response_format, type):
+            from .tools import response_format as _format_of
+
+            parse_as, response_format = response_format, _format_of(response_format)
+        kwargs: dict[str, Any] = {
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": parallel_tool_calls,
+            "response_format": response_format,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "stop": stop,
+            "logit_bias": logit_bias,
+            "logprobs": logprobs,
+            "top_logprobs": top_logprobs,
+            "reasoning_format": reasoning_format,
+            "enable_thinking": enable_thinking,
+            "reasoning_effort": reasoning_effort,
+            "chat_template_kwargs": chat_template_kwargs,
+            "continue_final_message": continue_final_message,
+            "truncate": truncate,
+            **sampling,
+        }
+        if run_tools:
+            assert toolbox is not None
+            if max_tool_rounds < 1:
+                raise ValueError("max_tool_rounds must be >= 1")
+            if stream:
+                use = _Use(_owner())
+                return Stream(self._tool_rounds_stream(use, list(messages), toolbox, max_tool_rounds, kwargs), use)
+            return self._tool_rounds(list(messages), toolbox, max_tool_rounds, kwargs, parse_as)
+        out = self._chat_once(messages, stream=stream, **kwargs)
+        if parse_as is not None and isinstance(out, dict):
+            _attach_parsed(out, parse_as)
+        return out
+
+    def _render(
+        self, messages: Sequence[dict[str, Any]], truncate: bool, max_tokens: int | None, **apply: Any
+    ) -> tuple[_core.ChatResult, list[int]]:
+        messages = list(messages)
+        while True:
+            result = self._template.apply(messages, **apply)
+            tokens = self._prompt_tokens(result.prompt)
+            if not truncate or len(tokens) <= self._room(max_tokens):
+                return result, tokens
+            dropped = _drop_oldest_turn(messages)
+            if dropped is None:
+                raise ValueError(
+                    f"the conversation does not fit the context ({self.n_ctx()} tokens) even with only the "
+                    f"system message and the last message ({len(tokens)} prompt tokens)"
+                )
+            messages = dropped
+
+    def _chat_once(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None,
+        tool_choice: str | dict[str, Any] | None,
+        parallel_tool_calls: bool | None,
+        response_format: dict[str, Any] | None,
+        max_tokens: int | None,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        logit_bias: dict[int, float] | None,
+        logprobs: bool,
+        top_logprobs: int | None,
+        reasoning_format: str,
+        enable_thinking: bool | None,
+        reasoning_effort: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+        continue_final_message: bool | str | None,
+        truncate: bool,
+        stream: bool,
+        **sampling: Any,
+    ) -> dict[str, Any] | Stream:
         json_schema = _response_schema(response_format)
-        result = self._template.apply(
+        if reasoning_effort is not None:
+            chat_template_kwargs = {"reasoning_effort": reasoning_effort, **(chat_template_kwargs or {})}
+        if continue_final_message is None and messages and messages[-1].get("role") == "assistant":
+            continue_final_message = True  # a final assistant message is a prefill, as in llama-server
+        result, tokens = self._render(
             messages,
+            truncate,
+            max_tokens,
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
@@ -376,8 +742,8 @@ class Llama:
             reasoning_format=reasoning_format,
             chat_template_kwargs=chat_template_kwargs,
             json_schema=json_schema,
+            continue_final_message=continue_final_message or None,
         )
-        tokens = self._prompt_tokens(result.prompt)
         budget = self._budget(len(tokens), max_tokens)
         sampler = self._sampler(result, seed, {**sampling, "logit_bias": logit_bias})
         stops = _stop_list(stop)
@@ -406,6 +772,80 @@ class Llama:
             "choices": [choice],
             "usage": _usage(gen),
         }
+
+    def _tool_rounds(
+        self,
+        messages: list[dict[str, Any]],
+        toolbox: Any,
+        max_rounds: int,
+        kwargs: dict[str, Any],
+        parse_as: Any,
+    ) -> dict[str, Any]:
+        added: list[dict[str, Any]] = []
+        usage = {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+        out: dict[str, Any] = {}
+        for round_ in range(max_rounds):
+            if round_ == max_rounds - 1:
+                kwargs = {**kwargs, "tool_choice": "none"}  # the last round must answer
+            reply = self._chat_once(messages + added, stream=False, **kwargs)
+            assert isinstance(reply, dict)
+            out = reply
+            _add_usage(usage, out["usage"])
+            message = out["choices"][0]["message"]
+            added.append(message)
+            if not message.get("tool_calls"):
+                break
+            added.extend(toolbox.call(call) for call in message["tool_calls"])
+        out["usage"] = usage
+        out["messages"] = added  # what the rounds added to the conversation, ending with the answer
+        if parse_as is not None:
+            _attach_parsed(out, parse_as)
+        return out
+
+    def _tool_rounds_stream(
+        self, use: _Use, messages: list[dict[str, Any]], toolbox: Any, max_rounds: int, kwargs: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        added: list[dict[str, Any]] = []
+        for round_ in range(max_rounds):
+            if use.cancelled:
+                return
+            if round_ == max_rounds - 1:
+                kwargs = {**kwargs, "tool_choice": "none"}  # the last round must answer
+            chunks = self._chat_once(messages + added, stream=True, **kwargs)
+            assert isinstance(chunks, Stream)
+            use.link(chunks._use)
+            calls: dict[int, dict[str, Any]] = {}
+            content: list[str] = []
+            reasoning: list[str] = []
+            try:
+                for chunk in chunks:
+                    yield chunk
+                    delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                    content.append(delta.get("content") or "")
+                    reasoning.append(delta.get("reasoning_content") or "")
+                    for tc in delta.get("tool_calls") or []:
+                        call = calls.setdefault(
+                            tc["index"], {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+                        )
+                        call["id"] = tc.get("id") or call["id"]
+                        fn = tc.get("function") or {}
+                        call["function"]["name"] += fn.get("name") or ""
+                        call["function"]["arguments"] += fn.get("arguments") or ""
+            finally:
+                chunks.close()
+            if not calls or use.cancelled:
+                return
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+            if any(reasoning):
+                message["reasoning_content"] = "".join(reasoning)
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+            added.append(message)
+            added.extend(toolbox.call(call) for call in message["tool_calls"])
 
     def _chat_stream(
         self,
@@ -445,6 +885,7 @@ class Llama:
             except ValueError:
                 pass  # the reply does not parse as the format: what streamed so far stands
             finish = "tool_calls" if has_calls else (gen.finish_reason or "stop")
+            self._store_in_cache()
         finally:
             self._exit(use)
         yield chunk({}, finish, usage=_usage(gen))
@@ -455,6 +896,7 @@ class Llama:
         self,
         prompt: str | Sequence[int],
         *,
+        suffix: str | None = None,
         max_tokens: int | None = 16,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
@@ -464,17 +906,34 @@ class Llama:
         ignore_eos: bool = False,
         grammar: str | None = None,
         json_schema: dict[str, Any] | None = None,
+        truncate: bool = False,
         stream: bool = False,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
-        """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks."""
+        """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks.
+
+        ``suffix`` asks a model with fill-in-the-middle tokens for the text between ``prompt`` and
+        ``suffix``. ``truncate=True`` keeps the end of a prompt that does not fit (and its BOS).
+        """
         _check_sampling(sampling)
-        if isinstance(prompt, str):
+        if suffix is not None:
+            if not isinstance(prompt, str):
+                raise TypeError("suffix needs the prompt as text")
+            tokens = self._infill_tokens(prompt, suffix)
+            prompt_text = prompt
+        elif isinstance(prompt, str):
             tokens = self.tokenize(prompt, add_special=True, parse_special=False)
             prompt_text = prompt
         else:
             tokens = [int(t) for t in prompt]
             prompt_text = self.detokenize(tokens)
+        if truncate and len(tokens) > self._room(max_tokens):
+            room = self._room(max_tokens)
+            bos = self._model.token_bos
+            head = tokens[:1] if tokens and tokens[0] == bos else []
+            tokens = head + tokens[len(tokens) - (room - len(head)) :]
+            if suffix is None:
+                prompt_text = self.detokenize(tokens)
         budget = self._budget(len(tokens), max_tokens)
         sampler = self._sampler(
             None, seed, {**sampling, "logit_bias": logit_bias, "grammar": grammar, "json_schema": json_schema}
@@ -504,6 +963,7 @@ class Llama:
                         yield shape(prompt_text, None, {})
                     for piece in gen:
                         yield shape(piece, None, {})
+                    self._store_in_cache()
                 finally:
                     self._exit(use)
                 yield shape("", gen.finish_reason or "stop", {"usage": _usage(gen)})
@@ -516,6 +976,93 @@ class Llama:
         return out
 
     __call__ = complete
+
+    def _infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        """Fill-in-the-middle prompt, as llama-server builds it: [BOS] PRE prefix SUF suffix MID."""
+        pre, suf, mid = self._model.token_fim_pre, self._model.token_fim_suf, self._model.token_fim_mid
+        if pre is None or suf is None or mid is None:
+            raise ValueError("suffix needs a model with fill-in-the-middle tokens (FIM_PRE, FIM_SUF, FIM_MID)")
+        tokens = [pre, *self.tokenize(prefix, add_special=False), suf, *self.tokenize(suffix, add_special=False), mid]
+        if self._model.add_bos and self._model.token_bos is not None:
+            tokens.insert(0, self._model.token_bos)
+        return tokens
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    def _embedding_context(self) -> _core.Context:
+        if self._embed_ctx is None:
+            n = self.n_ctx()
+            kwargs: dict[str, Any] = {
+                **{k: v for k, v in self._ctx_kwargs.items() if k not in ("n_batch", "n_ubatch", "n_seq_max")},
+                "n_ctx": n,
+                "n_batch": n,
+                "n_ubatch": n,
+                "embeddings": True,
+            }
+            pooling = self._pooling_type
+            self._embed_ctx = _core.Context(self._model, **kwargs, pooling_type=pooling)
+            if self._embed_ctx.pooling_type == "none":
+                # a model that does not pool (a generation model): mean pooling, unless asked otherwise
+                self._embed_ctx.close()
+                self._embed_ctx = _core.Context(self._model, **kwargs, pooling_type="mean")
+        return self._embed_ctx
+
+    def embed(
+        self, input: str | Sequence[str], *, normalize: bool = True, truncate: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Embeddings of one text or a list of texts: a numpy array (n, n_embd), L2-normalised when
+        ``normalize``. The model's own pooling is used (mean for a model that declares none, or the
+        ``pooling_type`` given to the constructor). A text longer than the context raises
+        ValueError, unless ``truncate=True`` (its first n_ctx tokens are used)."""
+        texts = [input] if isinstance(input, str) else list(input)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("input must be a str or a list of str")
+        use = _Use(_owner())
+        self._enter(use)
+        try:
+            ctx = self._embedding_context()
+            out = np.empty((len(texts), ctx.n_embd), dtype=np.float32)
+            encode = not self._model.has_decoder
+            for i, text in enumerate(texts):
+                tokens = self.tokenize(text, add_special=True)
+                if not tokens:
+                    raise ValueError(f"input[{i}] has no tokens")
+                if len(tokens) > ctx.n_ctx:
+                    if not truncate:
+                        raise ValueError(
+                            f"input[{i}] has {len(tokens)} tokens and the context holds {ctx.n_ctx} "
+                            "(pass truncate=True to embed its beginning)"
+                        )
+                    tokens = tokens[: ctx.n_ctx]
+                ctx.memory_clear()
+                batch = _core.Batch.from_tokens(tokens, logits_last=True)
+                if encode:
+                    ctx.encode(batch)
+                else:
+                    ctx.decode(batch)
+                out[i] = ctx.embeddings_seq(0)
+        finally:
+            self._exit(use)
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out = (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        return out
+
+    def create_embedding(
+        self, input: str | Sequence[str], *, model: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """An OpenAI embeddings response (``{"object": "list", "data": [...], "usage": ...}``)."""
+        texts = [input] if isinstance(input, str) else list(input)
+        vectors = self.embed(texts, **kwargs)
+        n_tokens = sum(min(len(self.tokenize(t)), self.n_ctx()) for t in texts)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)
+            ],
+            "model": model or self.model_name,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
 
     # --- async ------------------------------------------------------------------------------
 
@@ -620,3 +1167,35 @@ def _completion_logprobs(gen: _core.Generation, model: _core.Model, offset: int)
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
     }
+
+
+def _drop_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation without its oldest turn after the leading system messages: a user message
+    and everything up to the next user message (the replies, calls and tool results), so that roles
+    still alternate as templates expect. None when only the system messages and the last turn are left."""
+    first = 0
+    while first < len(messages) and messages[first].get("role") in ("system", "developer"):
+        first += 1
+    end = first + 1
+    while end < len(messages) and messages[end].get("role") != "user":
+        end += 1
+    if end >= len(messages):
+        return None  # the oldest turn is the last one
+    return messages[:first] + messages[end:]
+
+
+def _attach_parsed(response: dict[str, Any], parse_as: Any) -> None:
+    from .tools import parse_model
+
+    choice = response["choices"][0]
+    if choice["finish_reason"] == "length":
+        raise ValueError(
+            "the reply was cut at max_tokens: it cannot be parsed as " + getattr(parse_as, "__name__", "the type")
+        )
+    choice["message"]["parsed"] = parse_model(parse_as, choice["message"].get("content") or "")
+
+
+def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        total[key] += usage[key]
+    total["prompt_tokens_details"]["cached_tokens"] += usage["prompt_tokens_details"]["cached_tokens"]

@@ -1,0 +1,241 @@
+"""Prompt-state caches: the KV memory of earlier prompts, kept so that a later prompt sharing a prefix
+with one of them evaluates only what follows that prefix.
+
+``Llama`` already reuses whatever its context holds; a cache adds the states of *other* prompts, which
+serves conversations that alternate on one ``Llama`` (``RAMCache``), and survives restarts
+(``DiskCache``). Use ``Llama(..., cache=RAMCache())`` or ``llm.set_cache(...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DiskCache", "LlamaState", "RAMCache", "StateCache"]
+
+_MAGIC = b"PYLLAMA-STATE\x00\x01\x00"
+
+
+@dataclass(frozen=True)
+class LlamaState:
+    """What a ``Llama``'s context holds: the tokens and the KV memory of its sequence.
+
+    ``fingerprint`` names the model and context the state belongs to; loading it into another
+    raises ``ValueError``. ``save(path)`` and ``LlamaState.load(path)`` keep it on disk.
+    """
+
+    tokens: tuple[int, ...]
+    data: bytes
+    fingerprint: str
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def to_bytes(self) -> bytes:
+        fp = self.fingerprint.encode()
+        head = _MAGIC + struct.pack("<II", len(fp), len(self.tokens)) + fp
+        return head + struct.pack(f"<{len(self.tokens)}i", *self.tokens) + self.data
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> LlamaState:
+        tokens, fingerprint, offset = _read_header(blob)
+        return cls(tokens, blob[offset:], fingerprint)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the state to ``path`` (atomically: a partial file never appears under that name)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(self.to_bytes())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LlamaState:
+        return cls.from_bytes(Path(path).read_bytes())
+
+
+def _read_header(blob: bytes) -> tuple[tuple[int, ...], str, int]:
+    n = len(_MAGIC)
+    if len(blob) < n + 8 or blob[:n] != _MAGIC:
+        raise ValueError("not a pyllama state (bad magic)")
+    n_fp, n_tok = struct.unpack_from("<II", blob, n)
+    offset = n + 8
+    if offset + n_fp + 4 * n_tok > len(blob):
+        raise ValueError("truncated pyllama state")
+    fingerprint = blob[offset : offset + n_fp].decode()
+    offset += n_fp
+    tokens = struct.unpack_from(f"<{n_tok}i", blob, offset)
+    return tokens, fingerprint, offset + 4 * n_tok
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class StateCache:
+    """The interface of a prompt-state cache: ``lookup`` the state sharing the longest prefix with a
+    prompt, ``store`` a state. Entries of another model or context (another fingerprint) are never
+    returned."""
+
+    def lookup(self, tokens: Sequence[int], fingerprint: str) -> tuple[LlamaState, int] | None:
+        """The state whose tokens share the longest prefix with ``tokens``, and that prefix's length."""
+        raise NotImplementedError
+
+    def store(self, state: LlamaState) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class RAMCache(StateCache):
+    """States in memory, least recently used evicted first once they take more than ``capacity_bytes``."""
+
+    def __init__(self, capacity_bytes: int = 2 << 30) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be > 0")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], LlamaState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(s) for s in self._entries.values())
+
+    def lookup(self, tokens: Sequence[int], fingerprint: str) -> tuple[LlamaState, int] | None:
+        with self._lock:
+            best: tuple[LlamaState, int] | None = None
+            for (fp, key), state in self._entries.items():
+                if fp != fingerprint:
+                    continue
+                n = common_prefix(key, tokens)
+                if n > 0 and (best is None or n > best[1]):
+                    best = (state, n)
+            if best is not None:
+                self._entries.move_to_end((fingerprint, best[0].tokens))
+            return best
+
+    def store(self, state: LlamaState) -> None:
+        if len(state) > self.capacity_bytes:
+            return
+        with self._lock:
+            key = (state.fingerprint, state.tokens)
+            self._entries.pop(key, None)
+            # a state whose tokens are a prefix of the new one's is superseded by it
+            for k in [k for k in self._entries if k[0] == key[0] and k[1] == key[1][: len(k[1])]]:
+                del self._entries[k]
+            self._entries[key] = state
+            total = self.size_bytes
+            while total > self.capacity_bytes and self._entries:
+                _, old = self._entries.popitem(last=False)
+                total -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class DiskCache(StateCache):
+    """States in files under ``directory`` (one file each), which survive restarts; the least
+    recently used are deleted once they take more than ``capacity_bytes``."""
+
+    def __init__(self, directory: str | os.PathLike[str], capacity_bytes: int = 10 << 30) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be > 0")
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.Lock()
+        # file name -> (fingerprint, tokens), read from the files' headers
+        self._index: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for path in self.directory.glob("*.state"):
+            try:
+                with path.open("rb") as f:
+                    head = f.read(len(_MAGIC) + 8)
+                    if len(head) < len(_MAGIC) + 8:
+                        continue
+                    n_fp, n_tok = struct.unpack_from("<II", head, len(_MAGIC))
+                    tokens, fp, _ = _read_header(head + f.read(n_fp + 4 * n_tok))
+            except (OSError, ValueError, struct.error):
+                continue  # not ours, or damaged: left alone
+            self._index[path.name] = (fp, tokens)
+
+    @staticmethod
+    def _name(fingerprint: str, tokens: Sequence[int]) -> str:
+        h = hashlib.sha256(fingerprint.encode() + struct.pack(f"<{len(tokens)}i", *tokens))
+        return h.hexdigest()[:32] + ".state"
+
+    def lookup(self, tokens: Sequence[int], fingerprint: str) -> tuple[LlamaState, int] | None:
+        with self._lock:
+            best: tuple[str, int] | None = None
+            for name, (fp, key) in self._index.items():
+                if fp != fingerprint:
+                    continue
+                n = common_prefix(key, tokens)
+                if n > 0 and (best is None or n > best[1]):
+                    best = (name, n)
+            if best is None:
+                return None
+            path = self.directory / best[0]
+            try:
+                state = LlamaState.load(path)
+                os.utime(path)
+            except (OSError, ValueError):
+                self._index.pop(best[0], None)
+                return None
+            return state, best[1]
+
+    def store(self, state: LlamaState) -> None:
+        with self._lock:
+            name = self._name(state.fingerprint, state.tokens)
+            for old, (fp, key) in list(self._index.items()):
+                if fp == state.fingerprint and key == state.tokens[: len(key)]:
+                    (self.directory / old).unlink(missing_ok=True)
+                    del self._index[old]
+            state.save(self.directory / name)
+            self._index[name] = (state.fingerprint, state.tokens)
+            self._evict()
+
+    def _evict(self) -> None:
+        files = []
+        for name in self._index:
+            try:
+                st = (self.directory / name).stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, name))
+        total = sum(size for _, size, _ in files)
+        for _, size, name in sorted(files):
+            if total <= self.capacity_bytes:
+                break
+            (self.directory / name).unlink(missing_ok=True)
+            self._index.pop(name, None)
+            total -= size
+
+    def clear(self) -> None:
+        with self._lock:
+            for name in self._index:
+                (self.directory / name).unlink(missing_ok=True)
+            self._index.clear()
+
+    def __len__(self) -> int:
+        return len(self._index)
