@@ -40,23 +40,32 @@ from ._core import (
     system_info,
 )
 from ._logging import logger, set_log_level
+from .cache import DiskCache, LlamaState, RAMCache, StateCache
 from .chat import ChatTemplate, TemplateError, vet_template
-from .llama import Llama
+from .llama import AsyncStream, Llama, Stream
+from .session import ChatSession
 
 __all__ = [
     "JSON_GRAMMAR",
     "LLAMA_CPP_COMMIT",
+    "AsyncStream",
     "Batch",
     "ChatResult",
+    "ChatSession",
     "ChatStream",
     "ChatTemplate",
     "Context",
+    "DiskCache",
     "Generation",
     "Generator",
     "Llama",
     "LlamaError",
+    "LlamaState",
     "Model",
+    "RAMCache",
     "Sampler",
+    "StateCache",
+    "Stream",
     "TemplateError",
     "TokenAttr",
     "__version__",

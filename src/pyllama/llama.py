@@ -151,6 +151,7 @@ class _Use:
         self.abandoned = False
         self.running = False
         self.linked: list[_Use] = []  # the uses a multi-round stream runs on behalf of this one
+        self.added: list[dict[str, Any]] = []  # the tool rounds' messages of a run_tools stream
 
     def attach(self, gen: _core.Generation) -> None:
         self.generation = gen
@@ -196,6 +197,12 @@ class Stream(Iterator[dict[str, Any]]):
 
     def cancel(self) -> None:
         self._use.cancel()
+
+    @property
+    def tool_messages(self) -> list[dict[str, Any]]:
+        """With ``run_tools=True``: the assistant messages with calls and the tool results of the
+        rounds streamed so far (the final answer is the content of the last round's chunks)."""
+        return self._use.added
 
     def close(self) -> None:
         self._use.cancel()
@@ -394,11 +401,17 @@ class Llama:
         return int(self._ctx.n_ctx)
 
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._check_open()
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         return list(self._model.tokenize(text, add_special=add_special, parse_special=parse_special))
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this Llama is closed")
+
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        self._check_open()
         return str(self._model.detokenize(list(tokens), unparse_special=special))
 
     def close(self) -> None:
@@ -810,7 +823,7 @@ class Llama:
     def _tool_rounds_stream(
         self, use: _Use, messages: list[dict[str, Any]], toolbox: Any, max_rounds: int, kwargs: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
-        added: list[dict[str, Any]] = []
+        added = use.added
         for round_ in range(max_rounds):
             if use.cancelled:
                 return

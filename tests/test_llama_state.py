@@ -1,0 +1,311 @@
+"""Llama beyond one call: shared models, prompt reuse measured by llama.cpp's own counters, saved
+states and caches, truncation, prefill, fill-in-the-middle, embeddings and threads. Each result is
+checked against an independent truth: the template's rendering, a fresh evaluation with the
+low-level objects, numpy, or the same request without the feature."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pyllama
+
+from tiny_models import write_tiny_llama
+
+GREEDY: dict[str, Any] = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_model_path: Path) -> Any:
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, seed=3) as llm:
+        yield llm
+
+
+def _turn(n: int) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"conversation {n}: " + "tell me more " * 12}]
+
+
+# --- shared models --------------------------------------------------------------------------
+
+
+def test_two_llamas_over_one_file_share_the_model(tiny_model_path: Path) -> None:
+    a = pyllama.Llama(tiny_model_path, n_ctx=128, n_threads=1)
+    b = pyllama.Llama(tiny_model_path, n_ctx=256, n_threads=1)
+    c = pyllama.Llama(tiny_model_path, n_ctx=128, n_threads=1, use_mmap=False)  # other load options
+    try:
+        assert a.model is b.model
+        assert c.model is not a.model
+        expected = b.complete("Once upon", max_tokens=6, **GREEDY)["choices"][0]["text"]
+        a.close()
+        assert not b.model.closed  # b still uses it
+        assert b.complete("Once upon", max_tokens=6, **GREEDY)["choices"][0]["text"] == expected
+        model = b.model
+        b.close()
+        assert model.closed  # the last user freed it
+        with pytest.raises(ValueError, match="closed"):
+            b.complete("Once upon", max_tokens=2)
+        assert c.complete("Once upon", max_tokens=6, **GREEDY)["choices"][0]["text"] == expected
+    finally:
+        for x in (a, b, c):
+            x.close()
+
+
+def test_missing_model_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        pyllama.Llama(tmp_path / "nope.gguf")
+
+
+# --- prompt reuse, measured by llama.cpp's performance counters -------------------------------
+
+
+def test_second_turn_evaluates_only_the_new_tokens(llm: Any) -> None:
+    history = [{"role": "system", "content": "You are terse."}, *_turn(1)]
+    first = llm.chat(history, max_tokens=8, **GREEDY)
+    history += [first["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+    llm.context.perf_reset()
+    second = llm.chat(history, max_tokens=4, **GREEDY)
+    perf = llm.context.perf()
+    usage = second["usage"]
+    new = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] // 2
+    assert perf["n_p_eval"] == new  # llama.cpp decoded the new turn's tokens, not the history
+
+
+# --- saved states ---------------------------------------------------------------------------
+
+
+def test_state_round_trip_into_a_new_llama(llm: Any, tiny_chat_model_path: Path, tmp_path: Path) -> None:
+    messages = _turn(2)
+    llm.chat(messages, max_tokens=4, **GREEDY)
+    state = llm.save_state(tmp_path / "turn.state")
+    assert state.n_tokens == len(llm._generator.tokens) > 0
+    expected = llm.chat(messages, max_tokens=8, **GREEDY)
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as fresh:
+        fresh.load_state(tmp_path / "turn.state")
+        out = fresh.chat(messages, max_tokens=8, **GREEDY)
+    assert out["choices"][0]["message"] == expected["choices"][0]["message"]
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"] - 1
+
+
+def test_state_of_other_settings_is_refused(llm: Any, tiny_chat_model_path: Path) -> None:
+    llm.chat(_turn(3), max_tokens=2)
+    state = llm.save_state()
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=256, n_threads=1) as other:
+        with pytest.raises(ValueError, match="another model or context"):
+            other.load_state(state)
+        # and the other Llama still works
+        assert other.complete("Hi", max_tokens=2)["usage"]["completion_tokens"] == 2
+    with pytest.raises(ValueError, match="magic"):
+        pyllama.LlamaState.from_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("kind", ["ram", "disk"])
+def test_cache_serves_alternating_conversations(kind: str, tiny_chat_model_path: Path, tmp_path: Path) -> None:
+    def make_cache() -> pyllama.StateCache:
+        return pyllama.RAMCache() if kind == "ram" else pyllama.DiskCache(tmp_path / "states")
+
+    a, b = _turn(4), _turn(5)
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as plain:
+        plain.chat(a, max_tokens=4, **GREEDY)
+        plain.chat(b, max_tokens=4, **GREEDY)
+        uncached = plain.chat(a, max_tokens=6, **GREEDY)
+    cache = make_cache()
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, cache=cache) as llm:
+        llm.chat(a, max_tokens=4, **GREEDY)
+        llm.chat(b, max_tokens=4, **GREEDY)
+        assert len(cache) == 2
+        llm.context.perf_reset()
+        cached = llm.chat(a, max_tokens=6, **GREEDY)
+        n_p_eval = llm.context.perf()["n_p_eval"]
+    usage = cached["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+    assert uncached["usage"]["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"] // 2
+    assert n_p_eval == 1  # only the last prompt token, for its logits
+    assert cached["choices"][0]["message"] == uncached["choices"][0]["message"]
+    if kind == "disk":  # a restart: a new cache object over the same directory
+        with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, cache=make_cache()) as again:
+            out = again.chat(b, max_tokens=4, **GREEDY)
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"] - 1
+
+
+def test_ram_cache_capacity_evicts_oldest() -> None:
+    cache = pyllama.RAMCache(capacity_bytes=250)
+    for i in range(4):
+        cache.store(pyllama.LlamaState((i, i + 1), bytes(100), "fp"))
+    assert len(cache) == 2 and cache.size_bytes == 200
+    assert cache.lookup([0, 1, 2], "fp") is None  # the first two were evicted
+    found = cache.lookup([3, 4, 9], "fp")
+    assert found is not None and found[1] == 2
+    assert cache.lookup([3, 4], "other") is None
+
+
+# --- context guard and truncation -----------------------------------------------------------
+
+
+def test_complete_truncates_on_request(llm: Any) -> None:
+    prompt = "one two three four five six seven " * 80
+    tokens = llm.tokenize(prompt)
+    assert len(tokens) + 16 > llm.n_ctx()
+    with pytest.raises(ValueError, match="context holds 512"):
+        llm.complete(prompt, max_tokens=16)
+    out = llm.complete(prompt, max_tokens=16, truncate=True, **GREEDY)
+    room = llm.n_ctx() - 16
+    assert out["usage"]["prompt_tokens"] == room
+    kept = llm._generator.tokens[:room]
+    head = tokens[:1] if tokens[0] == llm.model.token_bos else []
+    assert kept == head + tokens[len(tokens) - (room - len(head)) :]
+
+
+def test_chat_truncates_oldest_turns(llm: Any) -> None:
+    system = {"role": "system", "content": "Be brief."}
+    old = [{"role": "user", "content": "story " * 150}, {"role": "assistant", "content": "ok " * 100}]
+    last = {"role": "user", "content": "What now?"}
+    messages = [system, *old, last]
+    with pytest.raises(ValueError, match="exceed the context"):
+        llm.chat(messages, max_tokens=300)
+    out = llm.chat(messages, max_tokens=300, truncate=True, **GREEDY)
+    expected = llm.chat_template.apply([system, last]).prompt
+    n = len(llm.model.tokenize(expected, add_special=True, parse_special=True))
+    assert out["usage"]["prompt_tokens"] == n
+    with pytest.raises(ValueError, match="does not fit"):
+        llm.chat([system, {"role": "user", "content": "long " * 600}], max_tokens=16, truncate=True)
+
+
+# --- prefill --------------------------------------------------------------------------------
+
+
+def test_final_assistant_message_is_continued(llm: Any) -> None:
+    messages = [{"role": "user", "content": "Write a haiku"}, {"role": "assistant", "content": "Autumn leaves"}]
+    out = llm.chat(messages, max_tokens=6, **GREEDY)
+    # the prompt is the conversation up to the reply's start, then the prefill, unclosed
+    expected = llm.chat_template.apply(messages[:1]).prompt + "Autumn leaves"
+    n = len(llm.model.tokenize(expected, add_special=True, parse_special=True))
+    assert out["usage"]["prompt_tokens"] == n
+    assert llm._generator.tokens[:n] == list(llm.model.tokenize(expected, add_special=True, parse_special=True))
+    # the reply is what the model added, streamed or not
+    chunks = list(llm.chat(messages, max_tokens=6, stream=True, **GREEDY))
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == out["choices"][0]["message"]["content"]
+    assert not streamed.startswith("Autumn leaves")
+    closed = llm.chat(messages, max_tokens=2, continue_final_message=False, **GREEDY)
+    assert closed["usage"]["prompt_tokens"] > n  # a closed message and a new reply's header
+
+
+# --- fill in the middle ---------------------------------------------------------------------
+
+
+def test_suffix_builds_the_fim_prompt(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "coder.gguf", vocab="starcoder", name="tiny-coder")
+    with pyllama.Llama(path, n_ctx=256, n_threads=1) as llm:
+        m = llm.model
+        out = llm.complete("def add(a, b):\n", suffix="\n    return c\n", max_tokens=4, **GREEDY)
+        expected = [m.token_fim_pre, *m.tokenize("def add(a, b):\n", add_special=False), m.token_fim_suf]
+        expected += [*m.tokenize("\n    return c\n", add_special=False), m.token_fim_mid]
+        assert out["usage"]["prompt_tokens"] == len(expected)
+        assert llm._generator.tokens[: len(expected)] == expected
+        # the first token is the argmax of a fresh evaluation of that prompt
+        with pyllama.Context(m, n_ctx=256, n_threads=1) as ctx:
+            ctx.decode(pyllama.Batch.from_tokens(expected))
+            first = int(np.argmax(ctx.logits()))
+        assert out["usage"]["completion_tokens"] >= 1
+        assert llm._generator.tokens[len(expected)] == first
+    with pyllama.Llama(write_tiny_llama(tmp_path / "plain.gguf"), n_ctx=128, n_threads=1) as plain:
+        with pytest.raises(ValueError, match="fill-in-the-middle"):
+            plain.complete("a", suffix="b")
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+
+def _token_embeddings(model: pyllama.Model, tokens: list[int]) -> np.ndarray:
+    with pyllama.Context(
+        model, n_ctx=256, n_batch=256, n_ubatch=256, n_threads=1, embeddings=True, pooling_type="none"
+    ) as ctx:
+        batch = pyllama.Batch()
+        for i, t in enumerate(tokens):
+            batch.add(t, i, 0, True)
+        ctx.decode(batch)
+        return np.stack([ctx.embeddings(i) for i in range(len(tokens))])
+
+
+def test_embed_is_the_mean_of_token_embeddings(tiny_model_path: Path) -> None:
+    texts = ["hello world", "a longer sentence about the weather"]
+    with pyllama.Llama(tiny_model_path, n_ctx=256, n_threads=1) as llm:
+        got = llm.embed(texts)
+        raw = llm.embed(texts, normalize=False)
+        truth = [_token_embeddings(llm.model, llm.tokenize(t)).mean(axis=0) for t in texts]
+        assert got.shape == (2, llm.model.n_embd) and got.dtype == np.float32
+        np.testing.assert_allclose(raw, np.stack(truth), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+        resp = llm.create_embedding(texts)
+        assert [d["index"] for d in resp["data"]] == [0, 1]
+        np.testing.assert_allclose(np.array(resp["data"][1]["embedding"]), got[1], rtol=1e-6)
+        with pytest.raises(ValueError, match="truncate=True"):
+            llm.embed("word " * 400)
+        assert llm.embed("word " * 400, truncate=True).shape == (1, llm.model.n_embd)
+    with pyllama.Llama(tiny_model_path, n_ctx=256, n_threads=1, pooling_type="last") as last:
+        tokens = last.tokenize(texts[1])
+        truth_last = _token_embeddings(last.model, tokens)[-1]
+        np.testing.assert_allclose(last.embed(texts[1], normalize=False)[0], truth_last, rtol=1e-4, atol=1e-5)
+
+
+# --- threads --------------------------------------------------------------------------------
+
+
+def test_eight_threads_on_one_llama(llm: Any) -> None:
+    prompts = [f"Thread {i} says" for i in range(8)]
+    solo = {p: llm.complete(p, max_tokens=6, **GREEDY)["choices"][0]["text"] for p in prompts}
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def work(p: str, i: int) -> None:
+        try:
+            if i % 2:
+                chunks = list(llm.complete(p, max_tokens=6, stream=True, **GREEDY))
+                results[p] = "".join(c["choices"][0]["text"] for c in chunks)
+            else:
+                results[p] = llm.complete(p, max_tokens=6, **GREEDY)["choices"][0]["text"]
+            llm.chat([{"role": "user", "content": p}], max_tokens=3)
+            llm.tokenize(p)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p, i)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert results == solo
+
+
+# --- the real model -------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_gemma_greedy_complete_equals_the_argmax_loop(gemma_path: Path) -> None:
+    prompt, n = "The capital of France is", 24
+    with pyllama.Llama(gemma_path, n_ctx=256, n_threads=2) as llm:
+        out = llm.complete(prompt, max_tokens=n, ignore_eos=True, **GREEDY)
+        got = list(llm._generator.tokens)
+        tokens = llm.tokenize(prompt)
+        with pyllama.Context(llm.model, n_ctx=256, n_threads=2) as ctx:
+            ctx.decode(pyllama.Batch.from_tokens(tokens))
+            loop = list(tokens)
+            for _ in range(n):
+                tok = int(np.argmax(ctx.logits()))
+                loop.append(tok)
+                ctx.decode(pyllama.Batch.from_tokens([tok], pos0=len(loop) - 1))
+    assert out["usage"]["completion_tokens"] == n
+    # the Generator holds every token but the last sampled one
+    assert got == loop[: len(got)] and len(got) == len(loop) - 1
+    assert out["choices"][0]["text"] == llm_text(gemma_path, loop[len(tokens) :])
+
+
+def llm_text(path: Path, tokens: list[int]) -> str:
+    model = pyllama.Model(str(path), vocab_only=True)
+    return str(model.detokenize(tokens))
