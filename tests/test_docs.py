@@ -33,3 +33,18 @@ def test_chat_walkthrough_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert out[0] == "True True"
     assert out[2].startswith("Let me check. {'name': 'get_weather'")
     assert out[-1] == "{'city': 'Paris'}"
+
+
+def test_llama_walkthrough_runs(
+    tiny_chat_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (DOCS / "llama.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    (tmp_path / "model.gguf").symlink_to(tiny_chat_model_path)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.group(1), "docs/llama.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    first = out[0].split()
+    assert first[0] == "chat.completion" and first[1] in ("stop", "length") and 0 < int(first[2]) <= 16
+    assert out[1:] == ["True", "assistant True", "True"]
