@@ -281,3 +281,34 @@ def test_an_explicit_n_ctx_is_used_as_given(tiny_chat_model_path: Path) -> None:
     ):
         assert default.n_ctx() == default.model.n_ctx_train  # 4096 capped by the 2048-token training context
         assert explicit.n_ctx() == 4096
+
+
+@pytest.mark.parametrize(
+    ("vocab", "template"),
+    [
+        ("llama-bpe", "meta-llama-Llama-3.1-8B-Instruct"),
+        ("llama-spm", "mistralai-Mistral-Nemo-Instruct-2407"),
+        ("qwen2", "Qwen-Qwen3-0.6B"),
+    ],
+)
+def test_other_templates_prompt_and_stream(vocab: str, template: str, tmp_path: Path) -> None:
+    from tiny_models import template_text, write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "m.gguf", vocab=vocab, chat_template=template_text(template))
+    messages = [{"role": "system", "content": "Be brief."}, *ASK]
+    with pyllama.Llama(path, n_ctx=1024, n_threads=1, seed=5) as llm:
+        out = llm.chat(messages, tools=[WEATHER], max_tokens=12, seed=2)
+        prompt = pyllama.ChatTemplate(llm.model).apply(messages, tools=[WEATHER]).prompt
+        expected = list(llm.model.tokenize(prompt, add_special=True, parse_special=True))
+        if len(expected) > 1 and expected[0] == expected[1] == llm.model.token_bos:
+            expected = expected[1:]
+        assert out["usage"]["prompt_tokens"] == len(expected)
+        assert llm._generator.tokens[: len(expected)] == expected
+        chunks = list(llm.chat(messages, tools=[WEATHER], max_tokens=12, seed=2, stream=True))
+        content, calls, finish = _joined(chunks)
+        message = out["choices"][0]["message"]
+        assert content == (message.get("content") or "")
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []
+        ]
+        assert finish == out["choices"][0]["finish_reason"]

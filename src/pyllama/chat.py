@@ -10,8 +10,9 @@ hash, before it is used in process:
 2. a first build and render in a child process, with limits on CPU time, address space and wall
    time: a crash, a kill or a timeout there rejects the template.
 
-Templates that pass are remembered in memory and on disk (under ``$PYLLAMA_CACHE``, by default
-``~/.cache/pyllama``), keyed by the template's sha256 and the engine's version.
+Templates that pass are remembered in memory and on disk (under ``pyllama.models.cache_dir()``:
+``$PYLLAMA_CACHE``, else ``$XDG_CACHE_HOME/pyllama``, else ``~/.cache/pyllama``), keyed by the
+template's sha256 and the engine's version.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ _lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("PYLLAMA_CACHE", Path.home() / ".cache" / "pyllama")) / "vetted-templates"
+    from .models import cache_dir
+
+    return cache_dir() / "vetted-templates"
 
 
 def _key(source: str) -> str:

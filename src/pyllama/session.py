@@ -7,10 +7,9 @@ prefix its context already holds, so a turn costs the new messages only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .llama import Llama
+from .llama import Llama, Stream
 
 __all__ = ["ChatSession"]
 
@@ -75,6 +74,7 @@ class ChatSession:
         the stream ends; a stream stopped early keeps what was generated up to then."""
         turn = [*self.messages, {"role": "user", "content": content}]
         chunks = self.llm.chat(turn, stream=True, **self._kwargs(kwargs))
+        assert isinstance(chunks, Stream)
         message: dict[str, Any] = {"role": "assistant", "content": ""}
         try:
             for chunk in chunks:
@@ -91,10 +91,8 @@ class ChatSession:
                 if delta.get("tool_calls"):
                     message["tool_calls"] = True  # the round's calls are in tool_messages
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-            added = list(getattr(chunks, "tool_messages", []))
+            chunks.close()
+            added = list(chunks.tool_messages)
             if "tool_calls" not in message:
                 added.append(message)
             self.messages = [*turn, *added]
