@@ -16,6 +16,7 @@ except ImportError as _err:  # pragma: no cover - only when the build is missing
         f"The underlying error was: {_err}"
     ) from _err
 
+from . import tools
 from ._core import (
     JSON_GRAMMAR,
     LLAMA_CPP_COMMIT,
@@ -79,5 +80,6 @@ __all__ = [
     "supports_mlock",
     "supports_mmap",
     "system_info",
+    "tools",
     "vet_template",
 ]

@@ -773,7 +773,7 @@ class Llama:
             return Stream(self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta), use)
         gen, text = self._run(tokens, sampler, budget, stops, n_top)
         message = _parse_reply(result, text, meta["id_seed"])
-        finish = "tool_calls" if message.get("tool_calls") else gen.finish_reason
+        finish = _finish_reason(gen.finish_reason, bool(message.get("tool_calls")))
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         if logprobs:
             choice["logprobs"] = {"content": _chat_logprobs(gen, self._model, n_top)}
@@ -811,8 +811,8 @@ class Llama:
             _add_usage(usage, out["usage"])
             message = out["choices"][0]["message"]
             added.append(message)
-            if not message.get("tool_calls"):
-                break
+            if out["choices"][0]["finish_reason"] != "tool_calls":
+                break  # an answer, or a reply cut at max_tokens: its calls may be incomplete
             added.extend(toolbox.call(call) for call in message["tool_calls"])
         out["usage"] = usage
         out["messages"] = added  # what the rounds added to the conversation, ending with the answer
@@ -835,6 +835,7 @@ class Llama:
             calls: dict[int, dict[str, Any]] = {}
             content: list[str] = []
             reasoning: list[str] = []
+            finish = None
             try:
                 for chunk in chunks:
                     yield chunk
@@ -849,9 +850,10 @@ class Llama:
                         fn = tc.get("function") or {}
                         call["function"]["name"] += fn.get("name") or ""
                         call["function"]["arguments"] += fn.get("arguments") or ""
+                    finish = chunk["choices"][0]["finish_reason"] if chunk["choices"] else None
             finally:
                 chunks.close()
-            if not calls or use.cancelled:
+            if not calls or use.cancelled or finish != "tool_calls":
                 return
             message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
             if any(reasoning):
@@ -897,7 +899,7 @@ class Llama:
                     yield chunk(delta)
             except ValueError:
                 pass  # the reply does not parse as the format: what streamed so far stands
-            finish = "tool_calls" if has_calls else (gen.finish_reason or "stop")
+            finish = _finish_reason(gen.finish_reason or "stop", has_calls)
             self._store_in_cache()
         finally:
             self._exit(use)
@@ -1108,6 +1110,14 @@ class Llama:
                 raise
         finally:
             _OWNER.reset(token)
+
+
+def _finish_reason(reason: str, has_calls: bool) -> str:
+    """OpenAI's finish_reason: "length" when max_tokens (or the context) cut the reply, even inside a
+    call, whose arguments may then be incomplete; else "tool_calls" when the reply made calls."""
+    if reason in ("length", "cancelled"):
+        return reason
+    return "tool_calls" if has_calls else reason
 
 
 def _check_sampling(sampling: dict[str, Any]) -> None:
