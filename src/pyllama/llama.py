@@ -773,7 +773,7 @@ class Llama:
             return Stream(self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta), use)
         gen, text = self._run(tokens, sampler, budget, stops, n_top)
         message = _parse_reply(result, text, meta["id_seed"])
-        finish = _finish_reason(gen.finish_reason, bool(message.get("tool_calls")))
+        finish = _finish_reason(gen.finish_reason or "stop", bool(message.get("tool_calls")))
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         if logprobs:
             choice["logprobs"] = {"content": _chat_logprobs(gen, self._model, n_top)}
