@@ -309,3 +309,46 @@ def test_gemma_greedy_complete_equals_the_argmax_loop(gemma_path: Path) -> None:
 def llm_text(path: Path, tokens: list[int]) -> str:
     model = pyllama.Model(str(path), vocab_only=True)
     return str(model.detokenize(tokens))
+
+
+# --- the default context: the training context, fitted to memory ------------------------------
+
+
+def test_fit_n_ctx() -> None:
+    from pyllama.llama import fit_n_ctx
+
+    assert fit_n_ctx(32768, 1000, 1 << 40) == 32768  # everything fits: the training context
+    assert fit_n_ctx(32768, 1000, 10_000 * 1000) == 9984  # what fits, a multiple of 256
+    assert fit_n_ctx(32768, 1000, 0) == 4096  # never below 4096
+    assert fit_n_ctx(2048, 1000, 0) == 2048  # nor above the training context
+
+
+def _state_bytes_per_token(path: Path, n: int) -> float:
+    with pyllama.Model(str(path)) as model, pyllama.Context(model, n_ctx=1024, n_threads=1) as ctx:
+        tokens = [int(t) % 100 + 10 for t in range(2 * n)]
+        ctx.decode(pyllama.Batch.from_tokens(tokens[:n]))
+        small = len(ctx.seq_state_get(0))
+        ctx.decode(pyllama.Batch.from_tokens(tokens[n:], pos0=n))
+        return (len(ctx.seq_state_get(0)) - small) / n
+
+
+def test_kv_estimate_matches_llama_cpp_state(tiny_model_path: Path) -> None:
+    from pyllama.llama import kv_bytes_per_token
+
+    with pyllama.Model(str(tiny_model_path)) as model:
+        estimate = kv_bytes_per_token(model)
+    measured = _state_bytes_per_token(tiny_model_path, 128)  # K and V of each cell, plus its position
+    assert estimate <= measured <= estimate + 16
+
+
+@pytest.mark.real_model
+def test_gemma_default_context_and_kv_estimate(gemma_path: Path) -> None:
+    from pyllama.llama import kv_bytes_per_token
+
+    with pyllama.Model(str(gemma_path)) as model:
+        estimate = kv_bytes_per_token(model)
+        train = int(model.n_ctx_train)
+    measured = _state_bytes_per_token(gemma_path, 128)
+    assert estimate <= measured <= estimate * 1.01
+    with pyllama.Llama(gemma_path, n_threads=2) as llm:  # 0.6 GB of KV fits this machine's memory
+        assert llm.n_ctx() == train

@@ -91,7 +91,54 @@ class _SharedModels:
 
 _MODELS = _SharedModels()
 
-DEFAULT_N_CTX = 4096
+DEFAULT_N_CTX = 4096  # the smallest context the default fit chooses (llama.cpp's fit_params_min_ctx)
+_MARGIN = 1 << 30  # memory left free on a GPU by the default fit, as llama.cpp's fit leaves
+
+
+def _meta_int(model: _core.Model, key: str, default: int) -> int:
+    """An integer of the model's metadata (the largest, for per-layer arrays)."""
+    value = model.metadata.get(f"{model.architecture}.{key}")
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        numbers = [int(x) for x in str(value).strip("[]").replace(",", " ").split() if x.lstrip("-").isdigit()]
+        return max(numbers) if numbers else default
+
+
+def kv_bytes_per_token(model: _core.Model, type_k: str = "f16", type_v: str = "f16") -> int:
+    """An estimate of the KV memory one token of context takes (every layer, K and V)."""
+    n_head = max(1, int(model.n_head))
+    head = int(model.n_embd) // n_head
+    n_kv = _meta_int(model, "attention.head_count_kv", int(model.n_head_kv) or n_head)
+    size = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32}
+    k = _meta_int(model, "attention.key_length", head) * size.get(type_k, 2.0)
+    v = _meta_int(model, "attention.value_length", head) * size.get(type_v, 2.0)
+    return max(1, int(int(model.n_layer) * n_kv * (k + v)))
+
+
+def fit_n_ctx(train_ctx: int, per_token: int, budget: int) -> int:
+    """The default context: the training context, reduced to what ``budget`` bytes of KV memory hold,
+    never below 4096 tokens (or the training context when that is smaller), a multiple of 256."""
+    if train_ctx <= 0:
+        return DEFAULT_N_CTX
+    fits = max(0, budget) // per_token // 256 * 256
+    return min(train_ctx, max(DEFAULT_N_CTX, fits))
+
+
+def _default_n_ctx(model: _core.Model, n_gpu_layers: int, ctx_kwargs: dict[str, Any]) -> int:
+    """llama.cpp's default: the model's training context, fitted to free memory (of the GPUs when the
+    layers go there, else of the host)."""
+    devices = _core.devices()
+    gpus = [d for d in devices if d["type"] != "cpu"]
+    if gpus and n_gpu_layers != 0:
+        budget = sum(int(d["memory_free"]) - _MARGIN for d in gpus) - int(model.size)
+    else:
+        host = sum(int(d["memory_free"]) for d in devices if d["type"] == "cpu")
+        budget = host // 2 - int(model.size)
+    per_token = kv_bytes_per_token(model, str(ctx_kwargs.get("type_k", "f16")), str(ctx_kwargs.get("type_v", "f16")))
+    return fit_n_ctx(int(model.n_ctx_train), per_token, budget)
 
 # The sampling keywords of the OpenAI API (and llama-cpp-python) that map onto pyllama.Sampler's.
 _SAMPLING_KEYS = (
@@ -247,8 +294,8 @@ class Llama:
     verbose=False, use_mmap=None, use_mlock=False, main_gpu=0, split_mode="layer", tensor_split=None,
     kv_overrides=None, progress=None, **context_params)``
 
-    ``n_ctx=0`` takes the model's training context; the default (None) is 4096, or the training
-    context when that is smaller; any other value is used as given. ``n_gpu_layers=-1`` offloads
+    ``n_ctx=0`` takes the model's training context; the default (None) is llama.cpp's: the training
+    context, reduced to fit free memory (never below 4096 tokens); any other value is used as given. ``n_gpu_layers=-1`` offloads
     every layer where a GPU backend exists.
     ``chat_template`` overrides the model's template (Jinja source, "chatml" or a built-in name).
     ``cache`` (a ``pyllama.RAMCache`` or ``pyllama.DiskCache``) keeps prompt states beyond the one
@@ -307,7 +354,7 @@ class Llama:
         try:
             train_ctx = int(self._model.n_ctx_train)
             if n_ctx is None:
-                n_ctx = min(DEFAULT_N_CTX, train_ctx) if train_ctx > 0 else DEFAULT_N_CTX
+                n_ctx = _default_n_ctx(self._model, n_gpu_layers, context_params)
             elif n_ctx == 0:
                 n_ctx = train_ctx
             elif n_ctx < 0:
