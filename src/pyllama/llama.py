@@ -295,8 +295,8 @@ class Llama:
     kv_overrides=None, progress=None, **context_params)``
 
     ``n_ctx=0`` takes the model's training context; the default (None) is llama.cpp's: the training
-    context, reduced to fit free memory (never below 4096 tokens); any other value is used as given. ``n_gpu_layers=-1`` offloads
-    every layer where a GPU backend exists.
+    context, reduced to fit free memory (never below 4096 tokens); any other value is used as given.
+    ``n_gpu_layers=-1`` offloads every layer where a GPU backend exists.
     ``chat_template`` overrides the model's template (Jinja source, "chatml" or a built-in name).
     ``cache`` (a ``pyllama.RAMCache`` or ``pyllama.DiskCache``) keeps prompt states beyond the one
     the context holds. Two Llamas over the same file with the same load options share one loaded
