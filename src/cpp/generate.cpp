@@ -3,6 +3,8 @@
 // they may still match, end-of-generation tokens and max_tokens. Python receives finished pieces;
 // the GIL is released while the loop runs.
 
+#include "generate.h"
+
 #include "model.h"
 #include "pyllama.h"
 
@@ -20,10 +22,6 @@
 
 namespace pyllama {
 
-namespace {
-
-// How many bytes at the end of `s` (from `from`) are an incomplete but possibly valid UTF-8
-// character, which the next token may complete.
 size_t incomplete_utf8_tail(const std::string & s, size_t from) {
     const size_t n = s.size();
     for (size_t back = 1; back <= 3 && back <= n - from; ++back) {
@@ -45,14 +43,95 @@ py::str utf8_lenient(const std::string & s) {
     return py::reinterpret_steal<py::str>(o);
 }
 
-struct token_logprob {
-    llama_token                                token;
-    std::string                                piece;
-    float                                      logprob;
-    std::vector<std::pair<llama_token, float>> top;
-};
+token_logprob logprob_of(llama_context * ctx, int32_t j, const llama_vocab * vocab, llama_token tok, int32_t n_top) {
+    const float * logits = llama_get_logits_ith(ctx, j);
+    const int32_t n      = llama_vocab_n_tokens(vocab);
+    float         mx     = -INFINITY;
+    for (int32_t i = 0; i < n; ++i) {
+        mx = std::max(mx, logits[i]);
+    }
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - mx));
+    }
+    const float   lse = mx + static_cast<float>(std::log(sum));
+    token_logprob lp{ tok, {}, logits[tok] - lse, {} };
+    if (n_top > 0) {
+        std::vector<int32_t> idx(n);
+        for (int32_t i = 0; i < n; ++i) {
+            idx[i] = i;
+        }
+        const int32_t k = std::min(n_top, n);
+        std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                          [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+        for (int32_t i = 0; i < k; ++i) {
+            lp.top.emplace_back(idx[i], logits[idx[i]] - lse);
+        }
+    }
+    return lp;
+}
 
-}  // namespace
+generated_text::generated_text(const std::vector<std::string> & stop) : stop_(stop) {
+    for (const auto & s : stop_) {
+        if (s.empty()) {
+            throw std::invalid_argument("stop strings must not be empty");
+        }
+        max_stop_ = std::max(max_stop_, s.size());
+    }
+}
+
+std::string generated_text::append(const llama_vocab * vocab, llama_token tok, bool special) {
+    char    buf[256];
+    int32_t n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, special);
+    if (n < 0) {
+        std::string big(static_cast<size_t>(-n), '\0');
+        n = llama_token_to_piece(vocab, tok, big.data(), -n, 0, special);
+        big.resize(std::max(0, n));
+        text_ += big;
+        return big;
+    }
+    text_.append(buf, n);
+    return std::string(buf, n);
+}
+
+bool generated_text::check_stop() {
+    if (max_stop_ == 0) {
+        return false;
+    }
+    const size_t from  = scanned_ > max_stop_ ? scanned_ - max_stop_ : 0;
+    size_t       first = std::string::npos;
+    for (const auto & s : stop_) {
+        first = std::min(first, text_.find(s, from));
+    }
+    scanned_ = text_.size();
+    if (first != std::string::npos) {
+        text_.resize(first);
+        return true;
+    }
+    return false;
+}
+
+std::string generated_text::release(bool all) {
+    size_t end = text_.size();
+    if (!all) {
+        end -= incomplete_utf8_tail(text_, released_);
+        for (const auto & s : stop_) {
+            // the longest tail of the text that begins this stop string
+            for (size_t k = std::min(s.size() - 1, end - released_); k > 0; --k) {
+                if (text_.compare(end - k, k, s, 0, k) == 0) {
+                    end -= k;
+                    break;
+                }
+            }
+        }
+    }
+    if (end <= released_) {
+        return {};
+    }
+    std::string out = text_.substr(released_, end - released_);
+    released_       = end;
+    return out;
+}
 
 // The KV memory of sequence 0 of one Context and the tokens it holds, so that each call evaluates
 // only what follows the longest common prefix with what is cached.
@@ -135,13 +214,6 @@ class Generator {
     uint64_t                 generation_ = 0;
 };
 
-struct generation_options {
-    int32_t                  max_tokens = -1;  // < 0: until the context is full
-    std::vector<std::string> stop;
-    int32_t                  logprobs   = -1;  // < 0: none; else the number of alternatives per token
-    bool                     ignore_eos = false;
-};
-
 // One generation: next() runs the loop until a piece of text is ready.
 class Generation {
   public:
@@ -149,13 +221,11 @@ class Generation {
                std::shared_ptr<Sampler>   sampler,
                std::vector<llama_token>   prompt,
                generation_options         opt) :
-        gen_(std::move(gen)), sampler_(std::move(sampler)), prompt_(std::move(prompt)), opt_(std::move(opt)) {
-        for (const auto & s : opt_.stop) {
-            if (s.empty()) {
-                throw std::invalid_argument("stop strings must not be empty");
-            }
-            max_stop_ = std::max(max_stop_, s.size());
-        }
+        gen_(std::move(gen)),
+        sampler_(std::move(sampler)),
+        prompt_(std::move(prompt)),
+        opt_(std::move(opt)),
+        text_(opt_.stop) {
         id_ = gen_->begin();
         if (opt_.max_tokens == 0) {
             finish("length");  // nothing to generate, nothing to evaluate
@@ -175,12 +245,12 @@ class Generation {
                 break;
             }
             step();
-            std::string out = release(false);
+            std::string out = text_.release(false);
             if (!out.empty()) {
                 return out;
             }
         }
-        return release(true);
+        return text_.release(true);
     }
 
     // The whole generation at once. Call without the GIL.
@@ -202,7 +272,6 @@ class Generation {
     size_t                             n_reused() const { return n_reused_; }
     const std::vector<llama_token> &   completion() const { return completion_; }
     const std::vector<token_logprob> & logprobs() const { return logprobs_; }
-    size_t                             n_text_tokens() const { return n_text_tokens_; }
 
   private:
     void finish(const char * reason) {
@@ -223,7 +292,8 @@ class Generation {
         const uint32_t n_ctx = llama_n_ctx(ctx.acquire().ctx);
         llama_token    tok   = sampler_->sample(ctx, -1);
         if (opt_.logprobs >= 0) {
-            record_logprob(tok);
+            auto u = ctx.acquire();
+            logprobs_.push_back(logprob_of(u.ctx, -1, vocab, tok, opt_.logprobs));
         }
         sampler_->accept(tok, true);
         if (!opt_.ignore_eos && llama_vocab_is_eog(vocab, tok)) {
@@ -234,20 +304,13 @@ class Generation {
             return;
         }
         completion_.push_back(tok);
-        const bool special = sampler_->preserves(tok);
-        char       buf[256];
-        int32_t    n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, special);
-        if (n < 0) {
-            std::string big(static_cast<size_t>(-n), '\0');
-            n = llama_token_to_piece(vocab, tok, big.data(), -n, 0, special);
-            text_.append(big.data(), std::max(0, n));
-        } else {
-            text_.append(buf, n);
-        }
+        std::string piece = text_.append(vocab, tok, sampler_->preserves(tok));
         if (opt_.logprobs >= 0) {
-            logprobs_.back().piece.assign(text_.end() - std::max(0, n), text_.end());
+            logprobs_.back().piece = std::move(piece);
         }
-        check_stop();
+        if (text_.check_stop()) {
+            finish("stop");
+        }
         if (opt_.max_tokens >= 0 && completion_.size() >= static_cast<size_t>(opt_.max_tokens)) {
             finish("length");
         } else if (gen_->tokens().size() + 1 >= n_ctx) {
@@ -255,91 +318,16 @@ class Generation {
         }
     }
 
-    void check_stop() {
-        if (max_stop_ == 0) {
-            return;
-        }
-        const size_t from  = scanned_ > max_stop_ ? scanned_ - max_stop_ : 0;
-        size_t       first = std::string::npos;
-        for (const auto & s : opt_.stop) {
-            const size_t at = text_.find(s, from);
-            first           = std::min(first, at);
-        }
-        scanned_ = text_.size();
-        if (first != std::string::npos) {
-            text_.resize(first);
-            finish("stop");
-        }
-    }
-
-    // The text that can go out now: complete UTF-8, and not what may still become a stop string.
-    std::string release(bool all) {
-        size_t end = text_.size();
-        if (!all) {
-            end -= incomplete_utf8_tail(text_, released_);
-            for (const auto & s : opt_.stop) {
-                // the longest tail of the text that begins this stop string
-                for (size_t k = std::min(s.size() - 1, end - released_); k > 0; --k) {
-                    if (text_.compare(end - k, k, s, 0, k) == 0) {
-                        end -= k;
-                        break;
-                    }
-                }
-            }
-        }
-        if (end <= released_) {
-            return {};
-        }
-        std::string out = text_.substr(released_, end - released_);
-        released_       = end;
-        n_text_tokens_  = completion_.size();
-        return out;
-    }
-
-    // OpenAI's logprobs: the log-softmax of the raw logits, before any sampler.
-    void record_logprob(llama_token tok) {
-        auto          u      = gen_->context().acquire();
-        const float * logits = llama_get_logits_ith(u.ctx, -1);
-        const int32_t n      = llama_vocab_n_tokens(llama_model_get_vocab(gen_->context().model()));
-        float         mx     = -INFINITY;
-        for (int32_t i = 0; i < n; ++i) {
-            mx = std::max(mx, logits[i]);
-        }
-        double sum = 0.0;
-        for (int32_t i = 0; i < n; ++i) {
-            sum += std::exp(static_cast<double>(logits[i] - mx));
-        }
-        const float   lse = mx + static_cast<float>(std::log(sum));
-        token_logprob lp{ tok, {}, logits[tok] - lse, {} };
-        if (opt_.logprobs > 0) {
-            std::vector<int32_t> idx(n);
-            for (int32_t i = 0; i < n; ++i) {
-                idx[i] = i;
-            }
-            const int32_t k = std::min(opt_.logprobs, n);
-            std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                              [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-            for (int32_t i = 0; i < k; ++i) {
-                lp.top.emplace_back(idx[i], logits[idx[i]] - lse);
-            }
-        }
-        logprobs_.push_back(std::move(lp));
-    }
-
     std::shared_ptr<Generator> gen_;
     std::shared_ptr<Sampler>   sampler_;
     std::vector<llama_token>   prompt_;
     generation_options         opt_;
-    uint64_t                   id_       = 0;
-    size_t                     max_stop_ = 0;
+    generated_text             text_;
+    uint64_t                   id_ = 0;
 
     bool                       started_  = false;
     size_t                     n_reused_ = 0;
     std::vector<llama_token>   completion_;
-    std::string                text_;
-    size_t                     released_      = 0;
-    size_t                     scanned_       = 0;
-    size_t                     n_text_tokens_ = 0;
     std::string                finish_reason_;
     std::vector<token_logprob> logprobs_;
     std::atomic<bool>          cancelled_{ false };
@@ -389,8 +377,7 @@ evaluates only what follows the longest common prefix with them.
                 }
                 g.tokens().clear();
                 throw std::invalid_argument("sequence 0 holds " + std::to_string(n) + " positions, not the " +
-                                            std::to_string(tokens.size()) +
-                                            " tokens given (sequence 0 was cleared)");
+                                            std::to_string(tokens.size()) + " tokens given (sequence 0 was cleared)");
             }
             g.tokens() = std::move(tokens);
         },

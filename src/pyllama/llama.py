@@ -30,6 +30,9 @@ from .chat import ChatTemplate
 
 __all__ = ["AsyncStream", "Llama", "Stream"]
 
+# a generation in progress: the token loop's (n_parallel=1) or a request to the batching engine
+_Gen = _core.Generation | _core.EngineRequest
+
 # Options of a model load: two Llamas over the same file with the same options share the loaded model.
 _MODEL_OPTIONS = (
     "n_gpu_layers",
@@ -140,6 +143,7 @@ def _default_n_ctx(model: _core.Model, n_gpu_layers: int, ctx_kwargs: dict[str, 
     per_token = kv_bytes_per_token(model, str(ctx_kwargs.get("type_k", "f16")), str(ctx_kwargs.get("type_v", "f16")))
     return fit_n_ctx(int(model.n_ctx_train), per_token, budget)
 
+
 # The sampling keywords of the OpenAI API (and llama-cpp-python) that map onto pyllama.Sampler's.
 _SAMPLING_KEYS = (
     "temperature",
@@ -193,14 +197,14 @@ class _Use:
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
-        self.generation: _core.Generation | None = None
+        self.generation: _Gen | None = None
         self.cancelled = False
         self.abandoned = False
         self.running = False
         self.linked: list[_Use] = []  # the uses a multi-round stream runs on behalf of this one
         self.added: list[dict[str, Any]] = []  # the tool rounds' messages of a run_tools stream
 
-    def attach(self, gen: _core.Generation) -> None:
+    def attach(self, gen: _Gen) -> None:
         self.generation = gen
         if self.cancelled:
             gen.cancel()
@@ -327,9 +331,13 @@ class Llama:
         tensor_split: Sequence[float] | None = None,
         kv_overrides: dict[str, bool | int | float | str] | None = None,
         progress: Callable[[float], bool | None] | None = None,
+        n_parallel: int = 1,
         **context_params: Any,
     ) -> None:
         self._closed = True
+        if n_parallel < 1:
+            raise ValueError("n_parallel must be >= 1")
+        self.n_parallel = n_parallel
         if verbose:
             from ._logging import set_log_level
 
@@ -365,12 +373,19 @@ class Llama:
             if flash_attn is not None:
                 ctx_kwargs["flash_attn"] = flash_attn
             ctx_kwargs.update(context_params)
+            if n_parallel > 1:
+                if cache is not None:
+                    raise ValueError("cache needs n_parallel=1 (each parallel sequence keeps its own prefix)")
+                ctx_kwargs.setdefault("n_seq_max", n_parallel)
             self._ctx_kwargs = ctx_kwargs
             self._ctx = _core.Context(self._model, **ctx_kwargs)
+            # n_parallel > 1: calls run at once, batched by the C++ engine's worker thread
+            self._engine = _core.Engine(self._ctx, n_parallel) if n_parallel > 1 else None
         except BaseException:
             _MODELS.release(self._model_key)
             raise
         self._closed = False
+        self._embed_lock = threading.Lock()
         self._generator = _core.Generator(self._ctx)
         self._embedding = embedding
         self._pooling_type = pooling_type
@@ -462,15 +477,27 @@ class Llama:
         return str(self._model.detokenize(list(tokens), unparse_special=special))
 
     def close(self) -> None:
-        """Free the context now, and the model unless another Llama shares it. Idempotent."""
-        with self._lock:
+        """Free the context now, and the model unless another Llama shares it. Idempotent. Calls in
+        progress on other threads end with an error; a stream this thread abandoned is closed."""
+        if self._closed:
+            return
+        use = _Use(_owner())
+        if self._engine is None:
+            self._acquire(use)
+        try:
             if self._closed:
                 return
             self._closed = True
+            if self._engine is not None:
+                self._engine.close()
+            with self._embed_lock:
+                if self._embed_ctx is not None:
+                    self._embed_ctx.close()
             self._ctx.close()
-            if self._embed_ctx is not None:
-                self._embed_ctx.close()
             _MODELS.release(self._model_key)
+        finally:
+            if self._engine is None:
+                self._exit(use)
 
     @property
     def closed(self) -> bool:
@@ -479,6 +506,8 @@ class Llama:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and getattr(self, "_model_key", None) is not None:
             try:
+                if self._engine is not None:
+                    self._engine.close()
                 self._ctx.close()
                 if self._embed_ctx is not None:
                     self._embed_ctx.close()
@@ -496,7 +525,17 @@ class Llama:
     # --- the shared machinery -----------------------------------------------------------------
 
     def _enter(self, use: _Use) -> None:
-        """Wait for the Llama (calls are serialised), taking it over from an abandoned stream."""
+        """Wait for the Llama (calls are serialised), taking it over from an abandoned stream. With
+        n_parallel > 1 calls do not wait: the engine batches them."""
+        if self._engine is not None:
+            self._check_open()
+            return
+        self._acquire(use)
+        if self._closed:
+            self._exit(use)
+            raise ValueError("this Llama is closed")
+
+    def _acquire(self, use: _Use) -> None:
         while not self._lock.acquire(timeout=0.02):
             with self._state:
                 active = self._active
@@ -507,11 +546,10 @@ class Llama:
                     self._lock.release()
         with self._state:
             self._active = use
-        if self._closed:
-            self._exit(use)
-            raise ValueError("this Llama is closed")
 
     def _exit(self, use: _Use) -> None:
+        if self._engine is not None:
+            return
         with self._state:
             if self._active is use and not use.abandoned:
                 self._active = None
@@ -526,11 +564,17 @@ class Llama:
         stops: list[str],
         n_top: int,
         ignore_eos: bool = False,
-    ) -> _core.Generation:
-        self._restore_from_cache(tokens)
-        gen = self._generator.generate(
-            tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
-        )
+    ) -> _Gen:
+        gen: _Gen
+        if self._engine is not None:
+            gen = self._engine.submit(
+                tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
+            )
+        else:
+            self._restore_from_cache(tokens)
+            gen = self._generator.generate(
+                tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
+            )
         use.attach(gen)
         handle = _HANDLE.get()
         if handle is not None:
@@ -545,7 +589,7 @@ class Llama:
         stops: list[str],
         n_top: int,
         ignore_eos: bool = False,
-    ) -> tuple[_core.Generation, str]:
+    ) -> tuple[_Gen, str]:
         use = _Use(_owner())
         self._enter(use)
         try:
@@ -590,7 +634,7 @@ class Llama:
                 self._generator.reset()
 
     def _store_in_cache(self) -> None:
-        if self._cache is None or not self._generator.tokens:
+        if self._cache is None or self._engine is not None or not self._generator.tokens:
             return
         try:
             self._cache.store(self._snapshot())
@@ -601,6 +645,8 @@ class Llama:
         """The tokens the context holds and their KV memory, as a ``LlamaState`` (also written to
         ``path`` when given). ``load_state`` puts it back, here or in a new Llama with the same model
         and context settings, so that a prompt starting with those tokens evaluates only the rest."""
+        if self._engine is not None:
+            raise ValueError("save_state needs n_parallel=1")
         use = _Use(_owner())
         self._enter(use)
         try:
@@ -614,6 +660,8 @@ class Llama:
     def load_state(self, state: LlamaState | str | os.PathLike[str]) -> None:
         """Restore a state from ``save_state`` (or the path it was saved to). Raises ValueError for a
         state of another model or context settings, and leaves the context empty then."""
+        if self._engine is not None:
+            raise ValueError("load_state needs n_parallel=1")
         if not isinstance(state, LlamaState):
             state = LlamaState.load(state)
         use = _Use(_owner())
@@ -647,8 +695,12 @@ class Llama:
             tokens = tokens[1:]  # the template wrote the BOS already
         return tokens
 
+    def _n_ctx_seq(self) -> int:
+        """The tokens one call can use: the context, or with n_parallel > 1 one sequence's share."""
+        return int(self._engine.n_ctx_seq) if self._engine is not None else self.n_ctx()
+
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
-        n_ctx = self.n_ctx()
+        n_ctx = self._n_ctx_seq()
         if n_prompt >= n_ctx:
             raise ValueError(f"the prompt has {n_prompt} tokens and the context holds {n_ctx}")
         if max_tokens is None or max_tokens < 0:
@@ -661,7 +713,7 @@ class Llama:
 
     def _room(self, max_tokens: int | None) -> int:
         """How many prompt tokens fit when the prompt is truncated for ``max_tokens``."""
-        n_ctx = self.n_ctx()
+        n_ctx = self._n_ctx_seq()
         reserve = max_tokens if max_tokens is not None and max_tokens >= 0 else min(n_ctx // 4, 1024)
         return max(1, n_ctx - max(reserve, 1))
 
@@ -1079,9 +1131,8 @@ class Llama:
         texts = [input] if isinstance(input, str) else list(input)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("input must be a str or a list of str")
-        use = _Use(_owner())
-        self._enter(use)
-        try:
+        with self._embed_lock:  # the embedding context is apart from the chat context
+            self._check_open()
             ctx = self._embedding_context()
             out = np.empty((len(texts), ctx.n_embd), dtype=np.float32)
             encode = not self._model.has_decoder
@@ -1103,8 +1154,6 @@ class Llama:
                 else:
                     ctx.decode(batch)
                 out[i] = ctx.embeddings_seq(0)
-        finally:
-            self._exit(use)
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out = (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
@@ -1202,7 +1251,7 @@ def _parse_reply(result: _core.ChatResult, text: str, id_seed: int) -> dict[str,
         return {"role": "assistant", "content": text}
 
 
-def _usage(gen: _core.Generation) -> dict[str, Any]:
+def _usage(gen: _Gen) -> dict[str, Any]:
     return {
         "prompt_tokens": gen.n_prompt,
         "completion_tokens": gen.n_completion,
@@ -1211,7 +1260,7 @@ def _usage(gen: _core.Generation) -> dict[str, Any]:
     }
 
 
-def _chat_logprobs(gen: _core.Generation, model: _core.Model, n_top: int) -> list[dict[str, Any]]:
+def _chat_logprobs(gen: _Gen, model: _core.Model, n_top: int) -> list[dict[str, Any]]:
     out = []
     for _tok, piece, lp, top in gen.logprobs:
         alts = None
@@ -1221,7 +1270,7 @@ def _chat_logprobs(gen: _core.Generation, model: _core.Model, n_top: int) -> lis
     return out
 
 
-def _completion_logprobs(gen: _core.Generation, model: _core.Model, offset: int) -> dict[str, Any]:
+def _completion_logprobs(gen: _Gen, model: _core.Model, offset: int) -> dict[str, Any]:
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     pos = offset
     for _tok, piece, lp, top in gen.logprobs:
