@@ -468,8 +468,8 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
     in.add_generation_prompt = add_generation_prompt;
     if (!continue_final_message.is_none()) {
         if (py::isinstance<py::bool_>(continue_final_message)) {
-            in.continue_final_message = continue_final_message.cast<bool>() ? COMMON_CHAT_CONTINUATION_AUTO :
-                                                                              COMMON_CHAT_CONTINUATION_NONE;
+            in.continue_final_message =
+                continue_final_message.cast<bool>() ? COMMON_CHAT_CONTINUATION_AUTO : COMMON_CHAT_CONTINUATION_NONE;
         } else if (py::isinstance<py::str>(continue_final_message)) {
             const auto v = continue_final_message.cast<std::string>();
             if (v != "content" && v != "reasoning_content") {
