@@ -463,6 +463,9 @@ class Llama:
         return int(self._ctx.n_ctx)
 
     def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._tokenize(text, add_special, parse_special)
+
+    def _tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
         self._check_open()
         if isinstance(text, bytes):
             text = text.decode("utf-8")
@@ -473,6 +476,9 @@ class Llama:
             raise ValueError("this Llama is closed")
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return self._detokenize(tokens, special)
+
+    def _detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         self._check_open()
         return str(self._model.detokenize(list(tokens), unparse_special=special))
 
@@ -689,7 +695,7 @@ class Llama:
         return _core.Sampler(self._model, **params)
 
     def _prompt_tokens(self, prompt: str) -> list[int]:
-        tokens = self.tokenize(prompt, add_special=True, parse_special=True)
+        tokens = self._tokenize(prompt, add_special=True, parse_special=True)
         bos = self._model.token_bos
         if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
             tokens = tokens[1:]  # the template wrote the BOS already
@@ -1036,18 +1042,18 @@ class Llama:
             tokens = self._infill_tokens(prompt, suffix)
             prompt_text = prompt
         elif isinstance(prompt, str):
-            tokens = self.tokenize(prompt, add_special=True, parse_special=False)
+            tokens = self._tokenize(prompt, add_special=True, parse_special=False)
             prompt_text = prompt
         else:
             tokens = [int(t) for t in prompt]
-            prompt_text = self.detokenize(tokens)
+            prompt_text = self._detokenize(tokens, special=True)
         if truncate and len(tokens) > self._room(max_tokens):
             room = self._room(max_tokens)
             bos = self._model.token_bos
             head = tokens[:1] if tokens and tokens[0] == bos else []
             tokens = head + tokens[len(tokens) - (room - len(head)) :]
             if suffix is None:
-                prompt_text = self.detokenize(tokens)
+                prompt_text = self._detokenize(tokens, special=True)
         budget = self._budget(len(tokens), max_tokens)
         sampler = self._sampler(
             None, seed, {**sampling, "logit_bias": logit_bias, "grammar": grammar, "json_schema": json_schema}
@@ -1080,11 +1086,15 @@ class Llama:
                     self._store_in_cache()
                 finally:
                     self._exit(use)
-                yield shape("", gen.finish_reason or "stop", {"usage": _usage(gen)})
+                yield shape("", _finish_reason(gen.finish_reason or "stop", False), {"usage": _usage(gen)})
 
             return Stream(pieces(), use)
         gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos)
-        out = shape((prompt_text if echo else "") + text, gen.finish_reason, {"usage": _usage(gen)})
+        out = shape(
+            (prompt_text if echo else "") + text,
+            _finish_reason(gen.finish_reason or "stop", False),
+            {"usage": _usage(gen)},
+        )
         if logprobs is not None:
             out["choices"][0]["logprobs"] = _completion_logprobs(gen, self._model, len(prompt_text) if echo else 0)
         return out
@@ -1096,7 +1106,7 @@ class Llama:
         pre, suf, mid = self._model.token_fim_pre, self._model.token_fim_suf, self._model.token_fim_mid
         if pre is None or suf is None or mid is None:
             raise ValueError("suffix needs a model with fill-in-the-middle tokens (FIM_PRE, FIM_SUF, FIM_MID)")
-        tokens = [pre, *self.tokenize(prefix, add_special=False), suf, *self.tokenize(suffix, add_special=False), mid]
+        tokens = [pre, *self._tokenize(prefix, add_special=False), suf, *self._tokenize(suffix, add_special=False), mid]
         if self._model.add_bos and self._model.token_bos is not None:
             tokens.insert(0, self._model.token_bos)
         return tokens
@@ -1114,6 +1124,8 @@ class Llama:
                 "embeddings": True,
             }
             pooling = self._pooling_type
+            if pooling == "none":
+                raise ValueError("embed() needs a pooling type: pooling_type='none' gives one vector per token")
             self._embed_ctx = _core.Context(self._model, **kwargs, pooling_type=pooling)
             if self._embed_ctx.pooling_type == "none":
                 # a model that does not pool (a generation model): mean pooling, unless asked otherwise
@@ -1137,7 +1149,7 @@ class Llama:
             out = np.empty((len(texts), ctx.n_embd), dtype=np.float32)
             encode = not self._model.has_decoder
             for i, text in enumerate(texts):
-                tokens = self.tokenize(text, add_special=True)
+                tokens = self._tokenize(text, add_special=True)
                 if not tokens:
                     raise ValueError(f"input[{i}] has no tokens")
                 if len(tokens) > ctx.n_ctx:
@@ -1164,8 +1176,8 @@ class Llama:
     ) -> dict[str, Any]:
         """An OpenAI embeddings response (``{"object": "list", "data": [...], "usage": ...}``)."""
         texts = [input] if isinstance(input, str) else list(input)
-        vectors = self.embed(texts, **kwargs)
-        n_tokens = sum(min(len(self.tokenize(t)), self.n_ctx()) for t in texts)
+        vectors = Llama.embed(self, texts, **kwargs)
+        n_tokens = sum(min(len(self._tokenize(t)), self.n_ctx()) for t in texts)
         return {
             "object": "list",
             "data": [
@@ -1211,8 +1223,10 @@ class Llama:
 def _finish_reason(reason: str, has_calls: bool) -> str:
     """OpenAI's finish_reason: "length" when max_tokens (or the context) cut the reply, even inside a
     call, whose arguments may then be incomplete; else "tool_calls" when the reply made calls."""
-    if reason in ("length", "cancelled"):
+    if reason == "length":
         return reason
+    if reason == "cancelled":
+        return "stop"  # OpenAI has no "cancelled": the reply ended early, at the caller's request
     return "tool_calls" if has_calls else reason
 
 
