@@ -312,3 +312,13 @@ def test_other_templates_prompt_and_stream(vocab: str, template: str, tmp_path: 
             (c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []
         ]
         assert finish == out["choices"][0]["finish_reason"]
+
+
+def test_streams_deliver_pieces_while_generating(llm: Any) -> None:
+    stream = llm.complete("Once upon a time", max_tokens=200, ignore_eos=True, stream=True)
+    first = next(stream)
+    gen = stream._use.generation
+    # the first piece arrived while the generation was still running, far from its end
+    assert first["choices"][0]["text"] and gen.finish_reason is None and gen.n_completion < 50
+    rest = list(stream)
+    assert rest[-1]["choices"][0]["finish_reason"] == "length" and gen.n_completion == 200
