@@ -166,3 +166,25 @@ def test_llama_with_n_parallel(tiny_chat_model_path: Path) -> None:
             llm.save_state()
     with pytest.raises(ValueError, match="cache needs n_parallel=1"):
         pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_parallel=2, cache=pyllama.RAMCache())
+
+
+@pytest.mark.parametrize("n_parallel", [1, 3])
+def test_n_choices_and_prompt_lists(tiny_chat_model_path: Path, n_parallel: int) -> None:
+    ask = [{"role": "user", "content": "hi"}]
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=1536, n_threads=1, n_parallel=n_parallel) as llm:
+        out = llm.chat(ask, n=3, max_tokens=6, seed=5)
+        singles = [llm.chat(ask, max_tokens=6, seed=s) for s in (5, 6, 7)]
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+        # choice i is the request with seed + i (sampled, not greedy: the seeds matter)
+        assert [c["message"] for c in out["choices"]] == [s["choices"][0]["message"] for s in singles]
+        assert out["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]  # one prompt, counted once
+        assert out["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+        many = llm.complete(["one two", "three four"], n=2, max_tokens=4, seed=1)
+        expected = [
+            llm.complete(p, max_tokens=4, seed=s)["choices"][0]["text"]
+            for p in ("one two", "three four")
+            for s in (1, 2)
+        ]
+        assert [c["text"] for c in many["choices"]] == expected
+        with pytest.raises(ValueError, match="n=1"):
+            llm.chat(ask, n=2, stream=True)

@@ -507,7 +507,7 @@ class Llama(_Llama):
             out = out[1:]
         return out
 
-    def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> dict[str, Any] | Stream:
+    def complete(self, prompt: Any, **kwargs: Any) -> dict[str, Any] | Stream:
         """pyllama's ``complete`` (see ``pyllama.Llama.complete``)."""
         token = _NATIVE.set(True)
         try:

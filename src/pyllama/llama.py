@@ -9,6 +9,7 @@ turn only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -747,6 +748,7 @@ class Llama:
         run_tools: bool = False,
         max_tool_rounds: int = 8,
         truncate: bool = False,
+        n: int = 1,
         stream: bool = False,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
@@ -793,13 +795,28 @@ class Llama:
         }
         if run_tools:
             assert toolbox is not None
+            if n != 1:
+                raise ValueError("run_tools takes n=1")
             if max_tool_rounds < 1:
                 raise ValueError("max_tool_rounds must be >= 1")
             if stream:
                 use = _Use(_owner())
                 return Stream(self._tool_rounds_stream(use, list(messages), toolbox, max_tool_rounds, kwargs), use)
             return self._tool_rounds(list(messages), toolbox, max_tool_rounds, kwargs, parse_as)
-        out = self._chat_once(messages, stream=stream, **kwargs)
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if n > 1:
+            if stream:
+                raise ValueError("stream=True takes n=1")
+            outs = self._fan_out(
+                [
+                    functools.partial(self._chat_once, messages, stream=False, **{**kwargs, "seed": _nth_seed(seed, i)})
+                    for i in range(n)
+                ]
+            )
+            out: dict[str, Any] | Stream = _merge_choices(outs, prompt_once=True)
+        else:
+            out = self._chat_once(messages, stream=stream, **kwargs)
         if parse_as is not None and isinstance(out, dict):
             _attach_parsed(out, parse_as)
         return out
@@ -1014,6 +1031,49 @@ class Llama:
 
     def complete(
         self,
+        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        stream: bool = False,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | Stream:
+        """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks.
+
+        ``prompt`` is text, tokens, or a list of either (one choice each, in order). ``n`` gives that
+        many choices per prompt. With ``n_parallel > 1`` the choices are generated together. Keywords:
+        ``suffix`` asks a model with fill-in-the-middle tokens for the text between ``prompt`` and
+        ``suffix``; ``max_tokens`` (16), ``stop``, ``logit_bias``, ``logprobs``, ``echo``,
+        ``ignore_eos``, ``grammar``, ``json_schema``, the sampler keywords; ``truncate=True`` keeps
+        the end of a prompt that does not fit (and its BOS).
+        """
+        many = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
+        prompts: list[Any] = list(prompt) if many else [prompt]
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if len(prompts) == 1 and n == 1:
+            return self._complete_one(prompts[0], seed=seed, stream=stream, **kwargs)
+        if stream:
+            raise ValueError("stream=True takes one prompt and n=1")
+        jobs = [(p, i) for p in prompts for i in range(n)]
+        outs = self._fan_out(
+            [functools.partial(self._complete_one, p, seed=_nth_seed(seed, i), stream=False, **kwargs) for p, i in jobs]
+        )
+        return _merge_choices(outs, prompt_once=False)
+
+    def _fan_out(self, calls: list[Callable[[], dict[str, Any] | Stream]]) -> list[dict[str, Any]]:
+        """Run the calls: at the same time when the engine batches them, else one after the other."""
+        if self._engine is None:
+            results = [call() for call in calls]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(len(calls), self.n_parallel)) as pool:
+                results = list(pool.map(lambda call: call(), calls))
+        return [r for r in results if isinstance(r, dict)]
+
+    def _complete_one(
+        self,
         prompt: str | Sequence[int],
         *,
         suffix: str | None = None,
@@ -1218,6 +1278,35 @@ class Llama:
                 raise
         finally:
             _OWNER.reset(token)
+
+
+def _nth_seed(seed: int | None, i: int) -> int | None:
+    """The seed of choice i: the request's own for the first, then the next ones."""
+    return None if seed is None else (seed + i) & 0xFFFFFFFF
+
+
+def _merge_choices(outs: list[dict[str, Any]], *, prompt_once: bool) -> dict[str, Any]:
+    """Several single-choice responses as one, choices indexed in order; ``prompt_once``: the
+    choices share one prompt (chat's n), which usage counts once."""
+    merged = dict(outs[0])
+    merged["choices"] = []
+    usage: dict[str, Any] = {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    for i, out in enumerate(outs):
+        choice = dict(out["choices"][0])
+        choice["index"] = i
+        merged["choices"].append(choice)
+        if not prompt_once or i == 0:
+            usage["prompt_tokens"] += out["usage"]["prompt_tokens"]
+            usage["prompt_tokens_details"]["cached_tokens"] += out["usage"]["prompt_tokens_details"]["cached_tokens"]
+        usage["completion_tokens"] += out["usage"]["completion_tokens"]
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    merged["usage"] = usage
+    return merged
 
 
 def _finish_reason(reason: str, has_calls: bool) -> str:
