@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python scripts/fetch_llama_cpp.py
 python -m pip install ".[demo,test]"
-python -m pyllama info --prompt "The capital of France is"
+python -m pyllama run "Write one sentence about the sea." --max-tokens 48

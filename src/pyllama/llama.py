@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import json
 import os
 import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,7 +31,7 @@ from . import _core
 from .cache import LlamaState, StateCache, common_prefix
 from .chat import ChatTemplate
 
-__all__ = ["AsyncStream", "Llama", "Stream"]
+__all__ = ["AsyncStream", "ContextLengthError", "Llama", "Stream"]
 
 # a generation in progress: the token loop's (n_parallel=1) or a request to the batching engine
 _Gen = _core.Generation | _core.EngineRequest
@@ -702,18 +704,21 @@ class Llama:
             tokens = tokens[1:]  # the template wrote the BOS already
         return tokens
 
-    def _n_ctx_seq(self) -> int:
+    def n_ctx_seq(self) -> int:
         """The tokens one call can use: the context, or with n_parallel > 1 one sequence's share."""
+        return self._n_ctx_seq()
+
+    def _n_ctx_seq(self) -> int:
         return int(self._engine.n_ctx_seq) if self._engine is not None else self.n_ctx()
 
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
         n_ctx = self._n_ctx_seq()
         if n_prompt >= n_ctx:
-            raise ValueError(f"the prompt has {n_prompt} tokens and the context holds {n_ctx}")
+            raise ContextLengthError(f"the prompt has {n_prompt} tokens and the context holds {n_ctx}")
         if max_tokens is None or max_tokens < 0:
             return n_ctx - n_prompt
         if n_prompt + max_tokens > n_ctx:
-            raise ValueError(
+            raise ContextLengthError(
                 f"the prompt ({n_prompt} tokens) and max_tokens ({max_tokens}) exceed the context ({n_ctx} tokens)"
             )
         return max_tokens
@@ -832,7 +837,7 @@ class Llama:
                 return result, tokens
             dropped = _drop_oldest_turn(messages)
             if dropped is None:
-                raise ValueError(
+                raise ContextLengthError(
                     f"the conversation does not fit the context ({self.n_ctx()} tokens) even with only the "
                     f"system message and the last message ({len(tokens)} prompt tokens)"
                 )
@@ -862,6 +867,8 @@ class Llama:
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         json_schema = _response_schema(response_format)
+        if reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"reasoning_format: {reasoning_format!r} is not one of {', '.join(REASONING_FORMATS)}")
         if reasoning_effort is not None:
             chat_template_kwargs = {"reasoning_effort": reasoning_effort, **(chat_template_kwargs or {})}
         if continue_final_message is None and messages and messages[-1].get("role") == "assistant":
@@ -1260,7 +1267,7 @@ class Llama:
 
     async def _async(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         task = asyncio.current_task()
-        token = _OWNER.set(("task", id(task)))
+        token = _OWNER.set(("task", _task_id(task)))
         try:
             if kwargs.get("stream"):
                 return AsyncStream(fn(*args, **kwargs))
@@ -1326,7 +1333,31 @@ def _check_sampling(sampling: dict[str, Any]) -> None:
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise TypeError(f"stop[{i}]: stop strings must be non-empty str, got {s!r}")
+    return stops
+
+
+_TASK_IDS = itertools.count(1)
+_TASKS: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+
+
+def _task_id(task: asyncio.Task[Any] | None) -> int:
+    """A number for the task, never reused (unlike id(), which a new task at the same address gets)."""
+    if task is None:
+        return next(_TASK_IDS)
+    if task not in _TASKS:
+        _TASKS[task] = next(_TASK_IDS)
+    return _TASKS[task]
+
+
+REASONING_FORMATS = ("auto", "none", "deepseek", "deepseek-legacy")
+
+
+class ContextLengthError(ValueError):
+    """The prompt (with max_tokens) does not fit the context or the sequence."""
 
 
 def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

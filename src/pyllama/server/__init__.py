@@ -1,0 +1,40 @@
+"""An OpenAI-compatible HTTP server over one ``pyllama.Llama`` (FastAPI + uvicorn).
+
+``create_app(llm)`` gives the ASGI app; ``serve(llm, host=..., port=...)`` runs it with uvicorn;
+``pyllama serve MODEL`` and ``python -m pyllama.server MODEL`` do both from the command line.
+Needs the ``server`` extra: ``pip install 'pyllama[server]'``. See docs/server.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..llama import Llama
+from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, create_app
+from .params import APIError
+
+__all__ = ["DEFAULT_MAX_QUEUE", "DEFAULT_MAX_REQUEST_BYTES", "APIError", "create_app", "serve"]
+
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def serve(
+    llm: Llama,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | Sequence[str] | None = None,
+    alias: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    log_level: str = "info",
+) -> None:
+    """Serve ``llm`` until SIGINT or SIGTERM. On shutdown the server stops accepting connections and
+    lets the requests in progress finish (cancelling those still running after 10 s)."""
+    import uvicorn
+
+    app = create_app(llm, api_key=api_key, alias=alias, max_queue=max_queue, max_request_bytes=max_request_bytes)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,593 @@
+"""The FastAPI application: OpenAI's endpoints over one ``pyllama.Llama``, a queue in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import _core
+from ..llama import AsyncStream, Llama
+from . import params
+from .params import APIError
+
+__all__ = ["DEFAULT_MAX_QUEUE", "DEFAULT_MAX_REQUEST_BYTES", "create_app"]
+
+logger = logging.getLogger("pyllama.server")
+
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+RETRY_AFTER_S = 1
+PUBLIC_PATHS = frozenset({"/health"})  # answered without an API key
+
+T = TypeVar("T")
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class JSONBody(Response):
+    """A JSON response (UTF-8, compact)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _dumps(content)
+
+
+def error_response(error: APIError) -> Response:
+    return JSONBody(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _status_type(status: int) -> str:
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+# --- the guard: API keys and the request size, before the body is parsed --------------------------
+
+
+class Guard:
+    """ASGI middleware: 401 without a valid ``Authorization: Bearer`` key (when keys are set), 413 for
+    a body over ``max_bytes`` (from Content-Length, or counted as it arrives), before any parsing."""
+
+    def __init__(self, app: ASGIApp, *, keys: Sequence[str], max_bytes: int) -> None:
+        self.app = app
+        self.keys = [k.encode("utf-8") for k in keys]
+        self.max_bytes = max_bytes
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(token, key)  # no early exit: every key is compared
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.keys and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
+            error = APIError(
+                401,
+                "invalid or missing API key: send it as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await error_response(error)(scope, receive, send)
+            return
+        too_large = APIError(
+            413,
+            f"the request body is larger than {self.max_bytes} bytes",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await error_response(APIError(400, "invalid Content-Length header"))(scope, receive, send)
+                return
+            if declared > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(body) > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# --- the queue -----------------------------------------------------------------------------------
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Slots:
+    """At most ``n`` holders at once; the others wait first in, first out, at most ``max_queue`` of
+    them (one more raises QueueFull at once)."""
+
+    def __init__(self, n: int, max_queue: int) -> None:
+        if n < 1:
+            raise ValueError("n_parallel must be >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.n = n
+        self.free = n
+        self.max_queue = max_queue
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self.waiters if not w.done())
+
+    async def acquire(self) -> None:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return
+        if self.queued >= self.max_queue:
+            raise QueueFull
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over as this request went away: pass it on
+            else:
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+_TOO_LONG = ("the context holds", "exceed the context", "does not fit the context")
+
+
+def translate(error: BaseException, fields: Iterable[str]) -> APIError:
+    """An exception of pyllama as the client's error: ValueError, TypeError and IndexError name what
+    was wrong with the request (400); anything else is the server's fault (500)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, QueueFull):
+        return APIError(
+            503,
+            "the server is busy: every slot is generating and the queue is full; retry later",
+            type="server_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    if isinstance(error, (ValueError, TypeError, IndexError)):
+        message = str(error)
+        known = set(fields)
+        param = params.param_of(message, known)
+        if any(phrase in message for phrase in _TOO_LONG):
+            if param is None:
+                param = "messages" if "messages" in known else "prompt" if "prompt" in known else None
+            return APIError(400, message, param=param, code="context_length_exceeded")
+        return APIError(400, message, param=param)
+    if isinstance(error, _core.LlamaError) and str(error).startswith("the chat template failed"):
+        # the template refused these messages (its raise_exception): the request's fault
+        param = "messages" if "messages" in set(fields) else None
+        return APIError(400, str(error), param=param, code="template_error")
+    logger.error("request failed", exc_info=error)
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+
+
+class _Server:
+    """What the routes share: the Llama, the model's id and the slots."""
+
+    def __init__(self, llm: Llama, model_id: str, slots: Slots) -> None:
+        self.llm = llm
+        self.model_id = model_id
+        self.slots = slots
+        self.created = int(time.time())
+        # Llama tells its callers apart by id(asyncio task): a cancelled call's worker thread may
+        # still be finishing its last token when the task is gone, and a new task at the same
+        # address would look like the same caller. Cancelled tasks are kept alive a while.
+        self.cancelled: collections.deque[asyncio.Future[Any]] = collections.deque(maxlen=256)
+
+    async def run(self, request: Request, fields: Iterable[str], work: Callable[[], Awaitable[T]]) -> T | None:
+        """``work()`` in a slot (waiting in the queue for one); cancelled, with None returned, when
+        the client goes away first."""
+
+        async def job() -> T:
+            await self.slots.acquire()
+            try:
+                return await work()
+            finally:
+                self.slots.release()
+
+        task = asyncio.ensure_future(job())
+        watch = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, watch, return_exceptions=True)
+        if task.cancelled():
+            self.cancelled.append(task)
+            return None
+        error = task.exception()
+        if error is not None:
+            raise translate(error, fields) from error
+        return task.result()
+
+    def model_card(self) -> dict[str, Any]:
+        llm = self.llm
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "pyllama",
+            "meta": {
+                "n_ctx": llm.n_ctx(),
+                "n_ctx_train": int(llm.model.n_ctx_train),
+                "n_embd": int(llm.model.n_embd),
+                "n_params": int(llm.model.n_params),
+                "n_vocab": int(llm.model.n_vocab),
+                "size": int(llm.model.size),
+                "n_parallel": llm.n_parallel,
+            },
+        }
+
+
+class EventStream(Response):
+    """A chunk stream as server-sent events (``data: {...}`` then ``data: [DONE]``).
+
+    It waits for a slot before its first byte (a full queue is a 503 then), closes the stream (which
+    stops the generation) when the client goes away, and gives the slot back when done.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        server: _Server,
+        chunks: AsyncStream,
+        *,
+        include_usage: bool,
+        fields: Iterable[str],
+    ) -> None:
+        self.server = server
+        self.chunks = chunks
+        self.include_usage = include_usage
+        self.fields = frozenset(fields)
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def events(self, chunk: dict[str, Any]) -> list[bytes]:
+        usage = chunk.pop("usage", None)
+        chunk["model"] = self.server.model_id
+        if self.include_usage:
+            chunk["usage"] = None
+        out = [b"data: " + _dumps(chunk) + b"\n\n"]
+        if usage is not None and self.include_usage:
+            out.append(b"data: " + _dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
+        return out
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self._serve(scope, receive, send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()  # the client went away: stop generating for it
+            await asyncio.gather(work, watch, return_exceptions=True)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        acquired = False
+        try:
+            try:
+                await self.server.slots.acquire()
+                acquired = True
+            except QueueFull as e:
+                await error_response(translate(e, self.fields))(scope, receive, send)
+                return
+            started = False
+
+            async def start() -> None:
+                nonlocal started
+                if not started:
+                    started = True
+                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+            try:
+                async for chunk in self.chunks:
+                    for event in self.events(chunk):
+                        await start()
+                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                await start()
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            except Exception as e:
+                error = translate(e, self.fields)
+                if not started:
+                    await error_response(error)(scope, receive, send)
+                else:  # the status is sent: the error is the last event, as OpenAI's streams do
+                    event = b"data: " + _dumps(error.body()) + b"\n\n"
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
+        finally:
+            try:
+                await self.chunks.aclose()  # the generation stops and the Llama is free again
+            finally:
+                if acquired:
+                    self.server.slots.release()
+
+
+async def _stream(server: _Server, fields: Iterable[str], call: Awaitable[Any]) -> AsyncStream:
+    """The AsyncStream of ``achat``/``acomplete(stream=True)``: the request is checked and rendered
+    here, so that its errors come back as a status before any event."""
+    try:
+        chunks = await call
+    except Exception as e:
+        raise translate(e, fields) from e
+    assert isinstance(chunks, AsyncStream)
+    return chunks
+
+
+def _disconnected_response() -> Response:
+    return Response(status_code=499)  # nobody reads it: the client went away
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+
+def create_app(
+    llm: Llama,
+    *,
+    api_key: str | Sequence[str] | None = None,
+    alias: str | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes).
+
+    ``api_key``: one key or several; requests must send one as ``Authorization: Bearer KEY``
+    (``/health`` excepted). ``alias``: the model id clients see (default: the file's stem).
+    At most ``llm.n_parallel`` requests generate at once; up to ``max_queue`` more wait in order,
+    and past that the answer is 503 with ``Retry-After``. Bodies over ``max_request_bytes`` are 413.
+    """
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    if any(not k for k in keys):
+        raise ValueError("an API key must not be empty")
+    if max_request_bytes < 1:
+        raise ValueError("max_request_bytes must be >= 1")
+    server = _Server(llm, alias or llm.model_name, Slots(llm.n_parallel, max_queue))
+    app = FastAPI(
+        title="pyllama",
+        version=_core.__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.pyllama = server
+
+    async def on_api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        error = APIError(exc.status_code, str(exc.detail), type=_status_type(exc.status_code), code=code)
+        return error_response(error)
+
+    async def on_error(_: Request, exc: Exception) -> Response:
+        return error_response(translate(exc, ()))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_error)
+    app.add_middleware(Guard, keys=keys, max_bytes=max_request_bytes)
+
+    def named(result: dict[str, Any]) -> dict[str, Any]:
+        result["model"] = server.model_id
+        return result
+
+    @app.get("/health")
+    async def health() -> Response:
+        slots = server.slots
+        busy = slots.n - slots.free
+        return JSONBody(
+            {"status": "ok", "slots_idle": slots.n - busy, "slots_processing": busy, "requests_queued": slots.queued}
+        )
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return JSONBody({"object": "list", "data": [server.model_card()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Response:
+        if model != server.model_id:
+            raise APIError(404, f"the model {model!r} does not exist here", param="model", code="model_not_found")
+        return JSONBody(server.model_card())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await _json_body(request)
+        messages, kwargs, stream, include_usage = params.chat_kwargs(body)
+        if stream:
+            chunks = await _stream(server, body, llm.achat(messages, stream=True, **kwargs))
+            return EventStream(server, chunks, include_usage=include_usage, fields=body)
+        result = await server.run(request, body, lambda: llm.achat(messages, **kwargs))
+        return _disconnected_response() if result is None else JSONBody(named(result))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await _json_body(request)
+        prompt, kwargs, stream, include_usage = params.completion_kwargs(body)
+        if stream:
+            chunks = await _stream(server, body, llm.acomplete(prompt, stream=True, **kwargs))
+            return EventStream(server, chunks, include_usage=include_usage, fields=body)
+        result = await server.run(request, body, lambda: llm.acomplete(prompt, **kwargs))
+        return _disconnected_response() if result is None else JSONBody(named(result))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await _json_body(request)
+        texts, encoding, dimensions = params.embedding_inputs(body)
+        n_embd = int(llm.model.n_embd)
+        if dimensions is not None and dimensions != n_embd:
+            raise params.invalid("dimensions", f"this model's embeddings have {n_embd} dimensions", "unsupported_value")
+        vectors = await server.run(request, body, lambda: asyncio.to_thread(llm.embed, texts))
+        if vectors is None:
+            return _disconnected_response()
+        n_tokens = sum(len(llm.tokenize(t)) for t in texts)
+        data = []
+        for i, vector in enumerate(vectors):
+            value: Any
+            if encoding == "base64":
+                value = base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+            else:
+                value = [float(x) for x in vector]
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        return JSONBody({"object": "list", "data": data, "model": server.model_id, "usage": usage})
+
+    # --- llama-server's extras ---
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await _json_body(request)
+        content = params.string("content", body.get("content"))
+        add_special = _flag(body, "add_special", False)
+        parse_special = _flag(body, "parse_special", True)
+        with_pieces = _flag(body, "with_pieces", False)
+        tokens = await asyncio.to_thread(llm.tokenize, content, add_special, parse_special)
+        if not with_pieces:
+            return JSONBody({"tokens": tokens})
+        pieces = [{"id": t, "piece": _piece(llm.model.token_to_piece(t, special=True))} for t in tokens]
+        return JSONBody({"tokens": pieces})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await _json_body(request)
+        raw = params.array("tokens", body.get("tokens"))
+        tokens = [params.integer(0)(f"tokens[{i}]", t) for i, t in enumerate(raw)]
+        special = _flag(body, "special", True)
+        try:
+            content = await asyncio.to_thread(llm.detokenize, tokens, special)
+        except Exception as e:
+            raise translate(e, body) from e
+        return JSONBody({"content": content})
+
+    @app.post("/apply-template")
+    async def apply_template(request: Request) -> Response:
+        body = await _json_body(request)
+        if body.get("messages") is None:
+            raise params.invalid("messages", "is required", "missing_required_parameter")
+        messages = params.array("messages", body["messages"])
+        tools = body.get("tools")
+        if tools is not None:
+            params.array("tools", tools)
+        choice = body.get("tool_choice")
+        kwargs: dict[str, Any] = {
+            "tools": tools,
+            "tool_choice": None if choice is None else params.tool_choice("tool_choice", choice),
+            "add_generation_prompt": _flag(body, "add_generation_prompt", True),
+        }
+        for name, check in (
+            ("chat_template_kwargs", params.obj),
+            ("enable_thinking", params.boolean),
+            ("parallel_tool_calls", params.boolean),
+        ):
+            if body.get(name) is not None:
+                kwargs[name] = check(name, body[name])
+        try:
+            result = await asyncio.to_thread(llm.chat_template.apply, messages, **kwargs)
+        except Exception as e:
+            raise translate(e, body) from e
+        return JSONBody({"prompt": result.prompt})
+
+    return app
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    return default if value is None else params.boolean(name, value)
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """A token's text, or its bytes where they are not whole UTF-8 (as llama-server answers)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)

@@ -1,0 +1,335 @@
+"""OpenAI request bodies checked and mapped onto ``Llama.chat`` / ``Llama.complete`` keywords.
+
+Every check names the field at fault, so that the error the client gets says what to fix
+(``{"error": {"param": "temperature", ...}}``). Fields OpenAI defines that change nothing here
+(``user``, ``store``, ``metadata``...) are ignored; fields that would change the answer in a way
+pyllama cannot honour (``n > 1``, ``audio``...) are refused; fields neither OpenAI nor llama-server
+defines are ignored, as llama-server does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .._validate import check_messages, check_tools
+
+__all__ = ["APIError", "chat_kwargs", "completion_kwargs", "embedding_inputs", "param_of"]
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code=code)
+
+
+# --- field checks ------------------------------------------------------------------------------
+
+Check = Callable[[str, Any], Any]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number(lo: float | None = None, hi: float | None = None) -> Check:
+    def check(name: str, value: Any) -> float:
+        if not _is_number(value):
+            raise invalid(name, f"must be a number, not {_kind(value)}", "invalid_type")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise invalid(name, f"{value} is not in [{_bound(lo)}, {_bound(hi)}]")
+        return float(value)
+
+    return check
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise invalid(name, f"must be an integer, not {_kind(value)}", "invalid_type")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise invalid(name, f"{value} is not in [{_bound(lo)}, {_bound(hi)}]")
+        return value
+
+    return check
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(name, f"must be a boolean, not {_kind(value)}", "invalid_type")
+    return value
+
+
+def string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise invalid(name, f"must be a string, not {_kind(value)}", "invalid_type")
+    return value
+
+
+def obj(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise invalid(name, f"must be an object, not {_kind(value)}", "invalid_type")
+    return value
+
+
+def array(name: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise invalid(name, f"must be an array, not {_kind(value)}", "invalid_type")
+    return value
+
+
+def strings(name: str, value: Any) -> list[str]:
+    for i, item in enumerate(array(name, value)):
+        string(f"{name}[{i}]", item)
+    return list(value)
+
+
+def stop(name: str, value: Any) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    return strings(name, value)
+
+
+def tool_choice(name: str, value: Any) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        if value not in ("none", "auto", "required"):
+            raise invalid(name, f"{value!r} is not 'none', 'auto', 'required' or a function object")
+        return value
+    return obj(name, value)
+
+
+def logit_bias(name: str, value: Any) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, bias in obj(name, value).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(name, f"key {key!r} is not a token id") from None
+        out[token] = number()(f"{name}.{key}", bias)
+    return out
+
+
+def one_of(*choices: str) -> Check:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise invalid(name, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+        return str(value)
+
+    return check
+
+
+def max_tokens(name: str, value: Any) -> int:
+    n = int(integer(-1)(name, value))
+    if n == 0:
+        raise invalid(name, "must be at least 1 (or -1: until the context is full)")
+    return n
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _bound(x: float | None) -> str:
+    return "-inf" if x is None else str(x)
+
+
+# The sampling keywords of Llama.chat/complete (llama-server's names), with their checks.
+SAMPLING: dict[str, Check] = {
+    "temperature": number(0),
+    "top_p": number(0, 1),
+    "top_k": integer(0),
+    "min_p": number(0, 1),
+    "typical_p": number(0, 1),
+    "repeat_penalty": number(0),
+    "presence_penalty": number(-2, 2),
+    "frequency_penalty": number(-2, 2),
+    "penalty_last_n": integer(-1),
+    "mirostat": integer(0, 2),
+    "mirostat_tau": number(0),
+    "mirostat_eta": number(0),
+    "dry_multiplier": number(0),
+    "dry_base": number(0),
+    "dry_allowed_length": integer(0),
+    "dry_penalty_last_n": integer(-1),
+    "dry_sequence_breakers": strings,
+    "xtc_probability": number(0, 1),
+    "xtc_threshold": number(0),
+    "top_n_sigma": number(),
+    "dynatemp_range": number(0),
+    "dynatemp_exponent": number(0),
+    "samplers": strings,
+}
+
+CHAT: dict[str, Check] = {
+    **SAMPLING,
+    "max_tokens": max_tokens,
+    "seed": integer(),
+    "stop": stop,
+    "logit_bias": logit_bias,
+    "logprobs": boolean,
+    "top_logprobs": integer(0, 20),
+    "tools": array,
+    "tool_choice": tool_choice,
+    "parallel_tool_calls": boolean,
+    "response_format": obj,
+    "reasoning_effort": string,
+    "reasoning_format": one_of("none", "auto", "deepseek", "deepseek-legacy"),
+    "enable_thinking": boolean,
+    "chat_template_kwargs": obj,
+}
+
+COMPLETION: dict[str, Check] = {
+    **SAMPLING,
+    "max_tokens": max_tokens,
+    "seed": integer(),
+    "stop": stop,
+    "logit_bias": logit_bias,
+    "logprobs": integer(0, 20),
+    "echo": boolean,
+    "suffix": string,
+    "grammar": string,
+    "json_schema": obj,
+    "ignore_eos": boolean,
+}
+
+
+def _common(body: dict[str, Any], fields: dict[str, Check]) -> tuple[dict[str, Any], bool, bool]:
+    """The mapped keywords, ``stream`` and ``stream_options.include_usage``."""
+    model = body.get("model")
+    if model is not None:
+        string("model", model)
+    n = body.get("n")
+    if n is not None and integer(1)("n", n) != 1:
+        raise invalid("n", "only n=1 is supported (send several requests for several choices)", "unsupported_value")
+    stream = body.get("stream")
+    stream = False if stream is None else boolean("stream", stream)
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise invalid("stream_options", "is only allowed when stream is true")
+        flag = obj("stream_options", options).get("include_usage")
+        include_usage = False if flag is None else boolean("stream_options.include_usage", flag)
+    kwargs: dict[str, Any] = {}
+    for name, check in fields.items():
+        value = body.get(name)
+        if value is not None:
+            kwargs[name] = check(name, value)
+    return kwargs, stream, include_usage
+
+
+def chat_kwargs(body: dict[str, Any]) -> tuple[list[Any], dict[str, Any], bool, bool]:
+    """``(messages, keywords of Llama.chat, stream, include_usage)`` of a chat completion request."""
+    if "messages" not in body or body["messages"] is None:
+        raise invalid("messages", "is required", "missing_required_parameter")
+    messages = array("messages", body["messages"])
+    if not messages:
+        raise invalid("messages", "must hold at least one message", "empty_array")
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise invalid(name, "is deprecated and not supported: use tools and tool_choice", "unsupported_parameter")
+    for name in ("audio", "web_search_options"):
+        if body.get(name) is not None:
+            raise invalid(name, "is not supported", "unsupported_parameter")
+    modalities = body.get("modalities")
+    if modalities is not None and strings("modalities", modalities) != ["text"]:
+        raise invalid("modalities", "only ['text'] is supported", "unsupported_value")
+    kwargs, stream, include_usage = _common(body, CHAT)
+    try:  # before the request waits in the queue: a malformed one is answered at once
+        check_messages(messages)
+        check_tools(kwargs.get("tools"))
+    except ValueError as e:
+        raise APIError(400, str(e), param=param_of(str(e), {"messages", "tools"})) from None
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        kwargs["max_tokens"] = max_tokens("max_completion_tokens", body["max_completion_tokens"])
+    if kwargs.get("response_format", {}).get("type") not in (None, "text", "json_object", "json_schema"):
+        kind = kwargs["response_format"]["type"]
+        raise invalid("response_format.type", f"{kind!r} is not 'text', 'json_object' or 'json_schema'")
+    return messages, kwargs, stream, include_usage
+
+
+def completion_kwargs(body: dict[str, Any]) -> tuple[str | list[int], dict[str, Any], bool, bool]:
+    """``(prompt, keywords of Llama.complete, stream, include_usage)`` of a completion request."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise invalid("prompt", "is required", "missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise invalid("prompt", "several prompts in one request are not supported", "unsupported_value")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt:
+            raise invalid("prompt", "must not be empty")
+        prompt = [integer(0)(f"prompt[{i}]", t) for i, t in enumerate(prompt)]
+    elif not isinstance(prompt, str):
+        raise invalid("prompt", "must be a string, an array of token ids, or an array of one of these", "invalid_type")
+    best_of = body.get("best_of")
+    if best_of is not None and integer(1)("best_of", best_of) != 1:
+        raise invalid("best_of", "only best_of=1 is supported", "unsupported_value")
+    kwargs, stream, include_usage = _common(body, COMPLETION)
+    return prompt, kwargs, stream, include_usage
+
+
+def embedding_inputs(body: dict[str, Any]) -> tuple[list[str], str, int | None]:
+    """``(texts, encoding_format, dimensions)`` of an embeddings request."""
+    if "input" not in body or body["input"] is None:
+        raise invalid("input", "is required", "missing_required_parameter")
+    value = body["input"]
+    texts = [value] if isinstance(value, str) else array("input", value)
+    if not texts:
+        raise invalid("input", "must not be empty")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise invalid(
+                f"input[{i}]", "must be a string: token arrays are not supported, send the text", "unsupported_value"
+            )
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else one_of("float", "base64")("encoding_format", encoding)
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        dimensions = integer(1)("dimensions", dimensions)
+    model = body.get("model")
+    if model is not None:
+        string("model", model)
+    return texts, encoding, dimensions
+
+
+_FIELD_PATH = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*)(?::| )")
+
+
+def param_of(message: str, fields: frozenset[str] | set[str]) -> str | None:
+    """The request field a pyllama error message starts with (``messages[2].role: ...``), if any."""
+    m = _FIELD_PATH.match(message)
+    if m is None:
+        return None
+    path = m.group(1)
+    root = re.split(r"[.\[]", path, maxsplit=1)[0]
+    return path if root in fields else None
