@@ -498,52 +498,7 @@ prompt, and evaluates only the rest.
 
     py::class_<EngineRequest, std::shared_ptr<EngineRequest>> r(m, "EngineRequest",
                                                                 "A request to an Engine; iterate it for text pieces.");
-    r.def("__iter__", [](std::shared_ptr<EngineRequest> self) { return self; });
-    r.def("__next__", [](EngineRequest & self) {
-        std::string piece;
-        {
-            py::gil_scoped_release nogil;
-            piece = self.next();
-        }
-        if (piece.empty()) {
-            throw py::stop_iteration();
-        }
-        return utf8_lenient(piece);
-    });
-    r.def(
-        "run",
-        [](EngineRequest & self) {
-            std::string text;
-            {
-                py::gil_scoped_release nogil;
-                text = self.run();
-            }
-            return utf8_lenient(text);
-        },
-        "Wait for the end; returns the remaining text.");
-    r.def("cancel", &EngineRequest::cancel, "Stop at the next step (from any thread).");
-    r.def_property_readonly(
-        "finish_reason",
-        [](const EngineRequest & self) -> py::object {
-            const std::string f = self.finish_reason();
-            return f.empty() ? py::object(py::none()) : py::object(py::str(f));
-        },
-        "None while running; then 'stop', 'length' or 'cancelled'.");
-    r.def_property_readonly("n_prompt", &EngineRequest::n_prompt);
-    r.def_property_readonly("n_reused", &EngineRequest::n_reused, "Prompt tokens taken from the sequence's cache.");
-    r.def_property_readonly("n_completion", [](const EngineRequest & self) { return self.completion().size(); });
-    r.def_property_readonly("completion_tokens", &EngineRequest::completion);
-    r.def_property_readonly("logprobs", [](const EngineRequest & self) {
-        py::list out;
-        for (const auto & lp : self.logprobs()) {
-            py::list top;
-            for (const auto & [t, v] : lp.top) {
-                top.append(py::make_tuple(t, v));
-            }
-            out.append(py::make_tuple(lp.token, py::bytes(lp.piece), lp.logprob, top));
-        }
-        return out;
-    });
+    bind_generation(r);
 }
 
 }  // namespace pyllama

@@ -410,57 +410,7 @@ evaluates only what follows the longest common prefix with them.
 
     py::class_<Generation, std::shared_ptr<Generation>> g(m, "Generation",
                                                           "One generation; iterate it for text pieces.");
-    g.def("__iter__", [](std::shared_ptr<Generation> self) { return self; });
-    g.def("__next__", [](Generation & self) {
-        std::string piece;
-        {
-            py::gil_scoped_release nogil;
-            piece = self.next();
-        }
-        if (piece.empty()) {
-            throw py::stop_iteration();
-        }
-        return utf8_lenient(piece);
-    });
-    g.def(
-        "run",
-        [](Generation & self) {
-            std::string text;
-            {
-                py::gil_scoped_release nogil;
-                text = self.run();
-            }
-            return utf8_lenient(text);
-        },
-        "Run to the end; returns the remaining text.");
-    g.def("cancel", &Generation::cancel, "Stop at the next token (from any thread).");
-    g.def_property_readonly(
-        "finish_reason",
-        [](const Generation & self) -> py::object {
-            return self.finish_reason().empty() ? py::object(py::none()) : py::object(py::str(self.finish_reason()));
-        },
-        "None while running; then 'stop' (end of generation or a stop string), 'length' or 'cancelled'.");
-    g.def_property_readonly("n_prompt", &Generation::n_prompt);
-    g.def_property_readonly("n_reused", &Generation::n_reused,
-                            "Prompt tokens taken from the cache instead of evaluated.");
-    g.def_property_readonly(
-        "n_completion", [](const Generation & self) { return self.completion().size(); },
-        "Tokens generated (the end-of-generation token is not counted).");
-    g.def_property_readonly("completion_tokens", [](const Generation & self) { return self.completion(); });
-    g.def_property_readonly(
-        "logprobs",
-        [](const Generation & self) {
-            py::list out;
-            for (const auto & lp : self.logprobs()) {
-                py::list top;
-                for (const auto & [t, v] : lp.top) {
-                    top.append(py::make_tuple(t, v));
-                }
-                out.append(py::make_tuple(lp.token, py::bytes(lp.piece), lp.logprob, top));
-            }
-            return out;
-        },
-        "Per generated token: (token, piece bytes, logprob, [(token, logprob), ...]).");
+    bind_generation(g);
 }
 
 }  // namespace pyllama

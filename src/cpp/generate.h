@@ -61,4 +61,61 @@ class generated_text {
     size_t                           scanned_  = 0;
 };
 
+// The Python face of a generation (the token loop's Generation and the engine's EngineRequest):
+// iteration over text pieces, run(), cancel(), the finish reason, counts and logprobs.
+template <class G>
+void bind_generation(py::class_<G, std::shared_ptr<G>> & g) {
+    g.def("__iter__", [](std::shared_ptr<G> self) { return self; });
+    g.def("__next__", [](G & self) {
+        std::string piece;
+        {
+            py::gil_scoped_release nogil;
+            piece = self.next();
+        }
+        if (piece.empty()) {
+            throw py::stop_iteration();
+        }
+        return utf8_lenient(piece);
+    });
+    g.def(
+        "run",
+        [](G & self) {
+            std::string text;
+            {
+                py::gil_scoped_release nogil;
+                text = self.run();
+            }
+            return utf8_lenient(text);
+        },
+        "Run to the end; returns the remaining text.");
+    g.def("cancel", &G::cancel, "Stop at the next token (from any thread).");
+    g.def_property_readonly(
+        "finish_reason",
+        [](const G & self) -> py::object {
+            const std::string f = self.finish_reason();
+            return f.empty() ? py::object(py::none()) : py::object(py::str(f));
+        },
+        "None while running; then 'stop' (end of generation or a stop string), 'length' or 'cancelled'.");
+    g.def_property_readonly("n_prompt", &G::n_prompt);
+    g.def_property_readonly("n_reused", &G::n_reused, "Prompt tokens taken from the cache instead of evaluated.");
+    g.def_property_readonly(
+        "n_completion", [](const G & self) { return self.completion().size(); },
+        "Tokens generated (the end-of-generation token is not counted).");
+    g.def_property_readonly("completion_tokens", [](const G & self) { return self.completion(); });
+    g.def_property_readonly(
+        "logprobs",
+        [](const G & self) {
+            py::list out;
+            for (const auto & lp : self.logprobs()) {
+                py::list top;
+                for (const auto & [t, v] : lp.top) {
+                    top.append(py::make_tuple(t, v));
+                }
+                out.append(py::make_tuple(lp.token, py::bytes(lp.piece), lp.logprob, top));
+            }
+            return out;
+        },
+        "Per generated token: (token, piece bytes, logprob, [(token, logprob), ...]).");
+}
+
 }  // namespace pyllama
