@@ -247,6 +247,9 @@ def test_embed_is_the_mean_of_token_embeddings(tiny_model_path: Path) -> None:
         with pytest.raises(ValueError, match="truncate=True"):
             llm.embed("word " * 400)
         assert llm.embed("word " * 400, truncate=True).shape == (1, llm.model.n_embd)
+    with pyllama.Llama(tiny_model_path, n_ctx=256, n_threads=1, embedding=True) as eager:
+        assert eager._embed_ctx is not None  # made at construction
+        np.testing.assert_allclose(eager.embed(texts), got, rtol=1e-5, atol=1e-6)
     with pyllama.Llama(tiny_model_path, n_ctx=256, n_threads=1, pooling_type="last") as last:
         tokens = last.tokenize(texts[1])
         truth_last = _token_embeddings(last.model, tokens)[-1]

@@ -390,9 +390,10 @@ class Llama:
         self._closed = False
         self._embed_lock = threading.Lock()
         self._generator = _core.Generator(self._ctx)
-        self._embedding = embedding
         self._pooling_type = pooling_type
         self._embed_ctx: _core.Context | None = None
+        if embedding:  # the embedding context now, rather than at the first embed()
+            self._embedding_context()
         self._template = ChatTemplate(self._model, template=chat_template)
         # A ChatML template on a model whose vocabulary lacks ChatML's tokens (the fallback for models
         # without a template): the end of a turn is text, so it is a stop string.
