@@ -175,6 +175,30 @@ def test_logit_bias_steers_greedy(model: pyllama.Model) -> None:
         assert pyllama.Sampler(model, temperature=0, logit_bias={best: -100.0}).sample(ctx) == int(np.argmax(masked))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"presence_penalty": 100.0}, {"frequency_penalty": 100.0}, {"repeat_penalty": 1e6}],
+    ids=str,
+)
+def test_greedy_with_a_penalty_avoids_the_repeated_argmax(model: pyllama.Model, kwargs: dict[str, Any]) -> None:
+    """Greedy with a penalty is not the bare argmax of the logits: once the argmax has been accepted, a strong
+    presence, frequency or repetition penalty makes the pick the best token among the others (numpy's argmax with
+    that token masked), while plain greedy still picks it."""
+    with pyllama.Context(model, n_ctx=256, n_threads=1) as ctx:
+        ctx.decode(Batch.from_tokens(model.tokenize("Penalise me")))
+        logits = ctx.logits()
+        best = int(np.argmax(logits))
+        masked = logits.copy()
+        masked[best] = -np.inf
+        plain = pyllama.Sampler(model, temperature=0)
+        penalised = pyllama.Sampler(model, temperature=0, **kwargs)
+        for s in (plain, penalised):
+            s.accept(best)
+        assert plain.sample(ctx) == best
+        if logits[best] > 0 or "repeat_penalty" not in kwargs:
+            assert penalised.sample(ctx) == int(np.argmax(masked))
+
+
 # --- 5. grammars ---------------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@
 #include "context.h"
 #include "sampling.h"
 
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -28,7 +29,8 @@ class Sampler {
     Sampler(std::shared_ptr<llama_model> model, common_params_sampling params, grammar_spec grammar) :
         model_(std::move(model)), params_(std::move(params)), grammar_(std::move(grammar)) {
         const llama_vocab * vocab = llama_model_get_vocab(model_.get());
-        log_capture         capture;
+        argmax_                   = picks_argmax(params_, grammar_);
+        log_capture capture;
         try {
             smpl_ = common_sampler_init(model_.get(), params_);
         } catch (const std::exception & e) {
@@ -50,7 +52,8 @@ class Sampler {
         }
     }
 
-    Sampler(const Sampler & other) : model_(other.model_), params_(other.params_), grammar_(other.grammar_) {
+    Sampler(const Sampler & other) :
+        model_(other.model_), params_(other.params_), grammar_(other.grammar_), argmax_(other.argmax_) {
         smpl_ = common_sampler_clone(other.smpl_);
         if (other.shadow_ != nullptr) {
             shadow_ = llama_sampler_clone(other.shadow_);
@@ -73,6 +76,9 @@ class Sampler {
         const int32_t               j = ctx.check_output(idx, "sample");
         if (llama_get_logits_ith(u.ctx, j) == nullptr) {
             throw std::out_of_range("sample: no logits for index " + std::to_string(idx));
+        }
+        if (argmax_) {
+            return argmax(llama_get_logits_ith(u.ctx, j), llama_vocab_n_tokens(llama_model_get_vocab(model_.get())));
         }
         try {
             return common_sampler_sample(smpl_, u.ctx, j, false);
@@ -147,7 +153,55 @@ class Sampler {
     grammar_spec                 grammar_;
     common_sampler *             smpl_   = nullptr;
     llama_sampler *              shadow_ = nullptr;
+    bool                         argmax_ = false;
     std::mutex                   mtx_;
+
+    // Whether the chain can only ever pick the most likely token: greedy (temperature <= 0, kept
+    // in the chain) with nothing that changes logits or removes the top token first. Such a
+    // chain's pick is the argmax of the logits, found directly instead of through llama.cpp's
+    // candidate array of n_vocab entries, top-k sort and the other samplers (0.5 ms a token with
+    // a 262k vocabulary). Whatever else is asked for takes common_sampler_sample.
+    static bool picks_argmax(const common_params_sampling & p, const grammar_spec & g) {
+        bool has_temp = false;
+        for (auto t : p.samplers) {
+            has_temp = has_temp || t == COMMON_SAMPLER_TYPE_TEMPERATURE;
+        }
+        const bool penalties =
+            p.penalty_last_n != 0 && (p.penalty_repeat != 1.0f || p.penalty_freq != 0.0f || p.penalty_present != 0.0f);
+        return has_temp && p.temp <= 0.0f && p.dynatemp_range <= 0.0f && p.mirostat == 0 && !penalties &&
+               p.dry_multiplier == 0.0f && p.xtc_probability <= 0.0f && p.adaptive_target < 0.0f &&
+               p.logit_bias.empty() && p.logit_bias_eog.empty() && p.grammar.grammar.empty() && g.text.empty() &&
+               p.reasoning_budget_start.empty() && !p.reasoning_control && !p.backend_sampling;
+    }
+
+    // The first index of the largest value, in two passes the compiler vectorizes: the maximum
+    // over 16 independent lanes (a > b ? a : b is exactly maxps), then the first index that has it.
+    static llama_token argmax(const float * logits, int32_t n) {
+        constexpr int32_t lanes = 16;
+        float             lane[lanes];
+        for (int32_t k = 0; k < lanes; ++k) {
+            lane[k] = -INFINITY;
+        }
+        int32_t i = 0;
+        for (; i + lanes <= n; i += lanes) {
+            for (int32_t k = 0; k < lanes; ++k) {
+                lane[k] = logits[i + k] > lane[k] ? logits[i + k] : lane[k];
+            }
+        }
+        float max = -INFINITY;
+        for (int32_t k = 0; k < lanes; ++k) {
+            max = lane[k] > max ? lane[k] : max;
+        }
+        for (; i < n; ++i) {
+            max = logits[i] > max ? logits[i] : max;
+        }
+        for (int32_t j = 0; j < n; ++j) {
+            if (logits[j] == max) {
+                return j;
+            }
+        }
+        return 0;  // every logit NaN: llama.cpp's chain would fail; the first token is as good
+    }
 
     llama_sampler * make_grammar(const llama_vocab * vocab) const {
         if (!grammar_.lazy) {

@@ -1,0 +1,413 @@
+"""Writes docs/benchmarks.md and its plots from benchmarks/.work/results.json.
+
+Medians over the measured repetitions (the warm-up runs are never recorded); ratios are to
+llama.cpp's own tool measured in the same run. A block between the notes markers in the existing
+docs/benchmarks.md is kept as it is (hand-written remarks on the figures).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+med = statistics.median
+
+
+def p(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def ratio(x: float | None, ref: float | None) -> str:
+    return "-" if x is None or not ref else f"{x / ref:.3f}"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+class Doc:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self("| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|")
+        for r in rows:
+            self("| " + " | ".join(r) + " |")
+        self("")
+
+
+def speed_rows(s: dict[str, Any]) -> tuple[list[list[str]], dict[str, float]]:
+    pp_ref = med(s["llama-bench"]["pp"]["samples"])
+    tg_ref = med(s["llama-bench"]["tg"]["samples"])
+    rows = [["llama.cpp `llama-bench`", "`llama_decode` loop, no sampling", fmt(pp_ref), "1.000", fmt(tg_ref), "1.000"]]
+    paths = [
+        (
+            "pyllama",
+            "`Context.decode` (pp) / `Generator`, C++ loop, greedy (tg)",
+            "pp_context_decode",
+            "tg_generator_greedy",
+        ),
+        ("pyllama", "Python loop: `Context.decode` + `Sampler.sample` per token", None, "tg_python_loop_greedy"),
+        ("pyllama", "`Llama.complete` (greedy)", "pp_llama_complete", "tg_llama_complete"),
+        ("pyllama", "`Llama.chat` (greedy)", None, "tg_llama_chat"),
+        ("llama-cpp-python", "`Llama.eval` (pp) / `Llama.generate`, greedy (tg)", "pp_eval", "tg_generate_greedy"),
+        ("llama-cpp-python", "`create_completion` (greedy)", "pp_create_completion", "tg_create_completion"),
+        ("llama-cpp-python", "`create_chat_completion` (greedy)", None, "tg_create_chat_completion"),
+    ]
+    key: dict[str, float] = {"pp_ref": pp_ref, "tg_ref": tg_ref}
+    for impl, what, pp, tg in paths:
+        data = s.get(impl)
+        if not data:
+            continue
+        samples = data["samples"]
+        ppv = med(samples[pp]) if pp and pp in samples else None
+        tgv = med(samples[tg]) if tg in samples else None
+        if impl == "pyllama":
+            if pp:
+                key[pp] = ppv  # type: ignore[assignment]
+            key[tg] = tgv  # type: ignore[assignment]
+        note = ""
+        counts = data.get("tokens", {}).get(tg)
+        if counts and min(counts) < 128:
+            note = f" ({med(counts):.0f} tokens: it stops at end of generation)"
+        rows.append([impl, what + note, fmt(ppv), ratio(ppv, pp_ref), fmt(tgv), ratio(tgv, tg_ref)])
+    return rows, key
+
+
+def per_token_ms(entry: dict[str, Any], mode: str) -> float:
+    secs, toks = entry["seconds"][mode], entry["tokens"][mode]
+    return med([1000 * s / n for s, n in zip(secs, toks, strict=True)])
+
+
+def write(res: dict[str, Any]) -> Path:
+    meta = res.get("meta", {})
+    d = Doc()
+    d(
+        "# Benchmarks",
+        "",
+        "pyllama against llama.cpp's own tools (`llama-bench`, `llama-completion`, `llama-server`, built",
+        "from the same vendored commit with the same CPU flags) and against llama-cpp-python 0.3.35 (the",
+        "same llama.cpp commit, built from source with the same flags), on one machine, in one run, with",
+        "the same model files and thread count. One command runs everything, builds the references the",
+        "first time (about 15 minutes on 2 cores) and rewrites this page and its plots:",
+        "",
+        "```bash",
+        "pip install -e '.[bench]'",
+        "python benchmarks/run.py                      # all sections (about 25 minutes on 2 cores)",
+        "python benchmarks/run.py --only speed,server  # some of them; --help lists the options",
+        "```",
+        "",
+        "Figures are medians over the measured repetitions; a warm-up run before them is not counted.",
+        "Ratios are pyllama (or llama-cpp-python) over llama.cpp measured in the same run, so above 1 is",
+        "faster than llama.cpp for speeds. Every measurement runs in a process of its own; its peak RSS",
+        "comes from `wait4`. The raw samples are in `benchmarks/.work/results.json`.",
+        "",
+        "## The machine",
+        "",
+    )
+    d.table(
+        ["", ""],
+        [
+            ["CPU", f"{meta.get('cpu', '?')} ({meta.get('logical_cpus', '?')} logical CPUs)"],
+            ["System", meta.get("system", "?")],
+            ["Threads", str(meta.get("threads", "?"))],
+            ["CPU flags of every build", f"`-march=native {meta.get('cpu_flags', '')}` (Release)"],
+            ["pyllama", f"{meta.get('pyllama', '?')}, llama.cpp {str(meta.get('llama_cpp_commit', '?'))[:9]}"],
+            [
+                "Models",
+                f"Gemma 3 270M Q4_K_M (`{meta.get('models', {}).get('gemma', '?')}`); the tests' tiny random llama",
+            ],
+            ["Date", meta.get("date", "?")],
+            ["Repetitions", str(meta.get("reps", "?"))],
+        ],
+    )
+
+    targets: list[list[str]] = []
+    plots: list[str] = []
+
+    if "speed" in res:
+        s = res["speed"]
+        rows, key = speed_rows(s)
+        d(
+            "## 1. Prompt and decode speed (pp512, tg128)",
+            "",
+            "Gemma 3 270M, as `llama-bench` measures them: a context of n_prompt (or n_gen) tokens,",
+            "n_batch 2048, n_ubatch 512; pp512 is one batch of 512 random tokens, tg128 is 128 single-token",
+            "decodes. pyllama's greedy paths also pick each token (argmax), which `llama-bench` does not.",
+            "`Llama.complete`/`chat` tg128 is end to end: a short prompt, then 128 tokens, timed around the call.",
+            "",
+            f"`{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(s['argv']))}`",
+            "",
+        )
+        d.table(["implementation", "path", "pp512 tok/s", "ratio", "tg128 tok/s", "ratio"], rows)
+        pp, tg = key.get("pp_context_decode"), key.get("tg_generator_greedy")
+        if pp and tg:
+            targets.append(
+                [
+                    "greedy prompt and decode speed ≥ 0.98 of llama-bench",
+                    f"pp {pp / key['pp_ref']:.3f}, tg {tg / key['tg_ref']:.3f}",
+                    verdict(pp / key["pp_ref"] >= 0.98 and tg / key["tg_ref"] >= 0.98),
+                ]
+            )
+
+    if "overhead" in res:
+        o = res["overhead"]
+        n = o["n"]
+        d(
+            f"## 2. Per-token overhead ({n} tokens)",
+            "",
+            f"End-to-end time to generate {n} tokens from a short prompt with llama.cpp's default sampler",
+            "chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repetition penalty), divided by",
+            "the tokens generated. For `llama-completion` it is its own `total time` (from after its warm-up",
+            "to the end, prompt and printing included); for the bindings, the wall time around the call.",
+            "pyllama and `llama-completion` ignore end-of-generation; llama-cpp-python has no such option, so",
+            "its runs may stop earlier and are divided by the tokens they generated. The tiny model (2",
+            "layers, 64 wide, 32k vocabulary) makes the model's own work nearly vanish, so what is left is",
+            "each implementation's per-token cost.",
+            "",
+        )
+        rows = []
+        chart: dict[str, dict[str, float]] = {}
+        for label, title in (("gemma", "Gemma 3 270M"), ("tiny", "tiny llama")):
+            if label not in o:
+                continue
+            e = o[label]
+            ref = med([r["total_ms"] / (r["eval_runs"] + 1) for r in e["llama-completion"]])
+            chart[title] = {"llama-completion": ref}
+            rows.append([title, "llama.cpp `llama-completion`", fmt(ref, 3), "1.000", "-"])
+            for impl in ("pyllama", "llama-cpp-python"):
+                if impl not in e:
+                    continue
+                for mode, what in (("complete", "non-streamed"), ("complete_stream", "streamed")):
+                    ms = per_token_ms(e[impl], mode)
+                    toks = med(e[impl]["tokens"][mode])
+                    rows.append([title, f"{impl} {what}", fmt(ms, 3), ratio(ref, ms), f"{toks:.0f}"])
+                    chart[title][f"{impl} {what}"] = ms
+                if impl == "pyllama":
+                    ms = per_token_ms(e[impl], "complete")
+                    targets.append(
+                        [
+                            f"{title}: default sampler chain ≥ 0.98 of llama-completion",
+                            f"{ref / ms:.3f}",
+                            verdict(ref / ms >= 0.98),
+                        ]
+                    )
+                    if "llama-cpp-python" in e:
+                        lcp = per_token_ms(e["llama-cpp-python"], "complete")
+                        targets.append(
+                            [f"{title}: end to end faster than llama-cpp-python", f"{lcp / ms:.2f}x", verdict(lcp > ms)]
+                        )
+        d.table(["model", "implementation", "ms per token", "speed vs llama.cpp", "tokens"], rows)
+        d("`" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(o["gemma"]["argv"])) + "`", "")
+        if chart:
+            plots.append(plot_overhead(chart))
+            d("![ms per token](img/bench_overhead.png)", "")
+
+    if "ttft" in res:
+        t = res["ttft"]
+        py = t["pyllama"]
+        second, only, whole = med(py["second_turn"]), med(py["new_turn_only"]), med(py["whole_prompt"])
+        n_prompt, n_cached = py["prompt_and_cached"][0]
+        d(
+            "## 3. Second-turn time to first token",
+            "",
+            f"Gemma 3 270M, a conversation whose first turn is {py['first_turn_tokens']} prompt tokens and a",
+            f"32-token reply; the second turn's prompt is {n_prompt} tokens, of which {n_cached} are reused",
+            "from the first turn. Time to first token is `chat(..., max_tokens=1)` timed around the call",
+            "(template, tokenization, prefix match, evaluation, one sample). The reference evaluates only",
+            "the new tokens on top of the history in a bare `Context` and samples one token.",
+            "",
+        )
+        rows = [
+            ["pyllama `Llama.chat`, second turn", fmt(1000 * second), ratio(second, only)],
+            ["only the new turn's tokens (bare `Context.decode`)", fmt(1000 * only), "1.000"],
+            ["the whole prompt evaluated again (no reuse)", fmt(1000 * whole), ratio(whole, only)],
+        ]
+        if "llama-cpp-python" in t:
+            lcp = med(t["llama-cpp-python"]["second_turn"])
+            rows.append(["llama-cpp-python `create_chat_completion`, second turn", fmt(1000 * lcp), ratio(lcp, only)])
+        d.table(["", "ms", "vs new turn only"], rows)
+        targets.append(
+            ["second-turn TTFT ≤ 1.2x the new turn alone", f"{second / only:.2f}x", verdict(second / only <= 1.2)]
+        )
+
+    if "server" in res:
+        sv = res["server"]
+        names = [n for n in ("pyllama", "llama-server", "llama-cpp-python") if n in sv]
+        levels = sorted({int(k) for n in names for k in sv[n]["levels"]})
+        d(
+            "## 4. Server: concurrent streaming clients",
+            "",
+            f"Gemma 3 270M, {sv['slots']} parallel slots where the server has them (llama-cpp-python's",
+            f"server runs one request at a time), a {sv['n_ctx']}-token context, streamed `/v1/completions`",
+            f"of {sv['max_tokens']} tokens with the default sampler settings. Each client sends",
+            f"{sv['rounds']} requests one after another; a level is run 3 times. Throughput is all",
+            "completion tokens over the wall time; latency is each request's, from sending to its last event.",
+            "",
+        )
+        rows = []
+        thr: dict[str, dict[int, float]] = {}
+        for lv in levels:
+            row = [str(lv)]
+            for n in names:
+                L = sv[n]["levels"].get(str(lv))
+                if not L:
+                    row += ["-", "-", "-"]
+                    continue
+                tps = med([tk / s for tk, s in zip(L["tokens"], L["seconds"], strict=True)])
+                thr.setdefault(n, {})[lv] = tps
+                row += [fmt(tps), fmt(p(L["latency"], 0.5), 2), fmt(p(L["latency"], 0.95), 2)]
+            rows.append(row)
+        header = ["clients"]
+        for n in names:
+            header += [f"{n} tok/s", "p50 s", "p95 s"]
+        d.table(header, rows)
+        for n in names:
+            d(f"- {n}: `{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sv[n]['argv']))}`")
+        d("", "![tokens/s against concurrent clients](img/bench_server.png)", "")
+        plots.append(plot_server(thr))
+        at = 8 if 8 in levels else max(levels)
+        if "pyllama" in thr and "llama-server" in thr:
+            r = thr["pyllama"][at] / thr["llama-server"][at]
+            targets.append([f"server at {at} clients ≥ 0.95x llama-server", f"{r:.2f}x", verdict(r >= 0.95)])
+        if "pyllama" in thr and "llama-cpp-python" in thr:
+            r = thr["pyllama"][at] / thr["llama-cpp-python"][at]
+            targets.append([f"server at {at} clients ≥ 3x llama-cpp-python's", f"{r:.2f}x", verdict(r >= 3)])
+
+    rss = peak_rss_rows(res)
+    if rss:
+        d("## 5. Peak RSS", "", "Each process's peak resident memory (MiB).", "")
+        d.table(["measurement", "llama.cpp", "pyllama", "llama-cpp-python"], rss)
+
+    if targets:
+        d("## Targets", "")
+        d.table(["target", "measured", ""], targets)
+
+    d(NOTES_BEGIN, *old_notes(), NOTES_END, "")
+    DOC.write_text("\n".join(d.lines))
+    return DOC
+
+
+def peak_rss_rows(res: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    if "speed" in res:
+        s = res["speed"]
+        rows.append(
+            [
+                "pp512 + tg128 (speed section)",
+                fmt(s.get("llama-bench_peak_rss_mib"), 0),
+                fmt(s.get("pyllama", {}).get("peak_rss_mib"), 0),
+                fmt(s.get("llama-cpp-python", {}).get("peak_rss_mib"), 0),
+            ]
+        )
+    if "overhead" in res:
+        for label in ("gemma", "tiny"):
+            e = res["overhead"].get(label)
+            if e:
+                rows.append(
+                    [
+                        f"{res['overhead']['n']} tokens, {label}",
+                        fmt(max(r["peak_rss_mib"] for r in e["llama-completion"]), 0),
+                        fmt(e.get("pyllama", {}).get("peak_rss_mib"), 0),
+                        fmt(e.get("llama-cpp-python", {}).get("peak_rss_mib"), 0),
+                    ]
+                )
+    if "ttft" in res:
+        t = res["ttft"]
+        rows.append(
+            [
+                "second-turn TTFT (4096-token context)",
+                "-",
+                fmt(t["pyllama"].get("peak_rss_mib"), 0),
+                fmt(t.get("llama-cpp-python", {}).get("peak_rss_mib"), 0),
+            ]
+        )
+    if "server" in res:
+        sv = res["server"]
+        rows.append(
+            [
+                f"server, {sv['slots']} slots, {sv['n_ctx']}-token context",
+                fmt(sv.get("llama-server", {}).get("peak_rss_mib"), 0),
+                fmt(sv.get("pyllama", {}).get("peak_rss_mib"), 0),
+                fmt(sv.get("llama-cpp-python", {}).get("peak_rss_mib"), 0),
+            ]
+        )
+    return rows
+
+
+def old_notes() -> list[str]:
+    if not DOC.exists():
+        return []
+    text = DOC.read_text()
+    if NOTES_BEGIN not in text or NOTES_END not in text:
+        return []
+    inner = text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
+    return inner.strip("\n").splitlines()
+
+
+def plot_server(thr: dict[str, dict[int, float]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for name, series in thr.items():
+        xs = sorted(series)
+        ax.plot(xs, [series[x] for x in xs], marker="o", label=name)
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("aggregate completion tokens/s")
+    ax.set_xticks(sorted({x for s in thr.values() for x in s}))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Server throughput, Gemma 3 270M")
+    fig.tight_layout()
+    out = IMG / "bench_server.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_overhead(chart: dict[str, dict[str, float]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(chart), figsize=(5.2 * len(chart), 3.6), dpi=110)
+    if len(chart) == 1:
+        axes = [axes]
+    for ax, (title, values) in zip(axes, chart.items(), strict=True):
+        names = list(values)
+        ax.barh(names, [values[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per generated token")
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = IMG / "bench_overhead.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

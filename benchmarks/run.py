@@ -1,0 +1,400 @@
+"""pyllama against llama.cpp's own tools and llama-cpp-python, on this machine, in one run.
+
+    python benchmarks/run.py            # everything; writes docs/benchmarks.md and its plots
+    python benchmarks/run.py --only speed,server --reps 3
+    python benchmarks/run.py --report   # only rewrite the report from the last results
+
+The first run builds llama-bench, llama-completion and llama-server from vendor/llama.cpp and
+installs llama-cpp-python==0.3.35 into a virtual environment of its own (see refs.py); both are
+kept in benchmarks/.work/. Every measurement runs in a process of its own, so each one's peak
+RSS is its own. Results: benchmarks/.work/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import refs
+import report
+import server_bench
+
+HERE = Path(__file__).resolve().parent
+RESULTS = refs.WORK / "results.json"
+log = refs.log
+
+PROMPT = "The history of the old lighthouse on the northern cliffs began"
+OVERHEAD_PROMPTS = [f"Story number {i}. Once upon a time, in a village by the sea, there lived" for i in range(1, 12)]
+SERVER_PROMPTS = [
+    f"Write a short story about {topic}. Once upon a time,"
+    for topic in (
+        "a lighthouse keeper",
+        "a lost cat",
+        "a clockmaker",
+        "a mountain village",
+        "a river boat",
+        "a sleepy dragon",
+        "a baker at dawn",
+        "an old library",
+        "a garden robot",
+        "a winter fox",
+        "a paper kite",
+        "a harbour market",
+        "a night train",
+        "a painter's apprentice",
+        "a desert well",
+        "a snow globe",
+    )
+]
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+def maxrss_mib(ru_maxrss: int) -> float:
+    return server_bench.maxrss_mib(ru_maxrss)
+
+
+def run_measured(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 3600) -> dict[str, Any]:
+    """Runs a command to its end; its stdout, stderr, wall time and peak RSS (from wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                raise RuntimeError(f"timed out: {' '.join(argv)}")
+            time.sleep(0.02)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with {p.returncode}:\n{stderr[-3000:]}")
+    return {"stdout": stdout, "stderr": stderr, "wall": wall, "peak_rss_mib": maxrss_mib(usage.ru_maxrss)}
+
+
+def worker(python: str, name: str, task: str, spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    r = run_measured([python, str(HERE / name), task, json.dumps(spec)], env=env)
+    result = json.loads(r["stdout"].strip().splitlines()[-1])
+    result["peak_rss_mib"] = r["peak_rss_mib"]
+    return result
+
+
+def default_threads(model: Path) -> int:
+    import pyllama
+
+    with pyllama.Model(str(model)) as m, pyllama.Context(m, n_ctx=256) as ctx:
+        return ctx.n_threads
+
+
+# --- 1. prompt and decode speed ---------------------------------------------------------------
+
+
+def bench_speed(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    tools = cfg["tools"]
+    model, threads, reps = str(cfg["gemma"]), cfg["threads"], cfg["reps"]
+    log("speed: llama-bench pp512/tg128")
+    argv = [str(tools["llama-bench"]), "-m", model, "-p", "512", "-n", "128", "-t", str(threads)]
+    argv += ["-r", str(reps), "-o", "json"]
+    r = run_measured(argv)
+    bench = {
+        ("pp" if t["n_prompt"] else "tg"): {"samples": t["samples_ts"], "flash_attn": t.get("flash_attn")}
+        for t in json.loads(r["stdout"])
+    }
+    out: dict[str, Any] = {"argv": argv, "llama-bench": bench, "llama-bench_peak_rss_mib": r["peak_rss_mib"]}
+    spec = {"model": model, "threads": threads, "reps": reps, "prompt": PROMPT}
+    log("speed: pyllama")
+    out["pyllama"] = worker(sys.executable, "worker_pyllama.py", "speed", spec)
+    if cfg.get("lcp"):
+        log("speed: llama-cpp-python")
+        out["llama-cpp-python"] = worker(cfg["lcp"], "worker_lcp.py", "speed", spec)
+    res["speed"] = out
+
+
+# --- 2. per-token overhead --------------------------------------------------------------------
+
+PERF = {
+    "prompt_eval_ms": r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens",
+    "eval_ms": r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs",
+    "total_ms": r"total time =\s*([\d.]+) ms /\s*(\d+) tokens",
+    "sampling_ms": r"sampling time =\s*([\d.]+) ms",
+}
+
+
+def parse_perf(text: str) -> dict[str, float]:
+    got = {}
+    for key, pattern in PERF.items():
+        m = re.findall(pattern, text)
+        if not m:
+            raise RuntimeError(f"llama-completion printed no '{key}' line:\n{text[-2000:]}")
+        got[key] = float(m[-1][0] if isinstance(m[-1], tuple) else m[-1])
+        if key == "eval_ms":
+            got["eval_runs"] = int(m[-1][1])
+    return got
+
+
+def bench_overhead(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    tools, threads, reps, n = cfg["tools"], cfg["threads"], cfg["reps"], cfg["n_overhead"]
+    out: dict[str, Any] = {"n": n}
+    for label, path in (("gemma", cfg["gemma"]), ("tiny", cfg["tiny"])):
+        log(f"overhead: {label}: llama-completion, {n} tokens")
+        runs = []
+        argv0: list[str] = []
+        for i in range(reps + 1):
+            argv = [str(tools["llama-completion"]), "-m", str(path), "-p", OVERHEAD_PROMPTS[i % len(OVERHEAD_PROMPTS)]]
+            argv += ["-n", str(n), "--ignore-eos", "-t", str(threads), "-tb", str(threads), "-c", "512"]
+            argv += ["-b", "2048", "-ub", "512", "--seed", "1", "-no-cnv", "--temp", "0.8", "--top-k", "40"]
+            argv += ["--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1.0"]
+            r = run_measured(argv)
+            perf = parse_perf(r["stderr"] + r["stdout"])
+            if i:
+                runs.append({**perf, "wall": r["wall"], "peak_rss_mib": r["peak_rss_mib"]})
+            argv0 = argv
+        spec = {"model": str(path), "threads": threads, "reps": reps, "n": n, "n_ctx": 512}
+        spec |= {"prompts": OVERHEAD_PROMPTS, "seed": 1}
+        entry: dict[str, Any] = {"llama-completion": runs, "argv": argv0}
+        log(f"overhead: {label}: pyllama")
+        entry["pyllama"] = worker(sys.executable, "worker_pyllama.py", "overhead", spec)
+        if cfg.get("lcp"):
+            log(f"overhead: {label}: llama-cpp-python")
+            entry["llama-cpp-python"] = worker(cfg["lcp"], "worker_lcp.py", "overhead", spec)
+        out[label] = entry
+    res["overhead"] = out
+
+
+# --- 3. second-turn time to first token --------------------------------------------------------
+
+
+def long_history(n_words: int = 700) -> list[dict[str, str]]:
+    words = (
+        "the harbour town kept its records in a ledger of salt-stained pages where every ship that "
+        "came and went was written down with its cargo its crew and the weather of the day"
+    ).split()
+    text = " ".join(words[i % len(words)] for i in range(n_words))
+    return [
+        {"role": "system", "content": "You are a careful assistant who answers in plain prose."},
+        {"role": "user", "content": f"Here are my notes:\n\n{text}\n\nSummarise them in two sentences."},
+    ]
+
+
+FOLLOW_UPS = [
+    "Thank you. Now list three questions a historian might ask about these records.",
+    "Which detail of the notes seems most surprising to you, and why?",
+    "Rewrite your summary for a ten-year-old reader, please.",
+    "What might the weather entries tell us about the seasons there?",
+    "Suggest a title for a short book based on these notes.",
+    "Which of the records would you check first, and how?",
+]
+
+
+def bench_ttft(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    spec = {
+        "model": str(cfg["gemma"]),
+        "threads": cfg["threads"],
+        "reps": cfg["reps"],
+        "n_ctx": 4096,
+        "history": long_history(),
+        "follow_ups": FOLLOW_UPS,
+        "reply_tokens": 32,
+    }
+    log("ttft: pyllama")
+    out: dict[str, Any] = {"pyllama": worker(sys.executable, "worker_pyllama.py", "ttft", spec)}
+    if cfg.get("lcp"):
+        log("ttft: llama-cpp-python")
+        out["llama-cpp-python"] = worker(cfg["lcp"], "worker_lcp.py", "ttft", spec)
+    res["ttft"] = out
+
+
+# --- 4. server ----------------------------------------------------------------------------------
+
+
+def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    import pyllama
+
+    model, threads, slots = str(cfg["gemma"]), str(cfg["threads"]), cfg["slots"]
+    n_ctx = str(cfg["server_n_ctx"])
+    logs = refs.WORK / "logs"
+    vocab = pyllama.Model(model, vocab_only=True)
+
+    def count(text: str) -> int:
+        return len(vocab.tokenize(text, add_special=False, parse_special=False))
+
+    body = {"max_tokens": cfg["server_max_tokens"], "stream": True, "ignore_eos": True, **SAMPLING}
+    servers = {
+        "llama-server": [
+            str(cfg["tools"]["llama-server"]),
+            "-m",
+            model,
+            "--port",
+            "{port}",
+            "-np",
+            str(slots),
+            "-c",
+            n_ctx,
+            "-t",
+            threads,
+            "-tb",
+            threads,
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "--no-webui",
+        ],
+        "pyllama": [
+            sys.executable,
+            "-m",
+            "pyllama.server",
+            model,
+            "--port",
+            "{port}",
+            "--parallel",
+            str(slots),
+            "--n-ctx",
+            n_ctx,
+            "--n-threads",
+            threads,
+            "--log-level",
+            "warning",
+        ],
+    }
+    if cfg.get("lcp"):
+        servers["llama-cpp-python"] = [
+            cfg["lcp"],
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model,
+            "--port",
+            "{port}",
+            "--n_ctx",
+            n_ctx,
+            "--n_threads",
+            threads,
+            "--n_threads_batch",
+            threads,
+            "--n_batch",
+            "2048",
+            "--n_ubatch",
+            "512",
+        ]
+    out: dict[str, Any] = {
+        "slots": slots,
+        "n_ctx": int(n_ctx),
+        "max_tokens": cfg["server_max_tokens"],
+        "rounds": cfg["server_rounds"],
+        "body": body,
+    }
+    for name, argv in servers.items():
+        port = server_bench.free_port()
+        argv = [a.replace("{port}", str(port)) for a in argv]
+        log(f"server: {name}")
+        server = server_bench.Server(name, argv, port, logs / f"{name}.log")
+        result = server_bench.bench_server(
+            server,
+            cfg["levels"],
+            cfg["server_reps"],
+            cfg["server_rounds"],
+            SERVER_PROMPTS,
+            body,
+            count,
+            warmup_clients=slots,
+        )
+        result["argv"] = argv
+        out[name] = result
+    res["server"] = out
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "system": f"{platform.system()} {platform.release()}"}
+
+
+SECTIONS = {"speed": bench_speed, "overhead": bench_overhead, "ttft": bench_ttft, "server": bench_server}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run: " + ", ".join(SECTIONS))
+    ap.add_argument("--reps", type=int, default=5, help="measured repetitions (a warm-up run comes first)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for everything (default: pyllama's)")
+    ap.add_argument("--levels", default="1,4,8,16", help="concurrent clients for the server section")
+    ap.add_argument("--slots", type=int, default=8, help="parallel slots of each server")
+    ap.add_argument("--no-llama-cpp-python", action="store_true", help="leave llama-cpp-python out")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the reference tools and venv")
+    ap.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from the results")
+    args = ap.parse_args()
+
+    if args.report:
+        report.write(json.loads(RESULTS.read_text()))
+        return 0
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+
+    import pyllama
+
+    cfg: dict[str, Any] = {
+        "tools": refs.build_llama_cpp_tools(args.rebuild),
+        "lcp": None if args.no_llama_cpp_python else str(refs.ensure_llama_cpp_python(args.rebuild)),
+        "gemma": refs.gemma_path(),
+        "tiny": refs.tiny_model_path(),
+        "reps": args.reps,
+        "n_overhead": 256,
+        "levels": [int(x) for x in args.levels.split(",")],
+        "slots": args.slots,
+        "server_n_ctx": 8192,
+        "server_max_tokens": 64,
+        "server_reps": 3,
+        "server_rounds": 2,
+    }
+    cfg["threads"] = args.threads or default_threads(cfg["tiny"])
+    res: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    res["meta"] = {
+        **machine(),
+        "date": datetime.date.today().isoformat(),
+        "threads": cfg["threads"],
+        "pyllama": pyllama.__version__,
+        "llama_cpp_commit": pyllama.LLAMA_CPP_COMMIT if hasattr(pyllama, "LLAMA_CPP_COMMIT") else "4df29be4f",
+        "cpu_flags": refs.cpu_flags(),
+        "models": {"gemma": cfg["gemma"].name, "tiny": cfg["tiny"].name},
+        "reps": args.reps,
+    }
+    for s in sections:
+        t = time.perf_counter()
+        SECTIONS[s](cfg, res)
+        res.setdefault("took_s", {})[s] = round(time.perf_counter() - t, 1)
+        RESULTS.write_text(json.dumps(res, indent=1, default=str))
+    report.write(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Concurrent streaming clients against an OpenAI-compatible server.
+
+Each server runs in a process of its own (its peak RSS comes from wait4 when it exits). Every
+client streams /v1/completions requests one after another; a level's aggregate throughput is all
+completion tokens over the wall time, and its latency is each request's time from sending to the
+last event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+now = time.perf_counter
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    peak_rss_mib: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not come up in {timeout} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.peak_rss_mib = maxrss_mib(usage.ru_maxrss)
+                self.proc.returncode = status
+                break
+            time.sleep(0.1)
+        else:
+            self.proc.kill()
+            _, _, usage = os.wait4(self.proc.pid, 0)
+            self.peak_rss_mib = maxrss_mib(usage.ru_maxrss)
+        self.proc = None
+
+
+def maxrss_mib(ru_maxrss: int) -> float:
+    """ru_maxrss is KiB on Linux and bytes on macOS."""
+    return ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else ru_maxrss / 1024
+
+
+@dataclass
+class Level:
+    clients: int
+    seconds: list[float] = field(default_factory=list)  # wall time of each repetition
+    tokens: list[int] = field(default_factory=list)  # completion tokens of each repetition
+    latency: list[float] = field(default_factory=list)  # every request's
+    ttft: list[float] = field(default_factory=list)  # every request's first text
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], count: Callable[[str], int]
+) -> tuple[float, float, int]:
+    """Streams one completion; returns (latency, time to first text, completion tokens)."""
+    t0 = now()
+    first = None
+    text = []
+    usage = None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.strip() == "[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                piece = choice.get("text") or ""
+                if piece:
+                    if first is None:
+                        first = now()
+                    text.append(piece)
+    t1 = now()
+    n = usage["completion_tokens"] if usage else count("".join(text))
+    return t1 - t0, (first or t1) - t0, n
+
+
+async def run_level(
+    url: str, clients: int, rounds: int, prompts: list[str], body: dict[str, Any], count: Callable[[str], int]
+) -> tuple[float, int, list[tuple[float, float, int]]]:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker(c: int) -> list[tuple[float, float, int]]:
+            got = []
+            for r in range(rounds):
+                prompt = prompts[(c * rounds + r) % len(prompts)]
+                got.append(await one_request(client, url, {**body, "prompt": prompt}, count))
+            return got
+
+        t0 = now()
+        results = await asyncio.gather(*(worker(c) for c in range(clients)))
+        wall = now() - t0
+    flat = [x for per in results for x in per]
+    return wall, sum(n for _, _, n in flat), flat
+
+
+def bench_server(
+    server: Server,
+    levels: list[int],
+    reps: int,
+    rounds: int,
+    prompts: list[str],
+    body: dict[str, Any],
+    count: Callable[[str], int],
+    warmup_clients: int,
+) -> dict[str, Any]:
+    server.start()
+    try:
+        # Warm-up, not counted: every slot generates once.
+        asyncio.run(run_level(server.url, warmup_clients, 1, prompts, body, count))
+        out: dict[str, Any] = {}
+        for n in levels:
+            level = Level(n)
+            for _ in range(reps):
+                wall, tokens, flat = asyncio.run(run_level(server.url, n, rounds, prompts, body, count))
+                level.seconds.append(wall)
+                level.tokens.append(tokens)
+                level.latency += [lat for lat, _, _ in flat]
+                level.ttft += [t for _, t, _ in flat]
+            out[str(n)] = level.__dict__
+            print(
+                f"[bench]   {server.name}: {n} clients: {sum(level.tokens) / sum(level.seconds):.1f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        server.stop()
+    return {"levels": out, "peak_rss_mib": server.peak_rss_mib}

@@ -1,0 +1,235 @@
+"""pyllama's side of the in-process benchmarks; run by run.py, one task per process.
+
+    python benchmarks/worker_pyllama.py TASK '{"model": ..., "threads": 2, "reps": 5, ...}'
+
+prints one JSON object with the raw samples (run.py takes the medians). Every task does a warm-up
+that is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+import pyllama
+
+now = time.perf_counter
+
+
+def random_prompt(model: pyllama.Model, n: int, rng: np.random.Generator) -> list[int]:
+    """Random token ids as llama-bench makes them: BOS first when the model adds one."""
+    tokens = rng.integers(0, model.n_vocab, n).tolist()
+    if model.add_bos and model.token_bos is not None:
+        tokens[0] = model.token_bos
+    return tokens
+
+
+def first_token(model: pyllama.Model) -> int:
+    return model.token_bos if model.add_bos and model.token_bos is not None else 0
+
+
+def speed(spec: dict[str, Any]) -> dict[str, Any]:
+    """pp512 and tg128 as llama-bench runs them (n_ctx = n_prompt or n_gen, n_batch 2048,
+    n_ubatch 512), through the low-level objects and through Llama.complete/chat."""
+    path, threads, reps = spec["model"], spec["threads"], spec["reps"]
+    n_pp, n_tg = spec.get("n_prompt", 512), spec.get("n_gen", 128)
+    rng = np.random.default_rng(0)
+    model = pyllama.Model(path)
+    out: dict[str, list[float]] = {}
+    cparams = dict(n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads)
+
+    # pp: one Context.decode of n_pp random tokens, logits for the last.
+    with pyllama.Context(model, n_ctx=n_pp, **cparams) as ctx:
+        samples = []
+        for i in range(reps + 1):
+            ctx.memory_clear(False)
+            batch = pyllama.Batch.from_tokens(random_prompt(model, n_pp, rng))
+            t = now()
+            ctx.decode(batch)
+            dt = now() - t
+            if i:
+                samples.append(n_pp / dt)
+        out["pp_context_decode"] = samples
+
+    # tg: the C++ token loop (Generator) with the greedy sampler: n_tg decodes and n_tg samples.
+    greedy = pyllama.Sampler(model, greedy=True)
+    with pyllama.Context(model, n_ctx=n_tg, **cparams) as ctx:
+        gen = pyllama.Generator(ctx)
+        samples = []
+        for i in range(reps + 1):
+            gen.reset()
+            greedy.reset()
+            g = gen.generate([first_token(model)], greedy, max_tokens=n_tg, ignore_eos=True)
+            t = now()
+            g.run()
+            dt = now() - t
+            assert g.n_completion == n_tg, g.n_completion
+            if i:
+                samples.append(n_tg / dt)
+        out["tg_generator_greedy"] = samples
+
+        # tg: the same in a Python loop: Context.decode + Sampler.sample per token.
+        samples = []
+        for i in range(reps + 1):
+            ctx.memory_clear(False)
+            greedy.reset()
+            tok = first_token(model)
+            t = now()
+            for pos in range(n_tg):
+                ctx.decode(pyllama.Batch.from_tokens([tok], pos0=pos))
+                tok = greedy.sample(ctx)
+                greedy.accept(tok)
+            dt = now() - t
+            if i:
+                samples.append(n_tg / dt)
+        out["tg_python_loop_greedy"] = samples
+
+    # Llama: the same context settings; pp through complete(max_tokens=1) on a fresh random
+    # prompt each time (so nothing is reused but BOS), tg through complete/chat with greedy
+    # sampling and a short prompt, timed end to end.
+    llm = pyllama.Llama(path, n_ctx=max(n_pp + 8, 512), n_batch=2048, n_ubatch=512, n_threads=threads)
+    samples = []
+    for i in range(reps + 1):
+        prompt = random_prompt(model, n_pp, rng)
+        t = now()
+        r = llm.complete(prompt, max_tokens=1, temperature=0)
+        dt = now() - t
+        evaluated = r["usage"]["prompt_tokens"] - r["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        if i:
+            samples.append(evaluated / dt)
+    out["pp_llama_complete"] = samples
+
+    prompt_text = spec["prompt"]
+    samples = []
+    for i in range(reps + 1):
+        t = now()
+        r = llm.complete(prompt_text, max_tokens=n_tg, temperature=0, ignore_eos=True)
+        dt = now() - t
+        assert r["usage"]["completion_tokens"] == n_tg
+        if i:
+            samples.append(n_tg / dt)
+    out["tg_llama_complete"] = samples
+
+    eog = {t: -100.0 for t in eog_tokens(model)}
+    samples = []
+    for i in range(reps + 1):
+        # A new conversation each time: only the template's first tokens are reused.
+        messages = [{"role": "user", "content": f"{i}. {prompt_text}"}]
+        t = now()
+        r = llm.chat(messages, max_tokens=n_tg, temperature=0, logit_bias=eog)
+        dt = now() - t
+        assert r["usage"]["completion_tokens"] == n_tg, r["usage"]
+        if i:
+            samples.append(n_tg / dt)
+    out["tg_llama_chat"] = samples
+    llm.close()
+    return {"samples": out}
+
+
+def eog_tokens(model: pyllama.Model) -> list[int]:
+    return [t for t in range(model.n_vocab) if model.token_is_eog(t)]
+
+
+def overhead(spec: dict[str, Any]) -> dict[str, Any]:
+    """End-to-end time of Llama.complete for n tokens with llama.cpp's default sampler chain
+    (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), streamed and not."""
+    path, threads, reps, n = spec["model"], spec["threads"], spec["reps"], spec["n"]
+    llm = pyllama.Llama(path, n_ctx=spec["n_ctx"], n_threads=threads)
+    out: dict[str, list[float]] = {"complete": [], "complete_stream": []}
+    tokens: dict[str, list[int]] = {"complete": [], "complete_stream": []}
+    for i in range(reps + 1):
+        for mode in ("complete", "complete_stream"):
+            prompt = spec["prompts"][i % len(spec["prompts"])]
+            t = now()
+            if mode == "complete":
+                r = llm.complete(prompt, max_tokens=n, ignore_eos=True, seed=spec["seed"])
+                got = r["usage"]["completion_tokens"]
+            else:
+                got = 0
+                for chunk in llm.complete(prompt, max_tokens=n, ignore_eos=True, seed=spec["seed"], stream=True):
+                    if chunk.get("usage"):
+                        got = chunk["usage"]["completion_tokens"]
+            dt = now() - t
+            if i:
+                out[mode].append(dt)
+                tokens[mode].append(got)
+    llm.close()
+    return {"seconds": out, "tokens": tokens}
+
+
+def ttft(spec: dict[str, Any]) -> dict[str, Any]:
+    """Second-turn time to first token with a long history, against evaluating only the new
+    turn's tokens on top of the history in a bare Context."""
+    path, threads, reps = spec["model"], spec["threads"], spec["reps"]
+    history, follow_ups = spec["history"], spec["follow_ups"]
+    n_ctx = spec["n_ctx"]
+    llm = pyllama.Llama(path, n_ctx=n_ctx, n_threads=threads)
+    first = llm.chat(history, max_tokens=spec["reply_tokens"], temperature=0)
+    reply = first["choices"][0]["message"]["content"]
+    conversation = [*history, {"role": "assistant", "content": reply}]
+    out: dict[str, Any] = {"second_turn": [], "first_turn_tokens": first["usage"]["prompt_tokens"]}
+    shapes = []
+    for i in range(reps + 1):
+        # Each repetition: the history (in the cache from the previous turn), a new user turn.
+        messages = [*conversation, {"role": "user", "content": follow_ups[i % len(follow_ups)]}]
+        # Put the first turn's state back (prompt and reply), as after a real first turn.
+        llm.chat(history, max_tokens=spec["reply_tokens"], temperature=0)
+        t = now()
+        r = llm.chat(messages, max_tokens=1, temperature=0)
+        dt = now() - t
+        usage = r["usage"]
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        if i:
+            out["second_turn"].append(dt)
+            shapes.append((usage["prompt_tokens"], cached))
+    out["prompt_and_cached"] = shapes
+
+    # The reference: the same prompt tokens, the cached part already in a Context's memory;
+    # time only the decode of the new tokens and one greedy sample.
+    model = llm.model
+    greedy = pyllama.Sampler(model, greedy=True)
+    samples = []
+    with pyllama.Context(model, n_ctx=llm.n_ctx(), n_threads=threads, n_threads_batch=threads) as ctx:
+        for i in range(reps + 1):
+            messages = [*conversation, {"role": "user", "content": follow_ups[i % len(follow_ups)]}]
+            tokens = llm._render(messages, False, 1)[1]  # exactly the tokens chat() evaluates
+            n_cached = shapes[max(i - 1, 0)][1] if shapes else 0
+            ctx.memory_clear()
+            ctx.decode(pyllama.Batch.from_tokens(tokens[:n_cached], logits_last=False))
+            t = now()
+            ctx.decode(pyllama.Batch.from_tokens(tokens[n_cached:], pos0=n_cached))
+            greedy.sample(ctx)
+            dt = now() - t
+            if i:
+                samples.append(dt)
+    out["new_turn_only"] = samples
+
+    # And with no reuse: the whole second-turn prompt evaluated.
+    samples = []
+    with pyllama.Context(model, n_ctx=llm.n_ctx(), n_threads=threads, n_threads_batch=threads) as ctx:
+        for i in range(reps + 1):
+            messages = [*conversation, {"role": "user", "content": follow_ups[i % len(follow_ups)]}]
+            tokens = llm._render(messages, False, 1)[1]
+            ctx.memory_clear()
+            t = now()
+            ctx.decode(pyllama.Batch.from_tokens(tokens))
+            greedy.sample(ctx)
+            dt = now() - t
+            if i:
+                samples.append(dt)
+    out["whole_prompt"] = samples
+    llm.close()
+    return out
+
+
+TASKS = {"speed": speed, "overhead": overhead, "ttft": ttft}
+
+if __name__ == "__main__":
+    task, spec = sys.argv[1], json.loads(sys.argv[2])
+    result = TASKS[task](spec)
+    result["version"] = pyllama.__version__
+    print(json.dumps(result))
