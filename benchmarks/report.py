@@ -13,7 +13,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-IMG = ROOT / "docs" / "img"
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 med = statistics.median
@@ -35,6 +34,21 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 def ratio(x: float | None, ref: float | None) -> str:
     return "-" if x is None or not ref else f"{x / ref:.3f}"
+
+
+def show(argv: list[str]) -> str:
+    """A command as one would type it: programs and files by their names, the port as 8080."""
+    import shlex
+
+    out = []
+    for i, a in enumerate(argv):
+        if i == 0 or (("/" in a or "\\" in a) and Path(a).exists()):
+            a = Path(a).name
+            a = "python" if a.startswith("python") else a
+        elif i > 0 and argv[i - 1] == "--port":
+            a = "8080"
+        out.append(a)
+    return "`" + shlex.join(out) + "`"
 
 
 def verdict(ok: bool) -> str:
@@ -98,7 +112,9 @@ def per_token_ms(entry: dict[str, Any], mode: str) -> float:
     return med([1000 * s / n for s, n in zip(secs, toks, strict=True)])
 
 
-def write(res: dict[str, Any]) -> Path:
+def write(res: dict[str, Any], doc: Path = DOC) -> Path:
+    """Writes the report to ``doc`` and its plots to ``img/`` beside it; returns ``doc``."""
+    img = doc.parent / "img"
     meta = res.get("meta", {})
     d = Doc()
     d(
@@ -155,7 +171,7 @@ def write(res: dict[str, Any]) -> Path:
             "decodes. pyllama's greedy paths also pick each token (argmax), which `llama-bench` does not.",
             "`Llama.complete`/`chat` tg128 is end to end: a short prompt, then 128 tokens, timed around the call.",
             "",
-            f"`{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(s['argv']))}`",
+            show(s["argv"]),
             "",
         )
         d.table(["implementation", "path", "pp512 tok/s", "ratio", "tg128 tok/s", "ratio"], rows)
@@ -217,9 +233,9 @@ def write(res: dict[str, Any]) -> Path:
                             [f"{title}: end to end faster than llama-cpp-python", f"{lcp / ms:.2f}x", verdict(lcp > ms)]
                         )
         d.table(["model", "implementation", "ms per token", "speed vs llama.cpp", "tokens"], rows)
-        d("`" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(o["gemma"]["argv"])) + "`", "")
+        d(show(o["gemma"]["argv"]), "")
         if chart:
-            plots.append(plot_overhead(chart))
+            plots.append(plot_overhead(chart, img))
             d("![ms per token](img/bench_overhead.png)", "")
 
     if "ttft" in res:
@@ -258,10 +274,14 @@ def write(res: dict[str, Any]) -> Path:
             "## 4. Server: concurrent streaming clients",
             "",
             f"Gemma 3 270M, {sv['slots']} parallel slots where the server has them (llama-cpp-python's",
-            f"server runs one request at a time), a {sv['n_ctx']}-token context, streamed `/v1/completions`",
-            f"of {sv['max_tokens']} tokens with the default sampler settings. Each client sends",
-            f"{sv['rounds']} requests one after another; a level is run 3 times. Throughput is all",
-            "completion tokens over the wall time; latency is each request's, from sending to its last event.",
+            "server runs one request at a time; it is started with `--interrupt_requests False`, since by",
+            "default a new request cuts the running stream short), a",
+            f"{sv['n_ctx']}-token context, streamed `/v1/completions` of {sv['max_tokens']} tokens with the",
+            f"default sampler settings and `ignore_eos`. Each client sends {sv['rounds']} requests one after",
+            "another; the levels are run 3 times, alternating between the servers, which all stay up.",
+            "Throughput is all completion tokens over the wall time (tokens as the server's `usage` counts",
+            "them, or, for llama-cpp-python, which reports none when streaming and has no `ignore_eos`, the",
+            "streamed text tokenized again); latency is each request's, from sending to its last event.",
             "",
         )
         rows = []
@@ -282,9 +302,9 @@ def write(res: dict[str, Any]) -> Path:
             header += [f"{n} tok/s", "p50 s", "p95 s"]
         d.table(header, rows)
         for n in names:
-            d(f"- {n}: `{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sv[n]['argv']))}`")
+            d(f"- {n}: {show(sv[n]['argv'])}")
         d("", "![tokens/s against concurrent clients](img/bench_server.png)", "")
-        plots.append(plot_server(thr))
+        plots.append(plot_server(thr, img))
         at = 8 if 8 in levels else max(levels)
         if "pyllama" in thr and "llama-server" in thr:
             r = thr["pyllama"][at] / thr["llama-server"][at]
@@ -302,9 +322,9 @@ def write(res: dict[str, Any]) -> Path:
         d("## Targets", "")
         d.table(["target", "measured", ""], targets)
 
-    d(NOTES_BEGIN, *old_notes(), NOTES_END, "")
-    DOC.write_text("\n".join(d.lines))
-    return DOC
+    d(NOTES_BEGIN, *old_notes(doc), NOTES_END, "")
+    doc.write_text("\n".join(d.lines))
+    return doc
 
 
 def peak_rss_rows(res: dict[str, Any]) -> list[list[str]]:
@@ -354,23 +374,23 @@ def peak_rss_rows(res: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def old_notes() -> list[str]:
-    if not DOC.exists():
+def old_notes(doc: Path) -> list[str]:
+    if not doc.exists():
         return []
-    text = DOC.read_text()
+    text = doc.read_text()
     if NOTES_BEGIN not in text or NOTES_END not in text:
         return []
     inner = text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
     return inner.strip("\n").splitlines()
 
 
-def plot_server(thr: dict[str, dict[int, float]]) -> Path:
+def plot_server(thr: dict[str, dict[int, float]], img: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    IMG.mkdir(parents=True, exist_ok=True)
+    img.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, series in thr.items():
         xs = sorted(series)
@@ -383,19 +403,19 @@ def plot_server(thr: dict[str, dict[int, float]]) -> Path:
     ax.legend()
     ax.set_title("Server throughput, Gemma 3 270M")
     fig.tight_layout()
-    out = IMG / "bench_server.png"
+    out = img / "bench_server.png"
     fig.savefig(out)
     plt.close(fig)
     return out
 
 
-def plot_overhead(chart: dict[str, dict[str, float]]) -> Path:
+def plot_overhead(chart: dict[str, dict[str, float]], img: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    IMG.mkdir(parents=True, exist_ok=True)
+    img.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(chart), figsize=(5.2 * len(chart), 3.6), dpi=110)
     if len(chart) == 1:
         axes = [axes]
@@ -407,7 +427,7 @@ def plot_overhead(chart: dict[str, dict[str, float]]) -> Path:
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    out = IMG / "bench_overhead.png"
+    out = img / "bench_overhead.png"
     fig.savefig(out)
     plt.close(fig)
     return out

@@ -106,24 +106,38 @@ def default_threads(model: Path) -> int:
 # --- 1. prompt and decode speed ---------------------------------------------------------------
 
 
+def merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    """Pools one round's results into the earlier rounds': lists are extended, peak RSS is the
+    largest, other values are the last."""
+    for k, v in src.items():
+        if isinstance(v, dict):
+            merge(dst.setdefault(k, {}), v)
+        elif isinstance(v, list) and isinstance(dst.get(k), list):
+            dst[k].extend(v)
+        elif k.endswith("peak_rss_mib") and dst.get(k) is not None:
+            dst[k] = max(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
 def bench_speed(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     tools = cfg["tools"]
     model, threads, reps = str(cfg["gemma"]), cfg["threads"], cfg["reps"]
-    log("speed: llama-bench pp512/tg128")
     argv = [str(tools["llama-bench"]), "-m", model, "-p", "512", "-n", "128", "-t", str(threads)]
     argv += ["-r", str(reps), "-o", "json"]
-    r = run_measured(argv)
-    bench = {
-        ("pp" if t["n_prompt"] else "tg"): {"samples": t["samples_ts"], "flash_attn": t.get("flash_attn")}
-        for t in json.loads(r["stdout"])
-    }
-    out: dict[str, Any] = {"argv": argv, "llama-bench": bench, "llama-bench_peak_rss_mib": r["peak_rss_mib"]}
-    spec = {"model": model, "threads": threads, "reps": reps, "prompt": PROMPT}
-    log("speed: pyllama")
-    out["pyllama"] = worker(sys.executable, "worker_pyllama.py", "speed", spec)
-    if cfg.get("lcp"):
-        log("speed: llama-cpp-python")
-        out["llama-cpp-python"] = worker(cfg["lcp"], "worker_lcp.py", "speed", spec)
+    spec = {"model": model, "threads": threads, "reps": reps, "prompt": PROMPT, "chat_template": "gemma"}
+    out: dict[str, Any] = {"argv": argv}
+    for i in range(cfg["rounds"]):
+        log(f"speed, round {i + 1}/{cfg['rounds']}: llama-bench pp512/tg128")
+        r = run_measured(argv)
+        bench = {("pp" if t["n_prompt"] else "tg"): {"samples": t["samples_ts"]} for t in json.loads(r["stdout"])}
+        merge(out, {"llama-bench": bench, "llama-bench_peak_rss_mib": r["peak_rss_mib"]})
+        log(f"speed, round {i + 1}/{cfg['rounds']}: pyllama")
+        merge(out, {"pyllama": worker(sys.executable, "worker_pyllama.py", "speed", spec)})
+        if cfg.get("lcp"):
+            log(f"speed, round {i + 1}/{cfg['rounds']}: llama-cpp-python")
+            merge(out, {"llama-cpp-python": worker(cfg["lcp"], "worker_lcp.py", "speed", spec)})
     res["speed"] = out
 
 
@@ -153,27 +167,32 @@ def bench_overhead(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     tools, threads, reps, n = cfg["tools"], cfg["threads"], cfg["reps"], cfg["n_overhead"]
     out: dict[str, Any] = {"n": n}
     for label, path in (("gemma", cfg["gemma"]), ("tiny", cfg["tiny"])):
-        log(f"overhead: {label}: llama-completion, {n} tokens")
-        runs = []
-        argv0: list[str] = []
-        for i in range(reps + 1):
-            argv = [str(tools["llama-completion"]), "-m", str(path), "-p", OVERHEAD_PROMPTS[i % len(OVERHEAD_PROMPTS)]]
-            argv += ["-n", str(n), "--ignore-eos", "-t", str(threads), "-tb", str(threads), "-c", "512"]
-            argv += ["-b", "2048", "-ub", "512", "--seed", "1", "-no-cnv", "--temp", "0.8", "--top-k", "40"]
-            argv += ["--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1.0"]
-            r = run_measured(argv)
-            perf = parse_perf(r["stderr"] + r["stdout"])
-            if i:
-                runs.append({**perf, "wall": r["wall"], "peak_rss_mib": r["peak_rss_mib"]})
-            argv0 = argv
         spec = {"model": str(path), "threads": threads, "reps": reps, "n": n, "n_ctx": 512}
         spec |= {"prompts": OVERHEAD_PROMPTS, "seed": 1}
-        entry: dict[str, Any] = {"llama-completion": runs, "argv": argv0}
-        log(f"overhead: {label}: pyllama")
-        entry["pyllama"] = worker(sys.executable, "worker_pyllama.py", "overhead", spec)
-        if cfg.get("lcp"):
-            log(f"overhead: {label}: llama-cpp-python")
-            entry["llama-cpp-python"] = worker(cfg["lcp"], "worker_lcp.py", "overhead", spec)
+        entry: dict[str, Any] = {"llama-completion": []}
+        for k in range(cfg["rounds"]):
+            log(f"overhead, round {k + 1}/{cfg['rounds']}: {label}: llama-completion, {n} tokens")
+            for i in range(reps + 1):
+                argv = [
+                    str(tools["llama-completion"]),
+                    "-m",
+                    str(path),
+                    "-p",
+                    OVERHEAD_PROMPTS[i % len(OVERHEAD_PROMPTS)],
+                ]
+                argv += ["-n", str(n), "--ignore-eos", "-t", str(threads), "-tb", str(threads), "-c", "512"]
+                argv += ["-b", "2048", "-ub", "512", "--seed", "1", "-no-cnv", "--temp", "0.8", "--top-k", "40"]
+                argv += ["--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1.0"]
+                r = run_measured(argv)
+                perf = parse_perf(r["stderr"] + r["stdout"])
+                if i:
+                    entry["llama-completion"].append({**perf, "wall": r["wall"], "peak_rss_mib": r["peak_rss_mib"]})
+                entry["argv"] = argv
+            log(f"overhead, round {k + 1}/{cfg['rounds']}: {label}: pyllama")
+            merge(entry, {"pyllama": worker(sys.executable, "worker_pyllama.py", "overhead", spec)})
+            if cfg.get("lcp"):
+                log(f"overhead, round {k + 1}/{cfg['rounds']}: {label}: llama-cpp-python")
+                merge(entry, {"llama-cpp-python": worker(cfg["lcp"], "worker_lcp.py", "overhead", spec)})
         out[label] = entry
     res["overhead"] = out
 
@@ -212,6 +231,7 @@ def bench_ttft(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         "history": long_history(),
         "follow_ups": FOLLOW_UPS,
         "reply_tokens": 32,
+        "chat_template": "gemma",
     }
     log("ttft: pyllama")
     out: dict[str, Any] = {"pyllama": worker(sys.executable, "worker_pyllama.py", "ttft", spec)}
@@ -236,6 +256,7 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         return len(vocab.tokenize(text, add_special=False, parse_special=False))
 
     body = {"max_tokens": cfg["server_max_tokens"], "stream": True, "ignore_eos": True, **SAMPLING}
+    body["stream_options"] = {"include_usage": True}
     servers = {
         "llama-server": [
             str(cfg["tools"]["llama-server"]),
@@ -293,6 +314,9 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
             "2048",
             "--n_ubatch",
             "512",
+            # By default it stops the running stream when a new request comes; queue, as the others do.
+            "--interrupt_requests",
+            "False",
         ]
     out: dict[str, Any] = {
         "slots": slots,
@@ -301,23 +325,22 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         "rounds": cfg["server_rounds"],
         "body": body,
     }
+    started = []
     for name, argv in servers.items():
         port = server_bench.free_port()
         argv = [a.replace("{port}", str(port)) for a in argv]
-        log(f"server: {name}")
-        server = server_bench.Server(name, argv, port, logs / f"{name}.log")
-        result = server_bench.bench_server(
-            server,
-            cfg["levels"],
-            cfg["server_reps"],
-            cfg["server_rounds"],
-            SERVER_PROMPTS,
-            body,
-            count,
-            warmup_clients=slots,
-        )
-        result["argv"] = argv
-        out[name] = result
+        started.append(server_bench.Server(name, argv, port, logs / f"{name}.log"))
+    log(f"server: {', '.join(servers)}; {cfg['levels']} clients, {cfg['server_reps']} repetitions")
+    out |= server_bench.bench_servers(
+        started,
+        cfg["levels"],
+        cfg["server_reps"],
+        cfg["server_rounds"],
+        SERVER_PROMPTS,
+        body,
+        count,
+        warmup_clients=slots,
+    )
     res["server"] = out
 
 
@@ -343,6 +366,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run: " + ", ".join(SECTIONS))
     ap.add_argument("--reps", type=int, default=5, help="measured repetitions (a warm-up run comes first)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds that alternate the implementations (pooled)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for everything (default: pyllama's)")
     ap.add_argument("--levels", default="1,4,8,16", help="concurrent clients for the server section")
     ap.add_argument("--slots", type=int, default=8, help="parallel slots of each server")
@@ -374,6 +398,7 @@ def main() -> int:
         "server_max_tokens": 64,
         "server_reps": 3,
         "server_rounds": 2,
+        "rounds": args.rounds,
     }
     cfg["threads"] = args.threads or default_threads(cfg["tiny"])
     res: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -386,6 +411,7 @@ def main() -> int:
         "cpu_flags": refs.cpu_flags(),
         "models": {"gemma": cfg["gemma"].name, "tiny": cfg["tiny"].name},
         "reps": args.reps,
+        "rounds": args.rounds,
     }
     for s in sections:
         t = time.perf_counter()

@@ -148,8 +148,8 @@ async def run_level(
     return wall, sum(n for _, _, n in flat), flat
 
 
-def bench_server(
-    server: Server,
+def bench_servers(
+    servers: list[Server],
     levels: list[int],
     reps: int,
     rounds: int,
@@ -158,25 +158,31 @@ def bench_server(
     count: Callable[[str], int],
     warmup_clients: int,
 ) -> dict[str, Any]:
-    server.start()
+    """All servers run at once (idle ones take no CPU), and the measurements alternate between
+    them, level by level, so that a slow spell of the machine does not fall on one server only."""
+    out: dict[str, Any] = {s.name: {"levels": {}} for s in servers}
     try:
-        # Warm-up, not counted: every slot generates once.
-        asyncio.run(run_level(server.url, warmup_clients, 1, prompts, body, count))
-        out: dict[str, Any] = {}
-        for n in levels:
-            level = Level(n)
-            for _ in range(reps):
-                wall, tokens, flat = asyncio.run(run_level(server.url, n, rounds, prompts, body, count))
-                level.seconds.append(wall)
-                level.tokens.append(tokens)
-                level.latency += [lat for lat, _, _ in flat]
-                level.ttft += [t for _, t, _ in flat]
-            out[str(n)] = level.__dict__
-            print(
-                f"[bench]   {server.name}: {n} clients: {sum(level.tokens) / sum(level.seconds):.1f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
+        for server in servers:
+            server.start()
+            # Warm-up, not counted: every slot generates once.
+            asyncio.run(run_level(server.url, warmup_clients, 1, prompts, body, count))
+        for rep in range(reps):
+            for n in levels:
+                for server in servers:
+                    wall, tokens, flat = asyncio.run(run_level(server.url, n, rounds, prompts, body, count))
+                    level = out[server.name]["levels"].setdefault(str(n), Level(n).__dict__)
+                    level["seconds"].append(wall)
+                    level["tokens"].append(tokens)
+                    level["latency"] += [lat for lat, _, _ in flat]
+                    level["ttft"] += [t for _, t, _ in flat]
+                    print(
+                        f"[bench]   repetition {rep + 1}, {n} clients, {server.name}: {tokens / wall:.1f} tok/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
-        server.stop()
-    return {"levels": out, "peak_rss_mib": server.peak_rss_mib}
+        for server in servers:
+            server.stop()
+            out[server.name]["peak_rss_mib"] = server.peak_rss_mib
+            out[server.name]["argv"] = server.argv
+    return out

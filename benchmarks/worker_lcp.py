@@ -17,8 +17,9 @@ import numpy as np
 now = time.perf_counter
 
 
-def load(path: str, n_ctx: int, threads: int) -> llama_cpp.Llama:
+def load(path: str, n_ctx: int, threads: int, chat_format: str | None = None) -> llama_cpp.Llama:
     return llama_cpp.Llama(
+        chat_format=chat_format,
         model_path=path,
         n_ctx=n_ctx,
         n_batch=2048,
@@ -73,7 +74,7 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
     out["tg_generate_greedy"] = samples
     llm.close()
 
-    llm = load(path, max(n_pp + 8, 512), threads)
+    llm = load(path, max(n_pp + 8, 512), threads, spec.get("chat_template"))
     samples = []
     for i in range(reps + 1):
         prompt = random_prompt(llm, n_pp, rng)
@@ -96,11 +97,13 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
     out["tg_create_completion"] = samples
     tokens_out["tg_create_completion"] = counts
 
+    # As for pyllama: the end-of-generation tokens banned, so that every reply has n_tg tokens.
+    eog = {t: -100.0 for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)}
     samples, counts = [], []
     for i in range(reps + 1):
         messages = [{"role": "user", "content": f"{i}. {spec['prompt']}"}]
         t = now()
-        r = llm.create_chat_completion(messages, max_tokens=n_tg, temperature=0)
+        r = llm.create_chat_completion(messages, max_tokens=n_tg, temperature=0, logit_bias=eog)
         dt = now() - t
         if i:
             samples.append(r["usage"]["completion_tokens"] / dt)
@@ -142,7 +145,7 @@ def overhead(spec: dict[str, Any]) -> dict[str, Any]:
 def ttft(spec: dict[str, Any]) -> dict[str, Any]:
     path, threads, reps = spec["model"], spec["threads"], spec["reps"]
     history, follow_ups = spec["history"], spec["follow_ups"]
-    llm = load(path, spec["n_ctx"], threads)
+    llm = load(path, spec["n_ctx"], threads, spec.get("chat_template"))
     first = llm.create_chat_completion(history, max_tokens=spec["reply_tokens"], temperature=0)
     reply = first["choices"][0]["message"]["content"]
     conversation = [*history, {"role": "assistant", "content": reply}]

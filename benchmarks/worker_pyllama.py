@@ -91,7 +91,14 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
     # Llama: the same context settings; pp through complete(max_tokens=1) on a fresh random
     # prompt each time (so nothing is reused but BOS), tg through complete/chat with greedy
     # sampling and a short prompt, timed end to end.
-    llm = pyllama.Llama(path, n_ctx=max(n_pp + 8, 512), n_batch=2048, n_ubatch=512, n_threads=threads)
+    llm = pyllama.Llama(
+        path,
+        n_ctx=max(n_pp + 8, 512),
+        n_batch=2048,
+        n_ubatch=512,
+        n_threads=threads,
+        chat_template=spec.get("chat_template"),
+    )
     samples = []
     for i in range(reps + 1):
         prompt = random_prompt(model, n_pp, rng)
@@ -163,65 +170,55 @@ def overhead(spec: dict[str, Any]) -> dict[str, Any]:
 
 def ttft(spec: dict[str, Any]) -> dict[str, Any]:
     """Second-turn time to first token with a long history, against evaluating only the new
-    turn's tokens on top of the history in a bare Context."""
+    turn's tokens on top of the history in a bare Context (and the whole prompt, for scale). The
+    three are measured one after another in each repetition."""
     path, threads, reps = spec["model"], spec["threads"], spec["reps"]
     history, follow_ups = spec["history"], spec["follow_ups"]
-    n_ctx = spec["n_ctx"]
-    llm = pyllama.Llama(path, n_ctx=n_ctx, n_threads=threads)
+    llm = pyllama.Llama(path, n_ctx=spec["n_ctx"], n_threads=threads, chat_template=spec.get("chat_template"))
     first = llm.chat(history, max_tokens=spec["reply_tokens"], temperature=0)
     reply = first["choices"][0]["message"]["content"]
     conversation = [*history, {"role": "assistant", "content": reply}]
-    out: dict[str, Any] = {"second_turn": [], "first_turn_tokens": first["usage"]["prompt_tokens"]}
-    shapes = []
+    out: dict[str, Any] = {
+        "second_turn": [],
+        "new_turn_only": [],
+        "whole_prompt": [],
+        "prompt_and_cached": [],
+        "first_turn_tokens": first["usage"]["prompt_tokens"],
+    }
+    model = llm.model
+    greedy = pyllama.Sampler(model, greedy=True)
+    ctx = pyllama.Context(model, n_ctx=llm.n_ctx(), n_threads=threads, n_threads_batch=threads)
     for i in range(reps + 1):
-        # Each repetition: the history (in the cache from the previous turn), a new user turn.
         messages = [*conversation, {"role": "user", "content": follow_ups[i % len(follow_ups)]}]
-        # Put the first turn's state back (prompt and reply), as after a real first turn.
+        # The first turn again (prompt and reply in the context), as after a real first turn.
         llm.chat(history, max_tokens=spec["reply_tokens"], temperature=0)
         t = now()
         r = llm.chat(messages, max_tokens=1, temperature=0)
-        dt = now() - t
+        second = now() - t
         usage = r["usage"]
-        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        n_cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+        # The reference: exactly the tokens chat() evaluated, the reused part already in memory.
+        tokens = llm._render(messages, False, 1)[1]
+        assert len(tokens) == usage["prompt_tokens"]
+        ctx.memory_clear()
+        ctx.decode(pyllama.Batch.from_tokens(tokens[:n_cached], logits_last=False))
+        t = now()
+        ctx.decode(pyllama.Batch.from_tokens(tokens[n_cached:], pos0=n_cached))
+        greedy.sample(ctx)
+        only = now() - t
+
+        ctx.memory_clear()
+        t = now()
+        ctx.decode(pyllama.Batch.from_tokens(tokens))
+        greedy.sample(ctx)
+        whole = now() - t
         if i:
-            out["second_turn"].append(dt)
-            shapes.append((usage["prompt_tokens"], cached))
-    out["prompt_and_cached"] = shapes
-
-    # The reference: the same prompt tokens, the cached part already in a Context's memory;
-    # time only the decode of the new tokens and one greedy sample.
-    model = llm.model
-    greedy = pyllama.Sampler(model, greedy=True)
-    samples = []
-    with pyllama.Context(model, n_ctx=llm.n_ctx(), n_threads=threads, n_threads_batch=threads) as ctx:
-        for i in range(reps + 1):
-            messages = [*conversation, {"role": "user", "content": follow_ups[i % len(follow_ups)]}]
-            tokens = llm._render(messages, False, 1)[1]  # exactly the tokens chat() evaluates
-            n_cached = shapes[max(i - 1, 0)][1] if shapes else 0
-            ctx.memory_clear()
-            ctx.decode(pyllama.Batch.from_tokens(tokens[:n_cached], logits_last=False))
-            t = now()
-            ctx.decode(pyllama.Batch.from_tokens(tokens[n_cached:], pos0=n_cached))
-            greedy.sample(ctx)
-            dt = now() - t
-            if i:
-                samples.append(dt)
-    out["new_turn_only"] = samples
-
-    # And with no reuse: the whole second-turn prompt evaluated.
-    samples = []
-    with pyllama.Context(model, n_ctx=llm.n_ctx(), n_threads=threads, n_threads_batch=threads) as ctx:
-        for i in range(reps + 1):
-            messages = [*conversation, {"role": "user", "content": follow_ups[i % len(follow_ups)]}]
-            tokens = llm._render(messages, False, 1)[1]
-            ctx.memory_clear()
-            t = now()
-            ctx.decode(pyllama.Batch.from_tokens(tokens))
-            greedy.sample(ctx)
-            dt = now() - t
-            if i:
-                samples.append(dt)
-    out["whole_prompt"] = samples
+            out["second_turn"].append(second)
+            out["new_turn_only"].append(only)
+            out["whole_prompt"].append(whole)
+            out["prompt_and_cached"].append((usage["prompt_tokens"], n_cached))
+    ctx.close()
     llm.close()
     return out
 
