@@ -175,6 +175,14 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
             "",
         )
         d.table(["implementation", "path", "pp512 tok/s", "ratio", "tg128 tok/s", "ratio"], rows)
+        bpp, btg = s["llama-bench"]["pp"]["samples"], s["llama-bench"]["tg"]["samples"]
+        d(
+            f"How much the machine itself varies: `llama-bench`'s own {len(bpp)} samples in this run range over",
+            f"{min(bpp):.0f}-{max(bpp):.0f} tok/s (pp512) and {min(btg):.1f}-{max(btg):.1f} tok/s (tg128); their",
+            f"interquartile ranges are {p(bpp, 0.25):.0f}-{p(bpp, 0.75):.0f} and "
+            f"{p(btg, 0.25):.1f}-{p(btg, 0.75):.1f}.",
+            "",
+        )
         pp, tg = key.get("pp_context_decode"), key.get("tg_generator_greedy")
         if pp and tg:
             targets.append(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -431,7 +433,18 @@ def create_app(
     if max_request_bytes < 1:
         raise ValueError("max_request_bytes must be >= 1")
     server = _Server(llm, alias or llm.model_name, Slots(llm.n_parallel, max_queue))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Each generating request waits for its next piece in a worker thread (asyncio.to_thread).
+        # The default executor has min(32, CPUs + 4) threads: on a small machine fewer than the
+        # slots, and a stream without a thread falls behind. One thread per slot, and some more.
+        executor = concurrent.futures.ThreadPoolExecutor(llm.n_parallel + 8, thread_name_prefix="pyllama-server")
+        asyncio.get_running_loop().set_default_executor(executor)
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="pyllama",
         version=_core.__version__,
         docs_url=None,
