@@ -58,7 +58,7 @@ def test_parse_perf_reads_what_llama_completion_prints() -> None:
 
 
 def test_parse_perf_refuses_output_without_the_lines() -> None:
-    with pytest.raises(RuntimeError, match="total_ms|prompt_eval_ms"):
+    with pytest.raises(RuntimeError, match=r"total_ms|prompt_eval_ms"):
         run.parse_perf("main: error: failed to load model\n")
 
 
