@@ -158,7 +158,6 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
     )
 
     targets: list[list[str]] = []
-    plots: list[str] = []
 
     if "speed" in res:
         s = res["speed"]
@@ -243,7 +242,7 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
         d.table(["model", "implementation", "ms per token", "speed vs llama.cpp", "tokens"], rows)
         d(show(o["gemma"]["argv"]), "")
         if chart:
-            plots.append(plot_overhead(chart, img))
+            plot_overhead(chart, img)
             d("![ms per token](img/bench_overhead.png)", "")
 
     if "ttft" in res:
@@ -312,7 +311,7 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
         for n in names:
             d(f"- {n}: {show(sv[n]['argv'])}")
         d("", "![tokens/s against concurrent clients](img/bench_server.png)", "")
-        plots.append(plot_server(thr, img))
+        plot_server(thr, img)
         at = 8 if 8 in levels else max(levels)
         if "pyllama" in thr and "llama-server" in thr:
             r = thr["pyllama"][at] / thr["llama-server"][at]
