@@ -393,6 +393,9 @@ void Context::validate(const Batch & b, bool encode) const {
 }
 
 void Context::decode(const Batch & b, bool encode) {
+    if (PyErr_CheckSignals() != 0) {
+        throw py::error_already_set();  // a Ctrl-C that came before the call does not start a long decode
+    }
     int32_t     rc = 0;
     std::string reason;
     {
