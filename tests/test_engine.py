@@ -102,6 +102,40 @@ def test_a_sequence_reuses_its_cached_prefix(model: pyllama.Model) -> None:
         engine.close()
 
 
+def test_a_request_takes_the_lowest_free_sequence_unless_another_saves_64_tokens(model: pyllama.Model) -> None:
+    """Busy sequences with gaps between them cost llama.cpp one more pass per gap (kv_unified=False), so a
+    request takes the lowest free sequence unless another one holds at least 64 more of its prompt's tokens."""
+    words = " ".join(f"w{i}" for i in range(200))
+    long = list(model.tokenize(words))
+    short = list(model.tokenize("short"))
+    tail = list(model.tokenize(" and then something else"))
+    assert len(long) > 150
+    with pyllama.Context(model, n_ctx=3072, n_seq_max=3, n_threads=1) as ctx:
+        engine = pyllama.Engine(ctx, 3)
+        a = engine.submit(short, greedy(model), max_tokens=2, ignore_eos=True)  # sequence 0
+        b = engine.submit(long, greedy(model), max_tokens=2, ignore_eos=True)  # sequence 1
+        a.run(), b.run()
+        assert ctx.seq_pos_max(0) == len(short) and ctx.seq_pos_max(1) == len(long)
+
+        # 30 tokens in common with sequence 1: not worth a gap, sequence 0 is taken
+        c_prompt = long[:30] + tail
+        c = engine.submit(c_prompt, greedy(model), max_tokens=2, ignore_eos=True)
+        c.run()
+        shared_with_0 = next(i for i, (x, y) in enumerate(zip(short, c_prompt, strict=False)) if x != y)
+        assert c.n_reused == shared_with_0 < 30
+        assert ctx.seq_pos_max(0) == len(c_prompt) and ctx.seq_pos_max(1) == len(long)
+
+        # 120 tokens in common with sequence 1: it is taken, and those tokens are not evaluated again
+        d_prompt = long[:120] + tail
+        d = engine.submit(d_prompt, greedy(model), max_tokens=2, ignore_eos=True)
+        d.run()
+        assert d.n_reused == 120
+        assert ctx.seq_pos_max(1) == len(d_prompt) and ctx.seq_pos_max(0) == len(c_prompt)
+        solo, margins = solo_run(model, d_prompt, 2)
+        assert agree_until_near_tie(d.completion_tokens, solo, margins)
+        engine.close()
+
+
 def test_engine_errors(model: pyllama.Model) -> None:
     with pyllama.Context(model, n_ctx=512, n_seq_max=2, n_threads=1) as ctx:
         with pytest.raises(ValueError, match="n_seq_max"):

@@ -1,9 +1,9 @@
 // Continuous batching: up to n_parallel requests decode together in one context, a sequence each,
 // one llama_decode per step. A worker thread owns the context: it admits queued requests between
-// steps (each into the free sequence whose cached tokens share the longest prefix with its prompt),
-// evaluates prompts in chunks that leave room for the running streams' next tokens, samples each
-// request with its own sampler, grammar and stop rules, and hands finished pieces of text to the
-// request. Python only submits requests and receives pieces.
+// steps (each into the lowest free sequence, or one that holds much more of its prompt), decodes
+// the batch in sequence order (llama.cpp's micro-batches take consecutive sequences), evaluates prompts in chunks that
+// leave room for the running streams' next tokens, samples each request with its own sampler, grammar and stop rules,
+// and hands finished pieces of text to the request. Python only submits requests and receives pieces.
 
 #include "model.h"
 #include "pyllama.h"
@@ -113,6 +113,7 @@ class EngineRequest {
     size_t      evaluated_ = 0;   // prompt tokens in the KV memory
     bool        sampling_  = false;
     int32_t     row_       = -1;  // its output row in the current batch, or -1
+    size_t      n_prompt_  = 0;   // prompt tokens in the current batch
     llama_token last_      = -1;  // the token sampled last, to decode next
 
     mutable std::mutex         mtx_;
@@ -127,6 +128,11 @@ class EngineRequest {
 
 class Engine {
   public:
+    // Prompt tokens that a request must find cached in a sequence to take it rather than the lowest
+    // free one (see admit()); about what prompt evaluation of that many tokens costs against a few
+    // steps of decoding with one more pass over the weights.
+    static constexpr size_t kReuseWorthAGap = 64;
+
     Engine(Context & ctx, int32_t n_parallel) : ctx_(ctx) {
         auto u = ctx_.acquire();
         if (n_parallel < 1 || static_cast<uint32_t>(n_parallel) > llama_n_seq_max(u.ctx)) {
@@ -224,8 +230,7 @@ class Engine {
         queue_.clear();
     }
 
-    // Moves queued requests into free sequences, FIFO; each takes the free sequence whose tokens
-    // share the longest prefix with its prompt. Called with mtx_ held.
+    // Moves queued requests into free sequences, FIFO. Called with mtx_ held.
     void admit() {
         while (!queue_.empty()) {
             auto req = queue_.front();
@@ -234,8 +239,11 @@ class Engine {
                 req->end("cancelled");
                 continue;
             }
-            int32_t best = -1;
-            size_t  lcp  = 0;
+            // The free sequence whose tokens share the longest prefix with the prompt, unless the
+            // lowest free one shares nearly as much: a step decodes consecutive sequences in one pass
+            // (kv_unified=false), and every gap among the busy ones costs another pass over the weights.
+            int32_t best = -1, lowest = -1;
+            size_t  lcp = 0, lcp_lowest = 0;
             for (size_t s = 0; s < slots_.size(); ++s) {
                 if (slots_[s].busy) {
                     continue;
@@ -245,10 +253,18 @@ class Engine {
                 while (n < t.size() && n < req->prompt_.size() && t[n] == req->prompt_[n]) {
                     ++n;
                 }
+                if (lowest < 0) {
+                    lowest     = static_cast<int32_t>(s);
+                    lcp_lowest = n;
+                }
                 if (best < 0 || n > lcp) {
                     best = static_cast<int32_t>(s);
                     lcp  = n;
                 }
+            }
+            if (best >= 0 && lcp < lcp_lowest + kReuseWorthAGap) {
+                best = lowest;
+                lcp  = lcp_lowest;
             }
             if (best < 0) {
                 return;  // every sequence is busy
@@ -281,33 +297,46 @@ class Engine {
             std::lock_guard<std::mutex> lock(mtx_);
             reqs = active_;
         }
-        Batch                                       b;
-        std::vector<std::shared_ptr<EngineRequest>> finished;
+        std::vector<std::shared_ptr<EngineRequest>> finished, stepping;
+        size_t                                      n_tokens = 0;
         for (auto & r : reqs) {
-            r->row_ = -1;
+            r->row_      = -1;
+            r->n_prompt_ = 0;
             if (r->cancelled_.load()) {
                 finished.push_back(r);
                 continue;
             }
+            stepping.push_back(r);
             if (r->sampling_) {
-                auto & tokens = slots_[r->seq_].tokens;
-                r->row_       = static_cast<int32_t>(b.tokens.size());
+                ++n_tokens;  // the next tokens of the running streams come first
+            }
+        }
+        for (auto & r : stepping) {  // then prompt chunks, first come first served, in the room left
+            if (!r->sampling_) {
+                const size_t room = n_batch_ > n_tokens ? n_batch_ - n_tokens : 0;
+                r->n_prompt_      = std::min(room, r->prompt_.size() - r->evaluated_);
+                n_tokens += r->n_prompt_;
+            }
+        }
+        // llama.cpp splits a batch over several sequences (kv_unified=false) into micro-batches of
+        // consecutive sequence ids with as many tokens each: the batch goes in sequence order, each
+        // sequence's tokens together, or one step costs several passes over the weights.
+        const auto newest = stepping.empty() ? nullptr : stepping.back();
+        std::sort(stepping.begin(), stepping.end(), [](const auto & x, const auto & y) { return x->seq_ < y->seq_; });
+        Batch b;
+        for (auto & r : stepping) {
+            auto & tokens = slots_[r->seq_].tokens;
+            if (r->sampling_) {
+                r->row_ = static_cast<int32_t>(b.tokens.size());
                 b.tokens.push_back(r->last_);
                 b.pos.push_back(static_cast<llama_pos>(tokens.size()));
                 b.seq_ids.push_back({ r->seq_ });
                 b.logits.push_back(1);
                 tokens.push_back(r->last_);
-            }
-        }
-        for (auto & r : reqs) {
-            if (r->cancelled_.load() || r->sampling_) {
                 continue;
             }
-            auto &       tokens = slots_[r->seq_].tokens;
-            const size_t room   = n_batch_ > b.tokens.size() ? n_batch_ - b.tokens.size() : 0;
-            const size_t n      = std::min(room, r->prompt_.size() - r->evaluated_);
-            for (size_t i = 0; i < n; ++i) {
-                const size_t k = r->evaluated_ + i;
+            for (size_t j = 0; j < r->n_prompt_; ++j) {
+                const size_t k = r->evaluated_ + j;
                 b.tokens.push_back(r->prompt_[k]);
                 b.pos.push_back(static_cast<llama_pos>(k));
                 b.seq_ids.push_back({ r->seq_ });
@@ -318,7 +347,7 @@ class Engine {
                 }
                 tokens.push_back(r->prompt_[k]);
             }
-            r->evaluated_ += n;
+            r->evaluated_ += r->n_prompt_;
         }
         for (auto & r : finished) {
             release(r, "cancelled");
@@ -330,21 +359,20 @@ class Engine {
         const auto  rc = ctx_.decode_nogil(b, false, reason);
         if (rc != 0) {
             // the decode was rolled back: put the sequences' token lists back as they were
-            for (auto & r : reqs) {
+            for (auto & r : stepping) {
                 if (r->row_ >= 0 || !r->sampling_) {
                     resync(r);
                 }
             }
             if (rc == 1) {
                 // no room in the KV memory: the newest request gives way
-                auto victim = reqs.back();
-                release(victim, "length", "the context is full (no KV slot for this request)");
+                release(newest, "length", "the context is full (no KV slot for this request)");
                 return;
             }
             Context::raise_decode_error(rc, reason, false);
         }
         const llama_vocab * vocab = llama_model_get_vocab(ctx_.model());
-        for (auto & r : reqs) {
+        for (auto & r : stepping) {
             if (r->row_ < 0 || r->cancelled_.load()) {
                 continue;
             }
@@ -462,8 +490,8 @@ Continuous batching over one Context: Engine(ctx, n_parallel).
 Up to n_parallel requests decode together, a sequence each (the Context needs n_seq_max >=
 n_parallel), one llama_decode per step, in a worker thread. Requests beyond n_parallel wait, FIFO,
 and join between steps; prompts are evaluated in chunks that leave room for the running requests'
-next tokens. A request takes the free sequence whose cached tokens share the longest prefix with its
-prompt, and evaluates only the rest.
+next tokens. A request takes the lowest free sequence, unless another free one holds at least 64
+more of its prompt's tokens, and evaluates only what the sequence does not hold.
 )doc");
     eng.def(py::init([](Context & ctx, int32_t n_parallel) {
                 py::gil_scoped_release nogil;
