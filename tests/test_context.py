@@ -472,7 +472,8 @@ resumed = ctx.logits()
 fresh = pyllama.Context(m, **kw)
 fresh.decode(B.from_tokens(toks[:14]))
 print(json.dumps({
-    "outcome": outcome, "attempts": attempt + 1, "full": full, "delay": delay, "latency": t1 - sent[0] if sent else None,
+    "outcome": outcome, "attempts": attempt + 1, "full": full, "delay": delay,
+    "latency": t1 - sent[0] if sent else None,
     "before": before, "after": after, "pos_after_resume": ctx.seq_pos_max(0),
     "max_diff": float(np.abs(resumed - fresh.logits()).max()),
 }))

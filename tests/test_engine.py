@@ -4,6 +4,9 @@ same time, reuse cached prefixes, and stop or fail one at a time."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import select
 import threading
 import time
 from pathlib import Path
@@ -152,6 +155,121 @@ def test_engine_errors(model: pyllama.Model) -> None:
             running.run()
         with pytest.raises(pyllama.LlamaError, match="closed"):
             engine.submit([1, 2], greedy(model))
+
+
+def test_a_notifier_signals_new_text_and_the_end(model: pyllama.Model) -> None:
+    """With a Notifier, the request's descriptor becomes readable when text is ready or the request has
+    ended, and next_nowait() then gives it without waiting: the pieces read that way are the text of
+    the same request run to the end with run()."""
+    prompt = list(model.tokenize("Once upon a time"))
+    with pyllama.Context(model, n_ctx=1024, n_seq_max=2, n_threads=1) as ctx:
+        engine = pyllama.Engine(ctx, 2)
+        truth = engine.submit(prompt, greedy(model), max_tokens=24, ignore_eos=True)
+        expected = truth.run()
+        notifier = pyllama.Notifier()
+        req = engine.submit(prompt, greedy(model), max_tokens=24, ignore_eos=True, notifier=notifier)
+        pieces: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([notifier.fileno()], [], [], 5.0)
+            assert readable, "the descriptor was not signalled"
+            notifier.drain()
+            assert req.ready
+            piece = req.next_nowait()
+            while piece:  # everything that is ready, then None (running) or "" (ended)
+                pieces.append(piece)
+                piece = req.next_nowait()
+            if piece == "":
+                break
+            assert piece is None and not req.ready
+        assert "".join(pieces) == expected and req.finish_reason == "length"
+        assert req.next_nowait() == ""
+        engine.close()
+
+
+def test_async_engine_streams_run_in_the_event_loop_without_threads(tiny_chat_model_path: Path) -> None:
+    """Async streams of a Llama with n_parallel > 1 wait on the event loop, woken by the engine: with
+    an executor that refuses every job they still stream, at the same time, the text of solo runs
+    (up to near-ties), and the engine's worker is the only thread besides the loop's."""
+    prompts = [f"Client {i} wants" for i in range(6)]
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as solo:
+        truth = {}
+        for p in prompts:
+            out = solo.chat(
+                [{"role": "user", "content": p}], max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=2
+            )
+            content = out["choices"][0]["logprobs"]["content"]
+            truth[p] = (
+                out["choices"][0]["message"]["content"],
+                min(c["top_logprobs"][0]["logprob"] - c["top_logprobs"][1]["logprob"] for c in content),
+            )
+
+    class NoThreads(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a worker thread was asked for")
+
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=2048, n_threads=1, n_parallel=3) as llm:
+        threads_before = threading.active_count()
+        seen_threads: list[int] = []
+
+        async def one(i: int, p: str) -> str:
+            messages = [{"role": "user", "content": p}]
+            if i % 2:
+                stream = await llm.acomplete(p, max_tokens=12, temperature=0.0, stream=True)
+                text = "".join([c["choices"][0]["text"] async for c in stream])
+                return "complete:" + text
+            stream = await llm.achat(messages, max_tokens=12, temperature=0.0, stream=True)
+            parts = []
+            async for c in stream:
+                parts.append(c["choices"][0]["delta"].get("content") or "")
+                seen_threads.append(threading.active_count())
+            return "".join(parts)
+
+        async def main() -> list[str]:
+            asyncio.get_running_loop().set_default_executor(NoThreads())
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+        results = asyncio.run(main())
+        assert max(seen_threads) == threads_before
+        for i, (p, got) in enumerate(zip(prompts, results, strict=True)):
+            if i % 2:
+                want = llm.complete(p, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+                assert got == "complete:" + want
+            else:
+                text, margin = truth[p]
+                assert got == text or margin < 1e-3
+
+
+def test_cancelling_an_async_engine_stream_frees_its_sequence(tiny_chat_model_path: Path) -> None:
+    """Cancelling the task that iterates an engine stream (which waits on the event loop, not in a
+    thread) cancels the request: the engine has nothing running soon after, and the Llama serves the
+    next call."""
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=8192, n_threads=1, n_parallel=2) as llm:
+        engine = llm._engine
+
+        async def main() -> None:
+            async def consume() -> None:
+                async for _ in await llm.acomplete("Once", max_tokens=3000, ignore_eos=True, stream=True):
+                    pass
+
+            task = asyncio.create_task(consume())
+            while engine.n_active == 0:
+                if task.done():
+                    task.result()  # it failed: raise why
+                    pytest.fail("the stream ended before it started")
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 5
+            while engine.n_active and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert engine.n_active == 0  # the request was cancelled, not left running
+            out = await llm.acomplete("Once", max_tokens=3, ignore_eos=True)
+            assert out["usage"]["completion_tokens"] == 3
+
+        asyncio.run(main())
 
 
 def test_llama_with_n_parallel(tiny_chat_model_path: Path) -> None:

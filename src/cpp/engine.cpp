@@ -22,13 +22,96 @@
 #include <thread>
 #include <vector>
 
+#ifndef _WIN32
+#include <fcntl.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
+#endif
+
 namespace pyllama {
+
+// A file descriptor that an event loop watches (asyncio's add_reader) and the engine's worker
+// signals when a request submitted with it has new text or has ended: streams wait on the loop
+// instead of each in a thread of its own. An eventfd on Linux, a pipe elsewhere; not on Windows.
+class Notifier {
+  public:
+    Notifier() {
+#if defined(_WIN32)
+        throw std::runtime_error("Notifier needs a POSIX system");
+#elif defined(__linux__)
+        rfd_ = wfd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (rfd_ < 0) {
+            throw std::runtime_error("eventfd failed");
+        }
+#else
+        int fds[2];
+        if (pipe(fds) != 0) {
+            throw std::runtime_error("pipe failed");
+        }
+        rfd_ = fds[0];
+        wfd_ = fds[1];
+        for (int fd : fds) {
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+            fcntl(fd, F_SETFD, FD_CLOEXEC);
+        }
+#endif
+    }
+
+    Notifier(const Notifier &)             = delete;
+    Notifier & operator=(const Notifier &) = delete;
+
+    ~Notifier() {
+#ifndef _WIN32
+        if (wfd_ != rfd_ && wfd_ >= 0) {
+            ::close(wfd_);
+        }
+        if (rfd_ >= 0) {
+            ::close(rfd_);
+        }
+#endif
+    }
+
+    int fileno() const { return rfd_; }
+
+    // From any thread; a full pipe or counter already means "wake up".
+    void notify() const {
+#if defined(__linux__)
+        const uint64_t        one = 1;
+        [[maybe_unused]] auto n   = ::write(wfd_, &one, sizeof(one));
+#elif !defined(_WIN32)
+        const char            one = 1;
+        [[maybe_unused]] auto n   = ::write(wfd_, &one, 1);
+#endif
+    }
+
+    // Empties the descriptor (the loop calls this when it wakes).
+    void drain() const {
+#ifndef _WIN32
+        char buf[256];
+        while (::read(rfd_, buf, sizeof(buf)) > 0) {
+        }
+#endif
+    }
+
+  private:
+    int rfd_ = -1;
+    int wfd_ = -1;
+};
 
 // One request to the engine. The worker fills it; next() takes the pieces (without the GIL).
 class EngineRequest {
   public:
-    EngineRequest(std::shared_ptr<Sampler> sampler, std::vector<llama_token> prompt, generation_options opt) :
-        sampler_(std::move(sampler)), prompt_(std::move(prompt)), opt_(std::move(opt)), text_(opt_.stop) {}
+    EngineRequest(std::shared_ptr<Sampler>        sampler,
+                  std::vector<llama_token>        prompt,
+                  generation_options              opt,
+                  std::shared_ptr<const Notifier> notifier) :
+        sampler_(std::move(sampler)),
+        prompt_(std::move(prompt)),
+        opt_(std::move(opt)),
+        text_(opt_.stop),
+        notifier_(std::move(notifier)) {}
 
     // The next piece of text; empty at the end. Raises what failed the request.
     std::string next() {
@@ -45,6 +128,33 @@ class EngineRequest {
             throw llama_error(e);
         }
         return {};
+    }
+
+    // Without waiting: false when no piece is ready and the request runs on; else true, with the
+    // next piece in `out`, empty at the end. Raises what failed the request.
+    bool next_nowait(std::string & out) {
+        std::lock_guard<std::mutex> lock(mtx_);
+        if (!pieces_.empty()) {
+            out = std::move(pieces_.front());
+            pieces_.pop_front();
+            return true;
+        }
+        if (!done_) {
+            return false;
+        }
+        if (!error_.empty()) {
+            const std::string e = error_;
+            error_.clear();
+            throw llama_error(e);
+        }
+        out.clear();
+        return true;
+    }
+
+    // A piece is waiting, or the request has ended.
+    bool ready() const {
+        std::lock_guard<std::mutex> lock(mtx_);
+        return !pieces_.empty() || done_;
     }
 
     std::string run() {
@@ -84,29 +194,42 @@ class EngineRequest {
         if (piece.empty()) {
             return;
         }
-        std::lock_guard<std::mutex> lock(mtx_);
-        pieces_.push_back(std::move(piece));
-        cv_.notify_all();
+        bool was_empty = false;
+        {
+            std::lock_guard<std::mutex> lock(mtx_);
+            was_empty = pieces_.empty();  // else the reader has not taken the last one yet
+            pieces_.push_back(std::move(piece));
+            cv_.notify_all();
+        }
+        if (notifier_ && was_empty) {
+            notifier_->notify();
+        }
     }
 
     void end(const std::string & reason, const std::string & error = {}) {
-        std::string                 rest = text_.release(true);
-        std::lock_guard<std::mutex> lock(mtx_);
-        if (!rest.empty()) {
-            pieces_.push_back(std::move(rest));
+        std::string rest = text_.release(true);
+        {
+            std::lock_guard<std::mutex> lock(mtx_);
+            if (!rest.empty()) {
+                pieces_.push_back(std::move(rest));
+            }
+            finish_reason_ = reason;
+            error_         = error;
+            done_          = true;
+            cv_.notify_all();
         }
-        finish_reason_ = reason;
-        error_         = error;
-        done_          = true;
-        cv_.notify_all();
+        if (notifier_) {
+            notifier_->notify();
+        }
     }
 
-    std::shared_ptr<Sampler> sampler_;
-    std::vector<llama_token> prompt_;
-    generation_options       opt_;
-    generated_text           text_;
-    std::atomic<bool>        cancelled_{ false };
-    std::atomic<size_t>      n_reused_{ 0 };
+    std::shared_ptr<Sampler>        sampler_;
+    std::vector<llama_token>        prompt_;
+    generation_options              opt_;
+    generated_text                  text_;
+    std::atomic<bool>               cancelled_{ false };
+    std::atomic<size_t>             n_reused_{ 0 };
+    std::shared_ptr<const Notifier> notifier_;
 
     // the worker's bookkeeping
     int32_t     seq_       = -1;  // the sequence it decodes in
@@ -150,9 +273,10 @@ class Engine {
 
     ~Engine() { stop(); }
 
-    std::shared_ptr<EngineRequest> submit(std::shared_ptr<Sampler> sampler,
-                                          std::vector<llama_token> prompt,
-                                          generation_options       opt) {
+    std::shared_ptr<EngineRequest> submit(std::shared_ptr<Sampler>        sampler,
+                                          std::vector<llama_token>        prompt,
+                                          generation_options              opt,
+                                          std::shared_ptr<const Notifier> notifier = nullptr) {
         if (prompt.empty()) {
             throw std::invalid_argument("the prompt is empty");
         }
@@ -160,7 +284,8 @@ class Engine {
             throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
                                         " tokens and a sequence holds " + std::to_string(n_ctx_seq_));
         }
-        auto req = std::make_shared<EngineRequest>(std::move(sampler), std::move(prompt), std::move(opt));
+        auto req =
+            std::make_shared<EngineRequest>(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier));
         if (req->opt_.max_tokens == 0) {
             req->end("length");
             return req;
@@ -501,18 +626,20 @@ more of its prompt's tokens, and evaluates only what the sequence does not hold.
     eng.def(
         "submit",
         [](Engine & e, std::vector<llama_token> prompt, std::shared_ptr<Sampler> sampler, int32_t max_tokens,
-           std::vector<std::string> stop, int32_t logprobs, bool ignore_eos) {
+           std::vector<std::string> stop, int32_t logprobs, bool ignore_eos, std::shared_ptr<Notifier> notifier) {
             generation_options opt;
             opt.max_tokens = max_tokens;
             opt.stop       = std::move(stop);
             opt.logprobs   = logprobs;
             opt.ignore_eos = ignore_eos;
             py::gil_scoped_release nogil;
-            return e.submit(std::move(sampler), std::move(prompt), std::move(opt));
+            return e.submit(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier));
         },
         py::arg("prompt"), py::arg("sampler"), py::kw_only(), py::arg("max_tokens") = -1,
         py::arg("stop") = std::vector<std::string>(), py::arg("logprobs") = -1, py::arg("ignore_eos") = false,
-        "Queue a generation; returns an EngineRequest, which behaves as a Generation.");
+        py::arg("notifier") = py::none(),
+        "Queue a generation; returns an EngineRequest, which behaves as a Generation. With a Notifier, its\n"
+        "descriptor becomes readable whenever the request has new text or has ended (see next_nowait).");
     eng.def(
         "close",
         [](Engine & e) {
@@ -527,6 +654,27 @@ more of its prompt's tokens, and evaluates only what the sequence does not hold.
     py::class_<EngineRequest, std::shared_ptr<EngineRequest>> r(m, "EngineRequest",
                                                                 "A request to an Engine; iterate it for text pieces.");
     bind_generation(r);
+    r.def(
+        "next_nowait",
+        [](EngineRequest & self) -> py::object {
+            std::string piece;
+            if (!self.next_nowait(piece)) {
+                return py::none();
+            }
+            return utf8_lenient(piece);
+        },
+        "The next piece without waiting: None while none is ready, '' at the end.");
+    r.def_property_readonly("ready", &EngineRequest::ready, "A piece is waiting, or the request has ended.");
+
+    py::class_<Notifier, std::shared_ptr<Notifier>> n(m, "Notifier", R"doc(
+A wake-up for an event loop: Engine.submit(..., notifier=n) makes n.fileno() readable whenever
+that request has new text or has ended. Watch it with loop.add_reader and call drain() when woken.
+Linux and macOS (an eventfd or a pipe); the descriptor closes when the Notifier and every request
+submitted with it are gone.
+)doc");
+    n.def(py::init<>());
+    n.def("fileno", &Notifier::fileno);
+    n.def("drain", &Notifier::drain, "Empty the descriptor.");
 }
 
 }  // namespace pyllama

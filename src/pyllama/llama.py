@@ -186,6 +186,70 @@ def _logprob_entry(token_text: bytes, logprob: float, top: list[dict[str, Any]] 
     return entry
 
 
+# What a stream driven by an event loop yields while the engine has no new text for it yet.
+_WAIT: dict[str, Any] = {}
+
+
+class _Waker:
+    """One per event loop: the C++ engine signals its Notifier's descriptor when a request submitted
+    with it has new text or has ended, and the loop wakes the streams waiting for those requests. No
+    thread waits for a piece on the streams' behalf."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.notifier = _core.Notifier()
+        self.waiting: dict[asyncio.Future[None], _core.EngineRequest] = {}
+        loop.add_reader(self.notifier.fileno(), self._woken)
+
+    def _woken(self) -> None:
+        self.notifier.drain()
+        for fut, req in list(self.waiting.items()):
+            if req.ready and not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, req: _core.EngineRequest) -> None:
+        """Returns once ``req`` has a piece or has ended."""
+        if req.ready:
+            return
+        fut = self.loop.create_future()
+        self.waiting[fut] = req
+        try:
+            await fut
+        finally:
+            del self.waiting[fut]
+
+
+_WAKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker | None] = weakref.WeakKeyDictionary()
+
+
+def _waker() -> _Waker | None:
+    """The running loop's waker; None where the loop cannot watch a descriptor (Windows' proactor)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _WAKERS:
+        try:
+            _WAKERS[loop] = _Waker(loop)
+        except (NotImplementedError, RuntimeError):
+            _WAKERS[loop] = None
+    return _WAKERS[loop]
+
+
+def _pieces(use: _Use, gen: _Gen) -> Iterator[str | dict[str, Any]]:
+    """The text pieces of ``gen``; for a stream driven by an event loop (``use.waker`` set), ``_WAIT``
+    instead of blocking while none is ready."""
+    if use.waker is None:
+        yield from gen
+        return
+    assert isinstance(gen, _core.EngineRequest)
+    while True:
+        piece = gen.next_nowait()
+        if piece is None:
+            yield _WAIT
+        elif piece:
+            yield piece
+        else:
+            return
+
+
 _OWNER: ContextVar[object | None] = ContextVar("pyllama_owner", default=None)
 _HANDLE: ContextVar[_Use | None] = ContextVar("pyllama_handle", default=None)
 
@@ -206,6 +270,7 @@ class _Use:
         self.running = False
         self.linked: list[_Use] = []  # the uses a multi-round stream runs on behalf of this one
         self.added: list[dict[str, Any]] = []  # the tool rounds' messages of a run_tools stream
+        self.waker: _Waker | None = None  # set when an event loop drives the stream (see AsyncStream)
 
     def attach(self, gen: _Gen) -> None:
         self.generation = gen
@@ -233,9 +298,11 @@ def _owner() -> object:
 class Stream(Iterator[dict[str, Any]]):
     """An iterator of OpenAI chunk dicts; ``close()`` (or ``cancel()`` from any thread) stops it."""
 
-    def __init__(self, chunks: Iterator[dict[str, Any]], use: _Use) -> None:
+    def __init__(self, chunks: Iterator[dict[str, Any]], use: _Use, *, pollable: bool = False) -> None:
         self._chunks = chunks
         self._use = use
+        # a stream of the batching engine that never blocks but for text: an event loop may drive it
+        self.pollable = pollable
 
     def __iter__(self) -> Stream:
         return self
@@ -265,17 +332,27 @@ class Stream(Iterator[dict[str, Any]]):
 
 
 class AsyncStream:
-    """``async for`` over a Stream, one step at a time in a worker thread; cancelling the task
-    that iterates (or ``aclose()``) stops the generation at its next token."""
+    """``async for`` over a Stream; cancelling the task that iterates (or ``aclose()``) stops the
+    generation at its next token. A stream of the batching engine (``n_parallel > 1``) runs in the
+    event loop itself, woken by the engine when text is ready; others take one step at a time in a
+    worker thread."""
 
     def __init__(self, stream: Stream) -> None:
         self._stream = stream
         self._pending: asyncio.Future[Any] | None = None
+        self._started = False
 
     def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
+        use = self._stream._use
+        if not self._started:
+            self._started = True
+            if self._stream.pollable:
+                use.waker = _waker()
+        if use.waker is not None:
+            return await self._polled(use, use.waker)
         self._pending = asyncio.ensure_future(asyncio.to_thread(next, self._stream, None))
         try:
             chunk = await asyncio.shield(self._pending)
@@ -285,6 +362,21 @@ class AsyncStream:
         if chunk is None:
             raise StopAsyncIteration
         return chunk  # type: ignore[no-any-return]
+
+    async def _polled(self, use: _Use, waker: _Waker) -> dict[str, Any]:
+        try:
+            while True:
+                chunk = next(self._stream, None)
+                if chunk is not _WAIT:
+                    break
+                assert isinstance(use.generation, _core.EngineRequest)
+                await waker.wait(use.generation)
+        except asyncio.CancelledError:
+            self._stream.cancel()
+            raise
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
     async def aclose(self) -> None:
         self._stream.cancel()
@@ -578,7 +670,13 @@ class Llama:
         gen: _Gen
         if self._engine is not None:
             gen = self._engine.submit(
-                tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
+                tokens,
+                sampler,
+                max_tokens=budget,
+                stop=stops,
+                logprobs=n_top,
+                ignore_eos=ignore_eos,
+                notifier=None if use.waker is None else use.waker.notifier,
             )
         else:
             self._restore_from_cache(tokens)
@@ -900,7 +998,11 @@ class Llama:
         }
         if stream:
             use = _Use(_owner())
-            return Stream(self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta), use)
+            return Stream(
+                self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta),
+                use,
+                pollable=self._engine is not None,
+            )
         gen, text = self._run(tokens, sampler, budget, stops, n_top)
         message = _parse_reply(result, text, meta["id_seed"])
         finish = _finish_reason(gen.finish_reason or "stop", bool(message.get("tool_calls")))
@@ -1020,7 +1122,11 @@ class Llama:
             yield chunk({"role": "assistant", "content": ""})
             has_calls = False
             try:
-                for piece in gen:
+                for piece in _pieces(use, gen):
+                    if piece is _WAIT:
+                        yield _WAIT
+                        continue
+                    assert isinstance(piece, str)
                     for delta in parser.feed(piece):
                         has_calls = has_calls or "tool_calls" in delta
                         yield chunk(delta)
@@ -1149,14 +1255,18 @@ class Llama:
                     gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
                     if echo:
                         yield shape(prompt_text, None, {})
-                    for piece in gen:
-                        yield shape(piece, None, {})
+                    for piece in _pieces(use, gen):
+                        if piece is _WAIT:
+                            yield _WAIT
+                        else:
+                            assert isinstance(piece, str)
+                            yield shape(piece, None, {})
                     self._store_in_cache()
                 finally:
                     self._exit(use)
                 yield shape("", _finish_reason(gen.finish_reason or "stop", False), {"usage": _usage(gen)})
 
-            return Stream(pieces(), use)
+            return Stream(pieces(), use, pollable=self._engine is not None)
         gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos)
         out = shape(
             (prompt_text if echo else "") + text,

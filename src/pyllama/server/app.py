@@ -436,9 +436,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Each generating request waits for its next piece in a worker thread (asyncio.to_thread).
-        # The default executor has min(32, CPUs + 4) threads: on a small machine fewer than the
-        # slots, and a stream without a thread falls behind. One thread per slot, and some more.
+        # With n_parallel=1, a stream takes its steps in a worker thread (asyncio.to_thread), and so
+        # does every call that is not a stream (engine streams wait on the loop, threadless). The
+        # default executor has min(32, CPUs + 4) threads: on a small machine fewer than the slots.
+        # One thread per slot, and some more.
         executor = concurrent.futures.ThreadPoolExecutor(llm.n_parallel + 8, thread_name_prefix="pyllama-server")
         asyncio.get_running_loop().set_default_executor(executor)
         yield
