@@ -45,6 +45,23 @@ def agree_until_near_tie(batched: list[int], solo: list[int], margins: list[floa
     return len(batched) == len(solo)
 
 
+def solo_chats(path: Path, prompts: list[str]) -> dict[str, tuple[str, float]]:
+    """Each prompt's greedy 12-token chat reply from a Llama alone, and the smallest margin between
+    the two best logprobs along it (batched runs may part from it at a near-tie)."""
+    truth = {}
+    with pyllama.Llama(path, n_ctx=512, n_threads=1) as solo:
+        for p in prompts:
+            out = solo.chat(
+                [{"role": "user", "content": p}], max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=2
+            )
+            content = out["choices"][0]["logprobs"]["content"]
+            truth[p] = (
+                out["choices"][0]["message"]["content"],
+                min(c["top_logprobs"][0]["logprob"] - c["top_logprobs"][1]["logprob"] for c in content),
+            )
+    return truth
+
+
 def test_batched_requests_equal_solo_runs(model: pyllama.Model) -> None:
     prompts = [list(model.tokenize(f"Request {i}: once upon a time")) for i in range(7)]
     with pyllama.Context(model, n_ctx=2048, n_seq_max=3, n_threads=1, n_batch=64) as ctx:
@@ -192,17 +209,7 @@ def test_async_engine_streams_run_in_the_event_loop_without_threads(tiny_chat_mo
     an executor that refuses every job they still stream, at the same time, the text of solo runs
     (up to near-ties), and the engine's worker is the only thread besides the loop's."""
     prompts = [f"Client {i} wants" for i in range(6)]
-    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as solo:
-        truth = {}
-        for p in prompts:
-            out = solo.chat(
-                [{"role": "user", "content": p}], max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=2
-            )
-            content = out["choices"][0]["logprobs"]["content"]
-            truth[p] = (
-                out["choices"][0]["message"]["content"],
-                min(c["top_logprobs"][0]["logprob"] - c["top_logprobs"][1]["logprob"] for c in content),
-            )
+    truth = solo_chats(tiny_chat_model_path, prompts)
 
     class NoThreads(concurrent.futures.ThreadPoolExecutor):
         def submit(self, *args: Any, **kwargs: Any) -> Any:
@@ -274,17 +281,7 @@ def test_cancelling_an_async_engine_stream_frees_its_sequence(tiny_chat_model_pa
 
 def test_llama_with_n_parallel(tiny_chat_model_path: Path) -> None:
     prompts = [f"Thread {i} asks" for i in range(8)]
-    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as solo:
-        truth = {}
-        for p in prompts:
-            out = solo.chat(
-                [{"role": "user", "content": p}], max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=2
-            )
-            content = out["choices"][0]["logprobs"]["content"]
-            truth[p] = (
-                out["choices"][0]["message"]["content"],
-                min(c["top_logprobs"][0]["logprob"] - c["top_logprobs"][1]["logprob"] for c in content),
-            )
+    truth = solo_chats(tiny_chat_model_path, prompts)
     results: dict[str, str] = {}
     errors: list[BaseException] = []
     with pyllama.Llama(tiny_chat_model_path, n_ctx=2048, n_threads=1, n_parallel=4) as llm:
