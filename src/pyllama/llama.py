@@ -196,7 +196,7 @@ class _Waker:
     thread waits for a piece on the streams' behalf."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # no reference to the loop: it keys the weak registry below, and would never be freed
         self.notifier = _core.Notifier()
         self.waiting: dict[asyncio.Future[None], _core.EngineRequest] = {}
         loop.add_reader(self.notifier.fileno(), self._woken)
@@ -211,7 +211,7 @@ class _Waker:
         """Returns once ``req`` has a piece or has ended."""
         if req.ready:
             return
-        fut = self.loop.create_future()
+        fut = asyncio.get_running_loop().create_future()
         self.waiting[fut] = req
         try:
             await fut
