@@ -76,7 +76,7 @@ def speed_rows(s: dict[str, Any]) -> tuple[list[list[str]], dict[str, float]]:
     paths = [
         (
             "pyllama",
-            "`Context.decode` (pp) / `Generator`, C++ loop, greedy (tg)",
+            "`Context.decode` (pp) / `Engine`, C++ loop, greedy (tg)",
             "pp_context_decode",
             "tg_generator_greedy",
         ),

@@ -55,15 +55,16 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
                 samples.append(n_pp / dt)
         out["pp_context_decode"] = samples
 
-    # tg: the C++ token loop (Generator) with the greedy sampler: n_tg decodes and n_tg samples.
+    # tg: the C++ generation core (Engine, one sequence, inline) with the greedy sampler: n_tg decodes
+    # and n_tg samples.
     greedy = pyllama.Sampler(model, greedy=True)
     with pyllama.Context(model, n_ctx=n_tg, **cparams) as ctx:
-        gen = pyllama.Generator(ctx)
+        gen = pyllama.Engine(ctx)
         samples = []
         for i in range(reps + 1):
             gen.reset()
             greedy.reset()
-            g = gen.generate([first_token(model)], greedy, max_tokens=n_tg, ignore_eos=True)
+            g = gen.submit([first_token(model)], greedy, max_tokens=n_tg, ignore_eos=True)
             t = now()
             g.run()
             dt = now() - t

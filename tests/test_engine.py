@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import pyllama
@@ -31,12 +32,24 @@ def greedy(model: pyllama.Model) -> pyllama.Sampler:
 
 
 def solo_run(model: pyllama.Model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    """The tokens of a greedy run alone, and at each step the margin between the two best logprobs."""
+    """The tokens of a greedy run alone, decoded one token at a time through Context.decode and picked
+    by numpy's argmax of the logits (not through the generation core under test), and at each step
+    the margin between the two best logits (the same order as between the two best logprobs)."""
     with pyllama.Context(model, n_ctx=512, n_threads=1) as ctx:
-        gen = pyllama.Generator(ctx).generate(prompt, greedy(model), max_tokens=n, logprobs=2)
-        gen.run()
-        margins = [top[0][1] - top[1][1] for _, _, _, top in gen.logprobs]
-        return list(gen.completion_tokens), margins
+        ctx.decode(pyllama.Batch.from_tokens(prompt))
+        tokens: list[int] = []
+        margins: list[float] = []
+        for i in range(n):
+            logits = ctx.logits(-1)
+            best = np.argsort(logits)[::-1][:2]
+            tokens.append(int(best[0]))
+            margins.append(float(logits[best[0]] - logits[best[1]]))
+            if model.token_is_eog(int(best[0])) or i + 1 == n:
+                break
+            ctx.decode(pyllama.Batch.from_tokens([int(best[0])], pos0=len(prompt) + i))
+        if tokens and model.token_is_eog(tokens[-1]):
+            tokens.pop()
+        return tokens, margins
 
 
 def agree_until_near_tie(batched: list[int], solo: list[int], margins: list[float]) -> bool:

@@ -52,7 +52,7 @@ def test_chat_prompt_is_the_templates_rendering(llm: Any) -> None:
     out = llm.chat(ASK, max_tokens=4, seed=1)
     prompt = pyllama.ChatTemplate(llm.model).apply(ASK).prompt
     expected = llm.model.tokenize(prompt, add_special=True, parse_special=True)
-    assert llm._generator.tokens[: len(expected)] == list(expected)
+    assert llm._engine.tokens()[: len(expected)] == list(expected)
     assert out["usage"]["prompt_tokens"] == len(expected)
     assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
 
@@ -100,7 +100,7 @@ def test_json_schema_response_validates(llm: Any) -> None:
 def test_second_turn_evaluates_only_the_new_tokens(llm: Any) -> None:
     first = llm.chat(ASK, max_tokens=8, seed=1)
     history = [*ASK, first["choices"][0]["message"], {"role": "user", "content": "And in Rome?"}]
-    before = list(llm._generator.tokens)
+    before = list(llm._engine.tokens())
     second = llm.chat(history, max_tokens=8, seed=1)
     prompt = llm.model.tokenize(pyllama.ChatTemplate(llm.model).apply(history).prompt, parse_special=True)
     common = 0
@@ -303,7 +303,7 @@ def test_other_templates_prompt_and_stream(vocab: str, template: str, tmp_path: 
         if len(expected) > 1 and expected[0] == expected[1] == llm.model.token_bos:
             expected = expected[1:]
         assert out["usage"]["prompt_tokens"] == len(expected)
-        assert llm._generator.tokens[: len(expected)] == expected
+        assert llm._engine.tokens()[: len(expected)] == expected
         chunks = list(llm.chat(messages, tools=[WEATHER], max_tokens=12, seed=2, stream=True))
         content, calls, finish = _joined(chunks)
         message = out["choices"][0]["message"]

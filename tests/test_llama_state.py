@@ -82,7 +82,7 @@ def test_state_round_trip_into_a_new_llama(llm: Any, tiny_chat_model_path: Path,
     messages = _turn(2)
     llm.chat(messages, max_tokens=4, **GREEDY)
     state = llm.save_state(tmp_path / "turn.state")
-    assert state.n_tokens == len(llm._generator.tokens) > 0
+    assert state.n_tokens == len(llm._engine.tokens()) > 0
     expected = llm.chat(messages, max_tokens=8, **GREEDY)
     with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as fresh:
         fresh.load_state(tmp_path / "turn.state")
@@ -155,7 +155,7 @@ def test_complete_truncates_on_request(llm: Any) -> None:
     out = llm.complete(prompt, max_tokens=16, truncate=True, **GREEDY)
     room = llm.n_ctx() - 16
     assert out["usage"]["prompt_tokens"] == room
-    kept = llm._generator.tokens[:room]
+    kept = llm._engine.tokens()[:room]
     head = tokens[:1] if tokens[0] == llm.model.token_bos else []
     assert kept == head + tokens[len(tokens) - (room - len(head)) :]
 
@@ -185,7 +185,7 @@ def test_final_assistant_message_is_continued(llm: Any) -> None:
     expected = llm.chat_template.apply(messages[:1]).prompt + "Autumn leaves"
     n = len(llm.model.tokenize(expected, add_special=True, parse_special=True))
     assert out["usage"]["prompt_tokens"] == n
-    assert llm._generator.tokens[:n] == list(llm.model.tokenize(expected, add_special=True, parse_special=True))
+    assert llm._engine.tokens()[:n] == list(llm.model.tokenize(expected, add_special=True, parse_special=True))
     # the reply is what the model added, streamed or not
     chunks = list(llm.chat(messages, max_tokens=6, stream=True, **GREEDY))
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
@@ -206,13 +206,13 @@ def test_suffix_builds_the_fim_prompt(tmp_path: Path) -> None:
         expected = [m.token_fim_pre, *m.tokenize("def add(a, b):\n", add_special=False), m.token_fim_suf]
         expected += [*m.tokenize("\n    return c\n", add_special=False), m.token_fim_mid]
         assert out["usage"]["prompt_tokens"] == len(expected)
-        assert llm._generator.tokens[: len(expected)] == expected
+        assert llm._engine.tokens()[: len(expected)] == expected
         # the first token is the argmax of a fresh evaluation of that prompt
         with pyllama.Context(m, n_ctx=256, n_threads=1) as ctx:
             ctx.decode(pyllama.Batch.from_tokens(expected))
             first = int(np.argmax(ctx.logits()))
         assert out["usage"]["completion_tokens"] >= 1
-        assert llm._generator.tokens[len(expected)] == first
+        assert llm._engine.tokens()[len(expected)] == first
     with pyllama.Llama(write_tiny_llama(tmp_path / "plain.gguf"), n_ctx=128, n_threads=1) as plain:
         with pytest.raises(ValueError, match="fill-in-the-middle"):
             plain.complete("a", suffix="b")
@@ -294,7 +294,7 @@ def test_gemma_greedy_complete_equals_the_argmax_loop(gemma_path: Path) -> None:
     prompt, n = "The capital of France is", 24
     with pyllama.Llama(gemma_path, n_ctx=256, n_threads=2) as llm:
         out = llm.complete(prompt, max_tokens=n, ignore_eos=True, **GREEDY)
-        got = list(llm._generator.tokens)
+        got = list(llm._engine.tokens())
         tokens = llm.tokenize(prompt)
         with pyllama.Context(llm.model, n_ctx=256, n_threads=2) as ctx:
             ctx.decode(pyllama.Batch.from_tokens(tokens))

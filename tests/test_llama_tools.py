@@ -74,7 +74,7 @@ def test_run_tools_calls_the_function_and_answers(llm: Any) -> None:
         assert out["choices"][0]["finish_reason"] in ("stop", "length")
         assert out["choices"][0]["message"] == added[-1] and not added[-1].get("tool_calls")
         expected = _rendered_tokens(llm, ask + added[:-1], [spec])
-        assert llm._generator.tokens[: len(expected)] == expected
+        assert llm._engine.tokens()[: len(expected)] == expected
         assert out["usage"]["prompt_tokens"] > len(expected)  # the two rounds' prompts, summed
     assert completed >= 2
 

@@ -63,10 +63,6 @@ ojson to_ojson(const py::handle & obj, const char * what) {
     return j;
 }
 
-py::object from_ojson(const ojson & j) {
-    return py::module_::import("json").attr("loads")(j.dump());
-}
-
 py::dict tool_call_dict(const common_chat_tool_call & tc) {
     py::dict fn;
     fn["name"]      = tc.name;
@@ -373,8 +369,6 @@ class ChatTemplate {
         }
         return result;
     }
-
-    std::shared_ptr<llama_model> model() const { return model_; }
 
   private:
     static const common_chat_templates_ptr & chatml() {

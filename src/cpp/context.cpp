@@ -600,6 +600,27 @@ py::dict perf_dict(const llama_perf_context_data & d) {
 
 }  // namespace
 
+void Context::seq_state_load(const std::string & data, llama_seq_id dst) {
+    size_t      n = 0;
+    std::string reason;
+    {
+        auto u = acquire();
+        check_seq_state(model(), u.ctx, data);
+        log_capture capture;
+        try {
+            n = llama_state_seq_set_data(u.ctx, reinterpret_cast<const uint8_t *>(data.data()), data.size(), dst);
+        } catch (const std::exception & e) {
+            reason = e.what();
+        }
+        if (n == 0) {
+            reason = reason.empty() ? capture.problems() : reason;
+        }
+    }
+    if (n == 0) {
+        throw llama_error("could not load the sequence state: " + reason);
+    }
+}
+
 void register_context(py::module_ & m) {
     sigint_guard::main_thread_id() = std::this_thread::get_id();  // the module is imported on the main thread
 
@@ -1045,27 +1066,12 @@ alive. One thread at a time: concurrent calls are serialised.
         "seq_state_set",
         [mem_seq](Context & self, const py::bytes & state, llama_seq_id dst) {
             const std::string data = state;
-            size_t            n    = 0;
-            std::string       reason;
+            py::gil_scoped_release nogil;
             {
-                py::gil_scoped_release nogil;
-                auto                   u = self.acquire();
+                auto u = self.acquire();
                 mem_seq(self, dst, false);
-                check_seq_state(self.model(), u.ctx, data);
-                log_capture capture;
-                try {
-                    n = llama_state_seq_set_data(u.ctx, reinterpret_cast<const uint8_t *>(data.data()), data.size(),
-                                                 dst);
-                } catch (const std::exception & e) {
-                    reason = e.what();
-                }
-                if (n == 0) {
-                    reason = reason.empty() ? capture.problems() : reason;
-                }
             }
-            if (n == 0) {
-                throw llama_error("could not load the sequence state: " + reason);
-            }
+            self.seq_state_load(data, dst);
         },
         py::arg("state"), py::arg("seq_id"), "Load a sequence state from seq_state_get() into sequence seq_id.");
     cls.def(

@@ -44,6 +44,10 @@ class Context {
     int32_t     decode_nogil(const Batch & batch, bool encode, std::string & reason);
     static void raise_decode_error(int32_t rc, const std::string & reason, bool encode);
 
+    // Loads a state from llama_state_seq_get_data into sequence dst (call without the GIL);
+    // raises when it does not fit the model and context.
+    void seq_state_load(const std::string & data, llama_seq_id dst);
+
     // A locked use of the context: the mutex is taken after the GIL was released.
     struct use {
         std::unique_lock<std::mutex> lock;

@@ -39,6 +39,5 @@ PYBIND11_MODULE(_core, m) {
     pyllama::register_sampler(m);
     pyllama::register_chat(m);
     pyllama::register_grammar(m);
-    pyllama::register_generate(m);
     pyllama::register_engine(m);
 }

@@ -65,7 +65,6 @@ void register_context(py::module_ & m);
 void register_sampler(py::module_ & m);
 void register_chat(py::module_ & m);
 void register_grammar(py::module_ & m);
-void register_generate(py::module_ & m);
 void register_engine(py::module_ & m);
 
 }  // namespace pyllama

@@ -1,6 +1,7 @@
 """The high-level API: ``Llama(model_path).chat(messages)`` and ``complete(prompt)``, OpenAI-shaped.
 
-The token loop runs in C++ (``pyllama._core.Generator``) with the GIL released; this module only
+Every generation runs through the C++ generation core (``pyllama._core.Engine``) with the GIL
+released, one sequence or many; this module only
 renders the prompt, builds the sampler and shapes the results. Each call evaluates only the tokens
 after its longest common prefix with what the context already holds, so a chat turn costs the new
 turn only.
@@ -33,8 +34,8 @@ from .chat import ChatTemplate
 
 __all__ = ["AsyncStream", "ContextLengthError", "Llama", "Stream"]
 
-# a generation in progress: the token loop's (n_parallel=1) or a request to the batching engine
-_Gen = _core.Generation | _core.EngineRequest
+# a generation in progress: a request to the generation core
+_Gen = _core.EngineRequest
 
 # Options of a model load: two Llamas over the same file with the same options share the loaded model.
 _MODEL_OPTIONS = (
@@ -474,14 +475,14 @@ class Llama:
                 ctx_kwargs.setdefault("n_seq_max", n_parallel)
             self._ctx_kwargs = ctx_kwargs
             self._ctx = _core.Context(self._model, **ctx_kwargs)
-            # n_parallel > 1: calls run at once, batched by the C++ engine's worker thread
-            self._engine = _core.Engine(self._ctx, n_parallel) if n_parallel > 1 else None
+            # every call goes through the generation core: with n_parallel > 1 its worker thread batches
+            # concurrent calls; with one sequence it steps on the thread that waits for the text
+            self._engine = _core.Engine(self._ctx, n_parallel)
         except BaseException:
             _MODELS.release(self._model_key)
             raise
         self._closed = False
         self._embed_lock = threading.Lock()
-        self._generator = _core.Generator(self._ctx)
         self._pooling_type = pooling_type
         self._embed_ctx: _core.Context | None = None
         if embedding:  # the embedding context now, rather than at the first embed()
@@ -495,9 +496,8 @@ class Llama:
             if tag in self._template.source
             and len(self._model.tokenize(tag, add_special=False, parse_special=True)) > 1
         ]
-        self._lock = threading.Lock()  # held by the use in progress
-        self._state = threading.Lock()  # guards _active
-        self._active: _Use | None = None
+        self._state = threading.Lock()  # guards _uses
+        self._uses: dict[object, _Use] = {}  # each owner's use in progress
         self._seed = seed
         self._rng = random.Random(seed)
         self._cache = cache
@@ -581,25 +581,16 @@ class Llama:
     def close(self) -> None:
         """Free the context now, and the model unless another Llama shares it. Idempotent. Calls in
         progress on other threads end with an error; a stream this thread abandoned is closed."""
-        if self._closed:
-            return
-        use = _Use(_owner())
-        if self._engine is None:
-            self._acquire(use)
-        try:
+        with self._state:
             if self._closed:
                 return
             self._closed = True
-            if self._engine is not None:
-                self._engine.close()
-            with self._embed_lock:
-                if self._embed_ctx is not None:
-                    self._embed_ctx.close()
-            self._ctx.close()
-            _MODELS.release(self._model_key)
-        finally:
-            if self._engine is None:
-                self._exit(use)
+        self._engine.close()
+        with self._embed_lock:
+            if self._embed_ctx is not None:
+                self._embed_ctx.close()
+        self._ctx.close()
+        _MODELS.release(self._model_key)
 
     @property
     def closed(self) -> bool:
@@ -608,8 +599,7 @@ class Llama:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and getattr(self, "_model_key", None) is not None:
             try:
-                if self._engine is not None:
-                    self._engine.close()
+                self._engine.close()
                 self._ctx.close()
                 if self._embed_ctx is not None:
                     self._embed_ctx.close()
@@ -627,35 +617,22 @@ class Llama:
     # --- the shared machinery -----------------------------------------------------------------
 
     def _enter(self, use: _Use) -> None:
-        """Wait for the Llama (calls are serialised), taking it over from an abandoned stream. With
-        n_parallel > 1 calls do not wait: the engine batches them."""
-        if self._engine is not None:
-            self._check_open()
-            return
-        self._acquire(use)
-        if self._closed:
-            self._exit(use)
-            raise ValueError("this Llama is closed")
-
-    def _acquire(self, use: _Use) -> None:
-        while not self._lock.acquire(timeout=0.02):
-            with self._state:
-                active = self._active
-                if active is not None and active.owner == use.owner and not active.running:
-                    active.abandoned = True
-                    active.cancel()
-                    self._active = None
-                    self._lock.release()
+        """Register a use. A new call from the owner of a stream that is suspended (the caller broke
+        out of it and kept the iterator) ends that stream: it was abandoned, and would hold its
+        sequence for as long as its max_tokens allow. Calls themselves never wait here: the generation
+        core queues what finds no free sequence."""
+        self._check_open()
         with self._state:
-            self._active = use
+            previous = self._uses.get(use.owner)
+            if previous is not None and not previous.running:
+                previous.abandoned = True
+                previous.cancel()
+            self._uses[use.owner] = use
 
     def _exit(self, use: _Use) -> None:
-        if self._engine is not None:
-            return
         with self._state:
-            if self._active is use and not use.abandoned:
-                self._active = None
-                self._lock.release()
+            if self._uses.get(use.owner) is use:
+                del self._uses[use.owner]
 
     def _generate(
         self,
@@ -667,22 +644,16 @@ class Llama:
         n_top: int,
         ignore_eos: bool = False,
     ) -> _Gen:
-        gen: _Gen
-        if self._engine is not None:
-            gen = self._engine.submit(
-                tokens,
-                sampler,
-                max_tokens=budget,
-                stop=stops,
-                logprobs=n_top,
-                ignore_eos=ignore_eos,
-                notifier=None if use.waker is None else use.waker.notifier,
-            )
-        else:
-            self._restore_from_cache(tokens)
-            gen = self._generator.generate(
-                tokens, sampler, max_tokens=budget, stop=stops, logprobs=n_top, ignore_eos=ignore_eos
-            )
+        self._restore_from_cache(tokens)
+        gen = self._engine.submit(
+            tokens,
+            sampler,
+            max_tokens=budget,
+            stop=stops,
+            logprobs=n_top,
+            ignore_eos=ignore_eos,
+            notifier=None if use.waker is None else use.waker.notifier,
+        )
         use.attach(gen)
         handle = _HANDLE.get()
         if handle is not None:
@@ -711,22 +682,19 @@ class Llama:
     # --- states and the prompt cache ---------------------------------------------------------
 
     def _snapshot(self) -> LlamaState:
-        tokens = tuple(self._generator.tokens)
-        data = self._ctx.seq_state_get(0) if tokens else b""
-        return LlamaState(tokens, data, self.fingerprint)
+        taken = self._engine.snapshot(0)
+        if taken is None:
+            raise _core.LlamaError("the context is in use by a generation")
+        tokens, data = taken
+        return LlamaState(tuple(tokens), data, self.fingerprint)
 
     def _restore(self, state: LlamaState) -> None:
         if state.fingerprint != self.fingerprint:
             raise ValueError("this state belongs to another model or context settings")
-        if not state.tokens:
-            self._generator.reset()
-            return
-        self._generator.reset()
         try:
-            self._ctx.seq_state_set(state.data, 0)
+            self._engine.restore(list(state.tokens), state.data, 0)
         except _core.LlamaError as e:
             raise ValueError(f"the state could not be loaded: {e}") from e
-        self._generator.adopt(list(state.tokens))
 
     def _restore_from_cache(self, tokens: list[int]) -> None:
         if self._cache is None:
@@ -735,17 +703,20 @@ class Llama:
         if found is None:
             return
         state, n = found
-        if n > common_prefix(self._generator.tokens, tokens):
+        if n > common_prefix(self._engine.tokens(0), tokens):
             try:
                 self._restore(state)
             except ValueError:
-                self._generator.reset()
+                pass  # in use, or a state that does not fit: the prompt is evaluated instead
 
     def _store_in_cache(self) -> None:
-        if self._cache is None or self._engine is not None or not self._generator.tokens:
+        if self._cache is None:
             return
+        taken = self._engine.snapshot(0)
+        if taken is None or not taken[0]:
+            return  # another call runs in the sequence now
         try:
-            self._cache.store(self._snapshot())
+            self._cache.store(LlamaState(tuple(taken[0]), taken[1], self.fingerprint))
         except (_core.LlamaError, OSError):
             pass  # a cache that cannot take the state only costs a later re-evaluation
 
@@ -753,7 +724,7 @@ class Llama:
         """The tokens the context holds and their KV memory, as a ``LlamaState`` (also written to
         ``path`` when given). ``load_state`` puts it back, here or in a new Llama with the same model
         and context settings, so that a prompt starting with those tokens evaluates only the rest."""
-        if self._engine is not None:
+        if self.n_parallel > 1:
             raise ValueError("save_state needs n_parallel=1")
         use = _Use(_owner())
         self._enter(use)
@@ -768,7 +739,7 @@ class Llama:
     def load_state(self, state: LlamaState | str | os.PathLike[str]) -> None:
         """Restore a state from ``save_state`` (or the path it was saved to). Raises ValueError for a
         state of another model or context settings, and leaves the context empty then."""
-        if self._engine is not None:
+        if self.n_parallel > 1:
             raise ValueError("load_state needs n_parallel=1")
         if not isinstance(state, LlamaState):
             state = LlamaState.load(state)
@@ -808,7 +779,7 @@ class Llama:
         return self._n_ctx_seq()
 
     def _n_ctx_seq(self) -> int:
-        return int(self._engine.n_ctx_seq) if self._engine is not None else self.n_ctx()
+        return int(self._engine.n_ctx_seq)
 
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
         n_ctx = self._n_ctx_seq()
@@ -1001,7 +972,7 @@ class Llama:
             return Stream(
                 self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta),
                 use,
-                pollable=self._engine is not None,
+                pollable=self._engine.threaded,
             )
         gen, text = self._run(tokens, sampler, budget, stops, n_top)
         message = _parse_reply(result, text, meta["id_seed"])
@@ -1177,8 +1148,8 @@ class Llama:
 
     def _fan_out(self, calls: list[Callable[[], dict[str, Any] | Stream]]) -> list[dict[str, Any]]:
         """Run the calls: at the same time when the engine batches them, else one after the other."""
-        if self._engine is None:
-            results = [call() for call in calls]
+        if self.n_parallel == 1:
+            results = [call() for call in calls]  # one sequence: one after the other, on this thread
         else:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -1266,7 +1237,7 @@ class Llama:
                     self._exit(use)
                 yield shape("", _finish_reason(gen.finish_reason or "stop", False), {"usage": _usage(gen)})
 
-            return Stream(pieces(), use, pollable=self._engine is not None)
+            return Stream(pieces(), use, pollable=self._engine.threaded)
         gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos)
         out = shape(
             (prompt_text if echo else "") + text,

@@ -257,10 +257,6 @@ class _Server:
         self.model_id = model_id
         self.slots = slots
         self.created = int(time.time())
-        # Llama tells its callers apart by id(asyncio task): a cancelled call's worker thread may
-        # still be finishing its last token when the task is gone, and a new task at the same
-        # address would look like the same caller. Cancelled tasks are kept alive a while.
-        self.cancelled: collections.deque[asyncio.Future[Any]] = collections.deque(maxlen=256)
 
     async def run(self, request: Request, fields: Iterable[str], work: Callable[[], Awaitable[T]]) -> T | None:
         """``work()`` in a slot (waiting in the queue for one); cancelled, with None returned, when
@@ -283,7 +279,6 @@ class _Server:
                 task.cancel()
             await asyncio.gather(task, watch, return_exceptions=True)
         if task.cancelled():
-            self.cancelled.append(task)
             return None
         error = task.exception()
         if error is not None:

@@ -1,0 +1,794 @@
+// The generation core (see scheduler.h): one scheduler for one sequence or many. Each step admits
+// queued requests into free sequences (the lowest free one, or one that holds much more of the
+// prompt), then decodes one batch in sequence order (llama.cpp's micro-batches take consecutive
+// sequences): the next token of every running stream first, then prompt chunks of every waiting
+// request, first come first served, up to n_batch. Each request samples with its own sampler,
+// grammar and stop rules and receives finished pieces of text.
+
+#include "scheduler.h"
+
+#include "model.h"
+#include "pyllama.h"
+
+#include <algorithm>
+#include <cmath>
+
+#ifndef _WIN32
+#include <fcntl.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
+#endif
+
+namespace pyllama {
+
+// --- text ------------------------------------------------------------------------------------------
+
+size_t incomplete_utf8_tail(const std::string & s, size_t from) {
+    const size_t n = s.size();
+    for (size_t back = 1; back <= 3 && back <= n - from; ++back) {
+        const auto c = static_cast<unsigned char>(s[n - back]);
+        if ((c & 0xC0) == 0x80) {
+            continue;  // a continuation byte: look further back for its lead
+        }
+        const size_t need = (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return need > back ? back : 0;
+    }
+    return 0;
+}
+
+token_logprob logprob_of(llama_context * ctx, int32_t j, const llama_vocab * vocab, llama_token tok, int32_t n_top) {
+    const float * logits = llama_get_logits_ith(ctx, j);
+    const int32_t n      = llama_vocab_n_tokens(vocab);
+    float         mx     = -INFINITY;
+    for (int32_t i = 0; i < n; ++i) {
+        mx = std::max(mx, logits[i]);
+    }
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - mx));
+    }
+    const float   lse = mx + static_cast<float>(std::log(sum));
+    token_logprob lp{ tok, {}, logits[tok] - lse, {} };
+    if (n_top > 0) {
+        std::vector<int32_t> idx(n);
+        for (int32_t i = 0; i < n; ++i) {
+            idx[i] = i;
+        }
+        const int32_t k = std::min(n_top, n);
+        std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                          [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+        for (int32_t i = 0; i < k; ++i) {
+            lp.top.emplace_back(idx[i], logits[idx[i]] - lse);
+        }
+    }
+    return lp;
+}
+
+generated_text::generated_text(const std::vector<std::string> & stop) : stop_(stop) {
+    for (const auto & s : stop_) {
+        if (s.empty()) {
+            throw std::invalid_argument("stop strings must not be empty");
+        }
+        max_stop_ = std::max(max_stop_, s.size());
+    }
+}
+
+std::string generated_text::append(const llama_vocab * vocab, llama_token tok, bool special) {
+    char    buf[256];
+    int32_t n = llama_token_to_piece(vocab, tok, buf, sizeof(buf), 0, special);
+    if (n < 0) {
+        std::string big(static_cast<size_t>(-n), '\0');
+        n = llama_token_to_piece(vocab, tok, big.data(), -n, 0, special);
+        big.resize(std::max(0, n));
+        text_ += big;
+        return big;
+    }
+    text_.append(buf, n);
+    return std::string(buf, n);
+}
+
+bool generated_text::check_stop() {
+    if (max_stop_ == 0) {
+        return false;
+    }
+    const size_t from  = scanned_ > max_stop_ ? scanned_ - max_stop_ : 0;
+    size_t       first = std::string::npos;
+    for (const auto & s : stop_) {
+        first = std::min(first, text_.find(s, from));
+    }
+    scanned_ = text_.size();
+    if (first != std::string::npos) {
+        text_.resize(first);
+        return true;
+    }
+    return false;
+}
+
+std::string generated_text::release(bool all) {
+    size_t end = text_.size();
+    if (!all) {
+        end -= incomplete_utf8_tail(text_, released_);
+        for (const auto & s : stop_) {
+            // the longest tail of the text that begins this stop string
+            for (size_t k = std::min(s.size() - 1, end - released_); k > 0; --k) {
+                if (text_.compare(end - k, k, s, 0, k) == 0) {
+                    end -= k;
+                    break;
+                }
+            }
+        }
+    }
+    if (end <= released_) {
+        return {};
+    }
+    std::string out = text_.substr(released_, end - released_);
+    released_       = end;
+    return out;
+}
+
+// --- Notifier ----------------------------------------------------------------------------------------
+
+Notifier::Notifier() {
+#if defined(_WIN32)
+    throw std::runtime_error("Notifier needs a POSIX system");
+#elif defined(__linux__)
+    rfd_ = wfd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (rfd_ < 0) {
+        throw std::runtime_error("eventfd failed");
+    }
+#else
+    int fds[2];
+    if (pipe(fds) != 0) {
+        throw std::runtime_error("pipe failed");
+    }
+    rfd_ = fds[0];
+    wfd_ = fds[1];
+    for (int fd : fds) {
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+#endif
+}
+
+Notifier::~Notifier() {
+#ifndef _WIN32
+    if (wfd_ != rfd_ && wfd_ >= 0) {
+        ::close(wfd_);
+    }
+    if (rfd_ >= 0) {
+        ::close(rfd_);
+    }
+#endif
+}
+
+void Notifier::notify() const {
+#if defined(__linux__)
+    const uint64_t        one = 1;
+    [[maybe_unused]] auto n   = ::write(wfd_, &one, sizeof(one));
+#elif !defined(_WIN32)
+    const char            one = 1;
+    [[maybe_unused]] auto n   = ::write(wfd_, &one, 1);
+#endif
+}
+
+void Notifier::drain() const {
+#ifndef _WIN32
+    char buf[256];
+    while (::read(rfd_, buf, sizeof(buf)) > 0) {
+    }
+#endif
+}
+
+// --- Request -----------------------------------------------------------------------------------------
+
+Request::Request(std::shared_ptr<Sampler>        sampler,
+                 std::vector<llama_token>        prompt,
+                 generation_options              opt,
+                 std::shared_ptr<const Notifier> notifier,
+                 std::weak_ptr<Scheduler>        scheduler,
+                 bool                            drives) :
+    sampler_(std::move(sampler)),
+    prompt_(std::move(prompt)),
+    opt_(std::move(opt)),
+    text_(opt_.stop),
+    notifier_(std::move(notifier)),
+    scheduler_(std::move(scheduler)),
+    drives_(drives) {}
+
+bool Request::take(std::string & out) {
+    if (!pieces_.empty()) {
+        out = std::move(pieces_.front());
+        pieces_.pop_front();
+        return true;
+    }
+    if (!done_) {
+        return false;
+    }
+    if (!error_.empty()) {
+        const std::string e = error_;
+        error_.clear();
+        throw llama_error(e);
+    }
+    out.clear();
+    return true;
+}
+
+std::string Request::next() {
+    if (drives_) {
+        if (auto s = scheduler_.lock()) {
+            s->drive(*this);
+        }
+    }
+    std::unique_lock<std::mutex> lock(mtx_);
+    cv_.wait(lock, [&] { return !pieces_.empty() || done_; });
+    std::string out;
+    take(out);
+    return out;
+}
+
+bool Request::next_nowait(std::string & out) {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return take(out);
+}
+
+bool Request::ready() const {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return !pieces_.empty() || done_;
+}
+
+std::string Request::run() {
+    std::string out;
+    for (std::string piece = next(); !piece.empty(); piece = next()) {
+        out += piece;
+    }
+    return out;
+}
+
+void Request::cancel() {
+    cancelled_.store(true);
+    if (auto s = scheduler_.lock()) {
+        s->interrupt_if_alone(this);
+    }
+}
+
+std::string Request::finish_reason() const {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return done_ ? finish_reason_ : std::string();
+}
+
+std::vector<llama_token> Request::completion() const {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return completion_;
+}
+
+std::vector<token_logprob> Request::logprobs() const {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return logprobs_;
+}
+
+void Request::push(std::string piece) {
+    if (piece.empty()) {
+        return;
+    }
+    bool was_empty = false;
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        was_empty = pieces_.empty();  // else the reader has not taken the last one yet
+        pieces_.push_back(std::move(piece));
+        cv_.notify_all();
+    }
+    if (notifier_ && was_empty) {
+        notifier_->notify();
+    }
+}
+
+void Request::end(const std::string & reason, const std::string & error) {
+    std::string rest = text_.release(true);
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        if (done_) {
+            return;
+        }
+        if (!rest.empty()) {
+            pieces_.push_back(std::move(rest));
+        }
+        finish_reason_ = reason;
+        error_         = error;
+        done_          = true;
+        cv_.notify_all();
+    }
+    if (notifier_) {
+        notifier_->notify();
+    }
+}
+
+// --- Scheduler ---------------------------------------------------------------------------------------
+
+Scheduler::Scheduler(Context & ctx, int32_t n_parallel, bool threaded) : ctx_(ctx), threaded_(threaded) {
+    auto u = ctx_.acquire();
+    if (n_parallel < 1 || static_cast<uint32_t>(n_parallel) > llama_n_seq_max(u.ctx)) {
+        throw std::invalid_argument("n_parallel must be between 1 and the context's n_seq_max (" +
+                                    std::to_string(llama_n_seq_max(u.ctx)) + ")");
+    }
+    if (!llama_get_memory(u.ctx)) {
+        throw std::invalid_argument("the context has no KV memory");
+    }
+    n_ctx_seq_ = llama_n_ctx_seq(u.ctx);
+    n_batch_   = std::max<uint32_t>(1, llama_n_batch(u.ctx));
+    slots_.resize(n_parallel);
+    if (threaded_) {
+        worker_ = std::thread([this] { loop(); });
+    }
+}
+
+Scheduler::~Scheduler() {
+    stop();
+}
+
+std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampler,
+                                           std::vector<llama_token>        prompt,
+                                           generation_options              opt,
+                                           std::shared_ptr<const Notifier> notifier) {
+    if (prompt.empty()) {
+        throw std::invalid_argument("the prompt is empty");
+    }
+    if (prompt.size() >= n_ctx_seq_) {
+        throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
+                                    " tokens and a sequence holds " + std::to_string(n_ctx_seq_));
+    }
+    auto req = std::make_shared<Request>(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
+                                         weak_from_this(), !threaded_);
+    if (req->opt_.max_tokens == 0) {
+        req->end("length");
+        return req;
+    }
+    std::lock_guard<std::mutex> lock(mtx_);
+    if (stopping_) {
+        throw llama_error("the engine is closed");
+    }
+    queue_.push_back(req);
+    cv_.notify_all();
+    return req;
+}
+
+void Scheduler::stop() {
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        stopping_ = true;
+        cv_.notify_all();
+    }
+    if (worker_.joinable()) {
+        worker_.join();
+    }
+    std::lock_guard<std::mutex> step_lock(step_mtx_);  // an inline step in progress ends first
+    std::vector<std::shared_ptr<Request>> reqs;
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        reqs.assign(active_.begin(), active_.end());
+        reqs.insert(reqs.end(), queue_.begin(), queue_.end());
+        active_.clear();
+        queue_.clear();
+    }
+    for (auto & r : reqs) {
+        r->end("cancelled", "the engine was closed");
+    }
+    for (auto & s : slots_) {
+        s.busy = false;
+    }
+}
+
+size_t Scheduler::n_active() {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return active_.size() + queue_.size();
+}
+
+void Scheduler::loop() {
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lock(mtx_);
+            cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || !active_.empty(); });
+            if (stopping_) {
+                return;
+            }
+        }
+        std::lock_guard<std::mutex> step_lock(step_mtx_);
+        try {
+            if (has_work()) {
+                step();
+            }
+        } catch (const std::exception & e) {
+            fail_all(e.what());
+        }
+    }
+}
+
+void Scheduler::drive(Request & r) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    while (!r.ready()) {
+        if (!has_work()) {
+            return;  // stopped: stop() ends the request
+        }
+        try {
+            step();
+        } catch (const std::exception & e) {
+            fail_all(e.what());
+        }
+    }
+}
+
+bool Scheduler::has_work() {
+    std::lock_guard<std::mutex> lock(mtx_);
+    if (stopping_) {
+        return false;
+    }
+    admit();
+    return !active_.empty();
+}
+
+void Scheduler::interrupt_if_alone(const Request * r) {
+    if (alone_.load() == r) {
+        ctx_.cancel();
+    }
+}
+
+void Scheduler::admit() {
+    while (!queue_.empty()) {
+        auto req = queue_.front();
+        if (req->cancelled_.load()) {
+            queue_.pop_front();
+            req->end("cancelled");
+            continue;
+        }
+        // The free sequence whose tokens share the longest prefix with the prompt, unless the
+        // lowest free one shares nearly as much: a step decodes consecutive sequences in one pass
+        // (kv_unified=false), and every gap among the busy ones costs another pass over the weights.
+        int32_t best = -1, lowest = -1;
+        size_t  lcp = 0, lcp_lowest = 0;
+        for (size_t s = 0; s < slots_.size(); ++s) {
+            if (slots_[s].busy) {
+                continue;
+            }
+            const auto & t = slots_[s].tokens;
+            size_t       n = 0;
+            while (n < t.size() && n < req->prompt_.size() && t[n] == req->prompt_[n]) {
+                ++n;
+            }
+            if (lowest < 0) {
+                lowest     = static_cast<int32_t>(s);
+                lcp_lowest = n;
+            }
+            if (best < 0 || n > lcp) {
+                best = static_cast<int32_t>(s);
+                lcp  = n;
+            }
+        }
+        if (best >= 0 && lcp < lcp_lowest + kReuseWorthAGap) {
+            best = lowest;
+            lcp  = lcp_lowest;
+        }
+        if (best < 0) {
+            return;  // every sequence is busy
+        }
+        queue_.pop_front();
+        if (lcp == req->prompt_.size()) {
+            --lcp;  // the last prompt token is evaluated again, for its logits
+        }
+        {
+            auto           u   = ctx_.acquire();
+            llama_memory_t mem = llama_get_memory(u.ctx);
+            if (!llama_memory_seq_rm(mem, best, static_cast<llama_pos>(lcp), -1)) {
+                // a recurrent model cannot cut its state at a position: start over
+                llama_memory_seq_rm(mem, best, -1, -1);
+                lcp = 0;
+            }
+        }
+        slots_[best].busy = true;
+        slots_[best].tokens.resize(lcp);
+        req->seq_       = best;
+        req->evaluated_ = lcp;
+        req->n_reused_.store(lcp);
+        active_.push_back(std::move(req));
+    }
+}
+
+void Scheduler::step() {
+    std::vector<std::shared_ptr<Request>> reqs;
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        reqs = active_;
+    }
+    std::vector<std::shared_ptr<Request>> finished, stepping;
+    size_t                                n_tokens = 0;
+    for (auto & r : reqs) {
+        r->row_      = -1;
+        r->n_prompt_ = 0;
+        if (r->cancelled_.load()) {
+            finished.push_back(r);
+            continue;
+        }
+        stepping.push_back(r);
+        if (r->sampling_) {
+            ++n_tokens;  // the next tokens of the running streams come first
+        }
+    }
+    for (auto & r : stepping) {  // then prompt chunks, first come first served, in the room left
+        if (!r->sampling_) {
+            const size_t room = n_batch_ > n_tokens ? n_batch_ - n_tokens : 0;
+            r->n_prompt_      = std::min(room, r->prompt_.size() - r->evaluated_);
+            n_tokens += r->n_prompt_;
+        }
+    }
+    for (auto & r : finished) {
+        release(r, "cancelled");
+    }
+    // llama.cpp splits a batch over several sequences (kv_unified=false) into micro-batches of
+    // consecutive sequence ids with as many tokens each: the batch goes in sequence order, each
+    // sequence's tokens together, or one step costs several passes over the weights.
+    const auto newest = stepping.empty() ? nullptr : stepping.back();
+    std::sort(stepping.begin(), stepping.end(), [](const auto & x, const auto & y) { return x->seq_ < y->seq_; });
+    Batch          b;
+    const Request * sole = nullptr;
+    size_t          n_in = 0;
+    for (auto & r : stepping) {
+        auto & tokens = slots_[r->seq_].tokens;
+        if (r->sampling_) {
+            r->row_ = static_cast<int32_t>(b.tokens.size());
+            b.tokens.push_back(r->last_);
+            b.pos.push_back(static_cast<llama_pos>(tokens.size()));
+            b.seq_ids.push_back({ r->seq_ });
+            b.logits.push_back(1);
+            tokens.push_back(r->last_);
+            sole = r.get();
+            ++n_in;
+            continue;
+        }
+        if (r->n_prompt_ > 0) {
+            sole = r.get();
+            ++n_in;
+        }
+        for (size_t j = 0; j < r->n_prompt_; ++j) {
+            const size_t k = r->evaluated_ + j;
+            b.tokens.push_back(r->prompt_[k]);
+            b.pos.push_back(static_cast<llama_pos>(k));
+            b.seq_ids.push_back({ r->seq_ });
+            const bool last = k + 1 == r->prompt_.size();
+            b.logits.push_back(last ? 1 : 0);
+            if (last) {
+                r->row_ = static_cast<int32_t>(b.tokens.size()) - 1;
+            }
+            tokens.push_back(r->prompt_[k]);
+        }
+        r->evaluated_ += r->n_prompt_;
+    }
+    if (b.tokens.empty()) {
+        return;
+    }
+    // a cancel() of the only request in the batch stops the decode itself (a long prompt)
+    alone_.store(n_in == 1 ? sole : nullptr);
+    std::string reason;
+    const auto  rc = ctx_.decode_nogil(b, false, reason);
+    alone_.store(nullptr);
+    if (rc != 0) {
+        // the decode was rolled back: put the sequences' token lists back as they were
+        bool any_cancelled = false;
+        for (auto & r : stepping) {
+            if (r->row_ >= 0 || !r->sampling_) {
+                resync(r);
+            }
+            any_cancelled = any_cancelled || r->cancelled_.load();
+        }
+        if (rc == 1) {
+            // no room in the KV memory: the newest request gives way
+            release(newest, "length", "the context is full (no KV slot for this request)");
+            return;
+        }
+        if (rc == 2 && any_cancelled) {
+            for (auto & r : stepping) {
+                if (r->cancelled_.load()) {
+                    release(r, "cancelled");
+                }
+            }
+            return;
+        }
+        Context::raise_decode_error(rc, reason, false);
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(ctx_.model());
+    for (auto & r : stepping) {
+        if (r->row_ < 0 || r->cancelled_.load()) {
+            continue;
+        }
+        try {
+            sample(r, vocab);
+        } catch (const std::exception & e) {
+            release(r, "stop", e.what());
+        }
+    }
+}
+
+void Scheduler::resync(const std::shared_ptr<Request> & r) {
+    auto &          tokens = slots_[r->seq_].tokens;
+    auto            u      = ctx_.acquire();
+    const llama_pos max    = llama_memory_seq_pos_max(llama_get_memory(u.ctx), r->seq_);
+    tokens.resize(static_cast<size_t>(std::max<llama_pos>(0, max + 1)));
+    if (!r->sampling_) {
+        r->evaluated_ = std::min(r->evaluated_, tokens.size());
+    }
+}
+
+void Scheduler::sample(const std::shared_ptr<Request> & r, const llama_vocab * vocab) {
+    r->sampling_          = true;
+    const llama_token tok = r->sampler_->sample(ctx_, r->row_);
+    token_logprob     lp;
+    if (r->opt_.logprobs >= 0) {
+        auto u = ctx_.acquire();
+        lp     = logprob_of(u.ctx, ctx_.check_output(r->row_, "logprobs"), vocab, tok, r->opt_.logprobs);
+    }
+    r->sampler_->accept(tok, true);
+    if (!r->opt_.ignore_eos && llama_vocab_is_eog(vocab, tok)) {
+        release(r, "stop");
+        return;
+    }
+    std::string piece = r->text_.append(vocab, tok, r->sampler_->preserves(tok));
+    {
+        std::lock_guard<std::mutex> lock(r->mtx_);
+        r->completion_.push_back(tok);
+        if (r->opt_.logprobs >= 0) {
+            lp.piece = std::move(piece);
+            r->logprobs_.push_back(std::move(lp));
+        }
+    }
+    r->last_            = tok;
+    const size_t n_done = r->completion_.size();
+    if (r->text_.check_stop()) {
+        release(r, "stop");
+    } else if (r->opt_.max_tokens >= 0 && n_done >= static_cast<size_t>(r->opt_.max_tokens)) {
+        release(r, "length");
+    } else if (slots_[r->seq_].tokens.size() + 1 >= n_ctx_seq_) {
+        release(r, "length");  // the next token would not fit its sequence
+    } else {
+        r->push(r->text_.release(false));
+    }
+}
+
+void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & reason, const std::string & error) {
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        auto                        it = std::find(active_.begin(), active_.end(), r);
+        if (it == active_.end()) {
+            return;
+        }
+        active_.erase(it);
+    }
+    slots_[r->seq_].busy = false;
+    r->row_              = -1;
+    r->end(r->cancelled_.load() ? "cancelled" : reason, error);
+}
+
+void Scheduler::fail_all(const std::string & why) {
+    std::vector<std::shared_ptr<Request>> reqs;
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        reqs = active_;
+    }
+    for (auto & r : reqs) {
+        release(r, "stop", why);
+    }
+    for (auto & s : slots_) {
+        s.tokens.clear();
+    }
+    try {
+        auto u = ctx_.acquire();
+        llama_memory_clear(llama_get_memory(u.ctx), true);
+    } catch (const std::exception &) {
+        // a closed context: nothing to clear
+    }
+}
+
+// --- the sequences -----------------------------------------------------------------------------------
+
+void Scheduler::purge_cancelled() {
+    std::vector<std::shared_ptr<Request>> reqs;
+    {
+        std::lock_guard<std::mutex> lock(mtx_);
+        reqs = active_;
+    }
+    for (auto & r : reqs) {
+        if (r->cancelled_.load()) {
+            release(r, "cancelled");
+        }
+    }
+}
+
+void Scheduler::check_idle(int32_t seq, const char * what) {
+    purge_cancelled();  // a cancelled request gives its sequence back now, not at the next step
+    if (seq < 0 || static_cast<size_t>(seq) >= slots_.size()) {
+        throw std::invalid_argument(std::string(what) + ": sequence " + std::to_string(seq) + " is outside 0.." +
+                                    std::to_string(slots_.size() - 1));
+    }
+    if (slots_[seq].busy) {
+        throw llama_error(std::string(what) + ": sequence " + std::to_string(seq) + " is in use by a generation");
+    }
+}
+
+std::vector<llama_token> Scheduler::tokens(int32_t seq) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    if (seq < 0 || static_cast<size_t>(seq) >= slots_.size()) {
+        throw std::invalid_argument("sequence " + std::to_string(seq) + " is outside 0.." +
+                                    std::to_string(slots_.size() - 1));
+    }
+    return slots_[seq].tokens;
+}
+
+void Scheduler::reset(int32_t seq) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    const size_t                from = seq < 0 ? 0 : static_cast<size_t>(seq);
+    const size_t                to   = seq < 0 ? slots_.size() : from + 1;
+    for (size_t s = from; s < to; ++s) {
+        check_idle(static_cast<int32_t>(s), "reset");
+    }
+    auto           u   = ctx_.acquire();
+    llama_memory_t mem = llama_get_memory(u.ctx);
+    for (size_t s = from; s < to; ++s) {
+        llama_memory_seq_rm(mem, static_cast<llama_seq_id>(s), -1, -1);
+        slots_[s].tokens.clear();
+    }
+}
+
+void Scheduler::adopt(int32_t seq, std::vector<llama_token> tokens) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    check_idle(seq, "adopt");
+    auto           u   = ctx_.acquire();
+    llama_memory_t mem = llama_get_memory(u.ctx);
+    const auto     n   = llama_memory_seq_pos_max(mem, seq) + 1;
+    if (n != static_cast<llama_pos>(tokens.size())) {
+        llama_memory_seq_rm(mem, seq, -1, -1);
+        slots_[seq].tokens.clear();
+        throw std::invalid_argument("sequence " + std::to_string(seq) + " holds " + std::to_string(n) +
+                                    " positions, not the " + std::to_string(tokens.size()) +
+                                    " tokens given (the sequence was cleared)");
+    }
+    slots_[seq].tokens = std::move(tokens);
+}
+
+bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    purge_cancelled();
+    if (seq < 0 || static_cast<size_t>(seq) >= slots_.size() || slots_[seq].busy) {
+        return false;
+    }
+    tokens = slots_[seq].tokens;
+    state.clear();
+    if (!tokens.empty()) {
+        auto u = ctx_.acquire();
+        state.resize(llama_state_seq_get_size(u.ctx, seq));
+        state.resize(llama_state_seq_get_data(u.ctx, state.data(), state.size(), seq));
+    }
+    return true;
+}
+
+void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    check_idle(seq, "restore");
+    {
+        auto u = ctx_.acquire();
+        llama_memory_seq_rm(llama_get_memory(u.ctx), seq, -1, -1);
+    }
+    slots_[seq].tokens.clear();
+    if (tokens.empty()) {
+        return;
+    }
+    ctx_.seq_state_load(std::string(state.begin(), state.end()), seq);
+    auto       u   = ctx_.acquire();
+    auto       mem = llama_get_memory(u.ctx);
+    const auto n   = llama_memory_seq_pos_max(mem, seq) + 1;
+    if (n != static_cast<llama_pos>(tokens.size())) {
+        llama_memory_seq_rm(mem, seq, -1, -1);
+        throw std::invalid_argument("the state holds " + std::to_string(n) + " positions, not the " +
+                                    std::to_string(tokens.size()) + " tokens given (the sequence was cleared)");
+    }
+    slots_[seq].tokens = tokens;
+}
+
+}  // namespace pyllama

@@ -1,0 +1,231 @@
+// The generation core: every generation, for one sequence or many, goes through one Scheduler.
+//
+//   sequence   a sequence id of the context and the tokens its KV cells hold (longest-prefix reuse)
+//   request    one generation: its options and sampler, the text that grows token by token
+//              (UTF-8-safe release, stop strings held back), logprobs, counters, finish reason
+//   scheduler  admission into free sequences, batches filled up to n_batch from every running
+//              stream and every waiting prompt, decode, sampling; on a worker thread (threaded) or
+//              inline, stepped by whichever caller waits for text (one sequence: Ctrl-C then
+//              interrupts a long prompt on the main thread)
+//
+// Nothing here touches Python: the binding (engine.cpp) converts arguments and releases the GIL.
+#pragma once
+
+#include "context.h"
+#include "llama.h"
+#include "sampler.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace pyllama {
+
+struct generation_options {
+    int32_t                  max_tokens = -1;  // < 0: until the sequence is full
+    std::vector<std::string> stop;
+    int32_t                  logprobs   = -1;  // < 0: none; else the number of alternatives per token
+    bool                     ignore_eos = false;
+};
+
+struct token_logprob {
+    llama_token                                token = -1;
+    std::string                                piece;
+    float                                      logprob = 0.0f;
+    std::vector<std::pair<llama_token, float>> top;
+};
+
+// How many bytes at the end of `s` (from `from`) are an incomplete but possibly valid UTF-8
+// character, which the next token may complete.
+size_t incomplete_utf8_tail(const std::string & s, size_t from);
+
+// OpenAI's logprob of `tok`: the log-softmax of the raw logits of output row j, before any sampler,
+// with the n_top best alternatives.
+token_logprob logprob_of(llama_context * ctx, int32_t j, const llama_vocab * vocab, llama_token tok, int32_t n_top);
+
+// The text of a generation: pieces are appended as tokens come; stop strings cut it; release()
+// gives what can go out (complete UTF-8, and not the start of a stop string).
+class generated_text {
+  public:
+    explicit generated_text(const std::vector<std::string> & stop);
+
+    // Appends the piece of `tok` (special tokens as text when `special`); returns its bytes.
+    std::string append(const llama_vocab * vocab, llama_token tok, bool special);
+
+    // True when a stop string appeared: the text is cut before it.
+    bool check_stop();
+
+    std::string release(bool all);
+
+  private:
+    const std::vector<std::string> & stop_;
+    size_t                           max_stop_ = 0;
+    std::string                      text_;
+    size_t                           released_ = 0;
+    size_t                           scanned_  = 0;
+};
+
+// A file descriptor that an event loop watches (asyncio's add_reader) and a threaded scheduler
+// signals when a request submitted with it has new text or has ended: streams wait on the loop
+// instead of each in a thread of its own. An eventfd on Linux, a pipe elsewhere; not on Windows.
+class Notifier {
+  public:
+    Notifier();
+    Notifier(const Notifier &)             = delete;
+    Notifier & operator=(const Notifier &) = delete;
+    ~Notifier();
+
+    int  fileno() const { return rfd_; }
+    void notify() const;  // from any thread; a full pipe or counter already means "wake up"
+    void drain() const;   // empties the descriptor (the loop calls this when it wakes)
+
+  private:
+    int rfd_ = -1;
+    int wfd_ = -1;
+};
+
+class Scheduler;
+
+// One generation. The scheduler fills it; next() takes the pieces (call without the GIL).
+class Request {
+  public:
+    Request(std::shared_ptr<Sampler>        sampler,
+            std::vector<llama_token>        prompt,
+            generation_options              opt,
+            std::shared_ptr<const Notifier> notifier,
+            std::weak_ptr<Scheduler>        scheduler,
+            bool                            drives);
+
+    // The next piece of text; empty at the end. Raises what failed the request. With an inline
+    // scheduler, the caller's thread runs the steps until a piece is ready.
+    std::string next();
+
+    // Without waiting (and without stepping): false when no piece is ready and the request runs on;
+    // else true, with the next piece in `out`, empty at the end. Raises what failed the request.
+    bool next_nowait(std::string & out);
+
+    bool        ready() const;  // a piece is waiting, or the request has ended
+    std::string run();          // to the end; the text not taken yet
+    void        cancel();       // from any thread: ends at the next step (a sole prompt's decode stops now)
+
+    std::string                finish_reason() const;  // empty while running
+    size_t                     n_prompt() const { return prompt_.size(); }
+    size_t                     n_reused() const { return n_reused_.load(); }
+    std::vector<llama_token>   completion() const;
+    std::vector<token_logprob> logprobs() const;
+
+  private:
+    friend class Scheduler;
+
+    void push(std::string piece);
+    void end(const std::string & reason, const std::string & error = {});
+    bool take(std::string & out);  // with mtx_ held: a piece, or the end (raises the error)
+
+    std::shared_ptr<Sampler>        sampler_;
+    std::vector<llama_token>        prompt_;
+    generation_options              opt_;
+    generated_text                  text_;
+    std::atomic<bool>               cancelled_{ false };
+    std::atomic<size_t>             n_reused_{ 0 };
+    std::shared_ptr<const Notifier> notifier_;
+    std::weak_ptr<Scheduler>        scheduler_;
+    bool                            drives_ = false;  // the caller's next() steps the scheduler (inline)
+
+    // the scheduler's bookkeeping (its step lock held)
+    int32_t     seq_       = -1;  // the sequence it decodes in
+    size_t      evaluated_ = 0;   // prompt tokens in the KV memory
+    bool        sampling_  = false;
+    int32_t     row_       = -1;  // its output row in the current batch, or -1
+    size_t      n_prompt_  = 0;   // prompt tokens in the current batch
+    llama_token last_      = -1;  // the token sampled last, to decode next
+
+    mutable std::mutex         mtx_;
+    std::condition_variable    cv_;
+    std::deque<std::string>    pieces_;
+    bool                       done_ = false;
+    std::string                finish_reason_;
+    std::string                error_;
+    std::vector<llama_token>   completion_;
+    std::vector<token_logprob> logprobs_;
+};
+
+class Scheduler : public std::enable_shared_from_this<Scheduler> {
+  public:
+    // Prompt tokens that a request must find cached in a sequence to take it rather than the lowest
+    // free one (see admit()); about what prompt evaluation of that many tokens costs against a few
+    // steps of decoding with one more pass over the weights.
+    static constexpr size_t kReuseWorthAGap = 64;
+
+    // Make it with std::make_shared: requests refer to it weakly.
+    Scheduler(Context & ctx, int32_t n_parallel, bool threaded);
+    ~Scheduler();
+
+    Scheduler(const Scheduler &)             = delete;
+    Scheduler & operator=(const Scheduler &) = delete;
+
+    std::shared_ptr<Request> submit(std::shared_ptr<Sampler>        sampler,
+                                    std::vector<llama_token>        prompt,
+                                    generation_options              opt,
+                                    std::shared_ptr<const Notifier> notifier = nullptr);
+    void                     stop();  // requests still running end with an error
+
+    // Inline: steps until `r` has a piece or has ended (one caller steps at a time).
+    void drive(Request & r);
+
+    // A request's decode alone in the batch stops now (Request::cancel).
+    void interrupt_if_alone(const Request * r);
+
+    // The sequences, for states and caches. Each takes the step lock; a sequence a request is
+    // using is refused (reset and adopt raise, snapshot returns false).
+    std::vector<llama_token> tokens(int32_t seq);
+    void                     reset(int32_t seq);  // seq < 0: every sequence
+    void                     adopt(int32_t seq, std::vector<llama_token> tokens);
+    bool                     snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state);
+    void restore(int32_t seq, const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state);
+
+    Context & context() { return ctx_; }
+    bool      threaded() const { return threaded_; }
+    size_t    n_ctx_seq() const { return n_ctx_seq_; }
+    size_t    n_parallel() const { return slots_.size(); }
+    size_t    n_active();
+
+  private:
+    struct slot {
+        std::vector<llama_token> tokens;  // what its sequence holds
+        bool                     busy = false;
+    };
+
+    void loop();
+    bool has_work();  // admits what it can; true when a step has something to do
+    void step();
+    void admit();  // with mtx_ held
+    void resync(const std::shared_ptr<Request> & r);
+    void sample(const std::shared_ptr<Request> & r, const llama_vocab * vocab);
+    void release(const std::shared_ptr<Request> & r, const std::string & reason, const std::string & error = {});
+    void fail_all(const std::string & why);
+    void purge_cancelled();  // with the step lock held
+    void check_idle(int32_t seq, const char * what);
+
+    Context &                             ctx_;
+    const bool                            threaded_;
+    size_t                                n_ctx_seq_ = 0;
+    size_t                                n_batch_   = 1;
+    std::vector<slot>                     slots_;
+    std::mutex                            step_mtx_;  // held by whoever steps, and by the sequence calls
+    std::mutex                            mtx_;       // the queue and the active list
+    std::condition_variable               cv_;
+    std::deque<std::shared_ptr<Request>>  queue_;
+    std::vector<std::shared_ptr<Request>> active_;
+    bool                                  stopping_ = false;
+    std::atomic<const Request *>          alone_{ nullptr };  // the one request of the decode in progress
+    std::thread                           worker_;
+};
+
+}  // namespace pyllama
