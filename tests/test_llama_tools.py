@@ -50,6 +50,7 @@ def test_run_tools_calls_the_function_and_answers(llm: Any) -> None:
             ask,
             tools=[get_weather],
             tool_choice="required",
+            parallel_tool_calls=False,  # a random model would call again and again until max_tokens
             run_tools=True,
             max_tool_rounds=2,
             max_tokens=160,
@@ -108,7 +109,11 @@ def test_run_tools_needs_tools_and_rounds(llm: Any) -> None:
 def test_callables_as_tools_without_running_them(llm: Any) -> None:
     CALLS.clear()
     out = llm.chat(
-        [{"role": "user", "content": "Weather?"}], tools=[get_weather], tool_choice="required", max_tokens=160
+        [{"role": "user", "content": "Weather?"}],
+        tools=[get_weather],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=160,
     )
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     assert out["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
@@ -152,7 +157,9 @@ def test_chat_session_keeps_the_history(llm: Any) -> None:
 
 def test_chat_session_runs_tools(llm: Any) -> None:
     CALLS.clear()
-    session = pyllama.ChatSession(llm, tools=[get_weather], max_tool_rounds=2, max_tokens=160, tool_choice="required")
+    session = pyllama.ChatSession(
+        llm, tools=[get_weather], max_tool_rounds=2, max_tokens=160, tool_choice="required", parallel_tool_calls=False
+    )
     session.send("Weather in Paris?", seed=1)
     roles = [m["role"] for m in session.messages]
     n = len(CALLS)

@@ -344,8 +344,9 @@ class ChatTemplate {
             }
         } catch (const std::exception & e) {
             const std::string logged = capture.problems();
-            throw llama_error(std::string("the chat template failed: ") + e.what() +
-                              (logged.empty() ? "" : " (" + logged + ")"));
+            throw template_error(
+                std::string("the chat template failed: ") + e.what() + (logged.empty() ? "" : " (" + logged + ")"),
+                "messages");
         }
         if (inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && result->params.grammar.empty()) {
             // a template without a tool-call format (Gemma 2, Phi-3.5, ...): nothing could hold the reply to a call
@@ -356,10 +357,27 @@ class ChatTemplate {
         if (strict && inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
             make_strict(*result, inputs, named_tool);
         }
-        result->parser                  = common_chat_parser_params(result->params);
+        // The parser of a one-call request is the several-calls one: a reply with more calls than asked
+        // parses (and keeps its first call) instead of failing the format.
+        const common_chat_params * parse_from = &result->params;
+        common_chat_params         several;
+        if ((!inputs.parallel_tool_calls || !named_tool.empty()) && !inputs.tools.empty()) {
+            make_single_call(*result, inputs, named_tool);
+            if (named_tool.empty()) {
+                common_chat_templates_inputs par = inputs;
+                par.parallel_tool_calls          = true;
+                try {
+                    several    = common_chat_templates_apply(tmpls_.get(), par);
+                    parse_from = &several;
+                } catch (const std::exception &) {
+                    // the template takes one call only (Llama 3.1): its own parser it is
+                }
+            }
+        }
+        result->parser                  = common_chat_parser_params(*parse_from);
         result->parser.reasoning_format = reasoning_format;
-        if (!result->params.parser.empty()) {
-            result->parser.parser.load(result->params.parser);
+        if (!parse_from->parser.empty()) {
+            result->parser.parser.load(parse_from->parser);
         }
         if (inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE) {
             // the prefill is part of the parser's generation prompt: what it parses to alone is not the reply's
@@ -395,6 +413,27 @@ class ChatTemplate {
             result.strict         = true;
         } else {
             result.strict_failure = why;
+        }
+    }
+
+    // parallel_tool_calls=false: at most one call, in the grammar and in what the parser returns.
+    void make_single_call(ChatResult &                         result,
+                          const common_chat_templates_inputs & inputs,
+                          const std::string &                  named) const {
+        result.max_calls = 1;
+        if (result.params.grammar.empty()) {
+            return;
+        }
+        std::vector<std::string> names;
+        for (const auto & t : inputs.tools) {
+            if (named.empty() || t.name == named) {
+                names.push_back(t.name);
+            }
+        }
+        auto single = single_tool_call_grammar(result.params.grammar, names,
+                                               model_ ? llama_model_get_vocab(model_.get()) : nullptr);
+        if (single) {
+            result.params.grammar = std::move(*single);
         }
     }
 
@@ -458,7 +497,8 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
         in.tools.empty()) {
         throw std::invalid_argument("tool_choice 'required' needs tools");
     }
-    in.parallel_tool_calls   = parallel_tool_calls.is_none() ? false : parallel_tool_calls.cast<bool>();
+    // OpenAI's default: the model may call several tools in one reply
+    in.parallel_tool_calls   = parallel_tool_calls.is_none() ? true : parallel_tool_calls.cast<bool>();
     in.add_generation_prompt = add_generation_prompt;
     if (!continue_final_message.is_none()) {
         if (py::isinstance<py::bool_>(continue_final_message)) {

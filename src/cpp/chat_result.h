@@ -17,6 +17,7 @@ class ChatResult {
     bool                      strict = false;  // the "required" grammar was made strict
     std::string               strict_failure;  // why it could not be, when asked
     common_chat_msg           prefill;         // continue_final_message: the message the prompt ends inside
+    size_t                    max_calls = 0;   // 1 for parallel_tool_calls=false; 0: no limit
 
     common_chat_msg parse(const std::string & text, bool is_partial) const {
         log_capture capture;
@@ -25,6 +26,9 @@ class ChatResult {
             if (parser.is_continuation) {
                 strip_prefix(msg.content, prefill.content);
                 strip_prefix(msg.reasoning_content, prefill.reasoning_content);
+            }
+            if (max_calls > 0 && msg.tool_calls.size() > max_calls) {
+                msg.tool_calls.resize(max_calls);  // the format's parser takes any number of calls
             }
             return msg;
         } catch (const std::exception & e) {

@@ -1065,7 +1065,7 @@ alive. One thread at a time: concurrent calls are serialised.
     cls.def(
         "seq_state_set",
         [mem_seq](Context & self, const py::bytes & state, llama_seq_id dst) {
-            const std::string data = state;
+            const std::string      data = state;
             py::gil_scoped_release nogil;
             {
                 auto u = self.acquire();

@@ -3,6 +3,7 @@
 
 #include "model.h"
 #include "pyllama.h"
+
 #include "scheduler.h"
 
 #include <exception>
@@ -25,7 +26,8 @@ py::str utf8_lenient(const std::string & s) {
 
 // Runs f without the GIL. A failure caused by Ctrl-C (an inline step on the main thread) comes back
 // as the KeyboardInterrupt Python has pending, not as the decode's error.
-template <class F> auto without_gil(F && f) -> decltype(f()) {
+template <class F>
+auto without_gil(F && f) -> decltype(f()) {
     std::exception_ptr err;
     decltype(f())      out{};
     {
@@ -61,7 +63,7 @@ threaded (default: n_parallel > 1) runs the steps on a worker thread; otherwise 
 the thread that waits for a request's text (Ctrl-C then interrupts a long prompt on the main thread).
 )doc");
     eng.def(py::init([](Context & ctx, int32_t n_parallel, const py::object & threaded) {
-                const bool t = threaded.is_none() ? n_parallel > 1 : threaded.cast<bool>();
+                const bool             t = threaded.is_none() ? n_parallel > 1 : threaded.cast<bool>();
                 py::gil_scoped_release nogil;
                 return std::make_shared<Scheduler>(ctx, n_parallel, t);
             }),
@@ -140,11 +142,9 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
             if (!ok) {
                 return py::none();
             }
-            return py::make_tuple(tokens,
-                                  py::bytes(reinterpret_cast<const char *>(state.data()), state.size()));
+            return py::make_tuple(tokens, py::bytes(reinterpret_cast<const char *>(state.data()), state.size()));
         },
-        py::arg("seq") = 0,
-        "(tokens, state bytes) of a sequence, taken between steps; None while a request uses it.");
+        py::arg("seq") = 0, "(tokens, state bytes) of a sequence, taken between steps; None while a request uses it.");
     eng.def(
         "restore",
         [](Scheduler & e, std::vector<llama_token> tokens, const py::bytes & state, int32_t seq) {

@@ -1,6 +1,7 @@
 // GBNF utilities over llama.cpp's own grammar engine (src/llama-grammar.h):
 //  - grammar_match: does a grammar accept a text, wholly or as a prefix;
-//  - strict_tool_grammar: the rewrite that makes tool_choice="required" strict.
+//  - strict_tool_grammar: the rewrite that makes tool_choice="required" strict;
+//  - single_tool_call_grammar: the rewrite that allows at most one call (parallel_tool_calls=false).
 //
 // At this commit llama.cpp's generated grammar for "required" lets free text come before the first
 // call (for Qwen 2.5: root ::= "<|im_start|>assistant\n" space until-169? tool-calls), so a weak
@@ -362,6 +363,27 @@ class strictifier {
         return out;
     }
 
+    // At most one call. llama.cpp's formats with a marker per call (Hermes, Qwen 2.5: a
+    // <tool_call> block each) repeat the block whatever parallel_tool_calls says, as in
+    // `tool-calls ::= (tool-call space)+`. From the root down to the rules that are a call (those
+    // that spell a tool's name themselves), a repetition of something that reaches a call is taken
+    // once (`+` and `{n,m}` once, `*` as `?`), and a call that may follow another in the same
+    // sequence goes. Nullopt when nothing repeats a call.
+    std::optional<std::string> run_single() {
+        bool changed = false;
+        for (const auto & name : order_from_root()) {
+            rules_[name] = single(*rules_[name], changed);
+        }
+        if (!changed) {
+            return std::nullopt;
+        }
+        std::string out;
+        for (const auto & [name, e] : rules_) {
+            out += name + " ::= " + print_expr(*e) + "\n";
+        }
+        return out;
+    }
+
   private:
     enum class verdict { keep, remove, drop };
 
@@ -443,6 +465,76 @@ class strictifier {
                 }
             }
         }
+    }
+
+    // --- one call ---------------------------------------------------------------------------------
+
+    // A rule that is a call itself: one of its own literals spells a tool's name.
+    bool is_call_rule(const expr & e) const {
+        for (const auto & seq : e.alts) {
+            for (const auto & it : seq) {
+                if ((!it.literal.empty() && names_a_tool(it.literal)) || (it.group && is_call_rule(*it.group))) {
+                    return true;
+                }
+            }
+        }
+        return false;
+    }
+
+    // The rules on the way from the root to the calls, not the calls themselves.
+    std::vector<std::string> order_from_root() {
+        std::vector<std::string>          out;
+        std::set<std::string>             seen;
+        std::function<void(const expr &)> walk = [&](const expr & e) {
+            for (const auto & seq : e.alts) {
+                for (const auto & it : seq) {
+                    if (it.group) {
+                        walk(*it.group);
+                    } else if (!it.ref.empty() && calling_.count(it.ref) && seen.insert(it.ref).second) {
+                        const auto & body = *rules_.at(it.ref);
+                        if (!is_call_rule(body)) {
+                            out.push_back(it.ref);
+                            walk(body);
+                        }
+                    }
+                }
+            }
+        };
+        if (rules_.count("root") && !is_call_rule(*rules_["root"])) {
+            seen.insert("root");
+            out.push_back("root");
+            walk(*rules_["root"]);
+        }
+        return out;
+    }
+
+    std::shared_ptr<expr> single(const expr & e, bool & changed) {
+        auto out = std::make_shared<expr>();
+        for (const auto & seq : e.alts) {
+            std::vector<item> kept;
+            bool              seen_call = false;
+            for (item it : seq) {
+                const bool calls = reaches_call(it);
+                if (it.group && calls && !is_call_rule(*it.group)) {
+                    it.group = single(*it.group, changed);
+                }
+                if (calls) {
+                    const bool optional = optional_postfix(it.postfix);
+                    if (seen_call && optional) {
+                        changed = true;  // a further call: it goes
+                        continue;
+                    }
+                    if (!it.postfix.empty() && it.postfix != "?") {
+                        it.postfix = optional ? "?" : "";
+                        changed    = true;
+                    }
+                    seen_call = true;
+                }
+                kept.push_back(std::move(it));
+            }
+            out->alts.push_back(std::move(kept));
+        }
+        return out;
     }
 
     // --- the rewrite ------------------------------------------------------------------------------
@@ -668,6 +760,22 @@ std::optional<std::string> strict_tool_grammar(const std::string &              
         return out;
     } catch (const std::exception & e) {
         why = e.what();
+        return std::nullopt;
+    }
+}
+
+std::optional<std::string> single_tool_call_grammar(const std::string &              gbnf,
+                                                    const std::vector<std::string> & tool_names,
+                                                    const llama_vocab *              vocab) {
+    log_capture capture;
+    try {
+        strictifier s(gbnf, tool_names, "", {}, vocab);
+        auto        out = s.run_single();
+        if (out && !init_grammar(*out, "root", vocab)) {
+            return std::nullopt;  // the rewrite does not build: keep llama.cpp's grammar
+        }
+        return out;
+    } catch (const std::exception &) {
         return std::nullopt;
     }
 }

@@ -29,4 +29,10 @@ std::optional<std::string> strict_tool_grammar(const std::string &              
                                                const llama_vocab *              vocab,
                                                std::string &                    why);
 
+// The grammar of a parallel_tool_calls=false request rewritten so that it holds at most one call;
+// nullopt where it already does (or the rewrite would not build).
+std::optional<std::string> single_tool_call_grammar(const std::string &              gbnf,
+                                                    const std::vector<std::string> & tool_names,
+                                                    const llama_vocab *              vocab);
+
 }  // namespace pyllama

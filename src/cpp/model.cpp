@@ -134,17 +134,17 @@ void check_gguf_file(const std::string & path) {
         throw file_not_found_error("model file not found: '" + path + "'");
     }
     if (fs::is_directory(st)) {
-        throw llama_error("'" + path + "' is a directory, not a GGUF model file");
+        throw model_load_error("'" + path + "' is a directory, not a GGUF model file");
     }
     FILE * f = std::fopen(path.c_str(), "rb");
     if (f == nullptr) {
-        throw llama_error("cannot open model file '" + path + "': " + std::strerror(errno));
+        throw model_load_error("cannot open model file '" + path + "': " + std::strerror(errno));
     }
     char         magic[4] = {};
     const size_t n        = std::fread(magic, 1, sizeof(magic), f);
     std::fclose(f);
     if (n < sizeof(magic) || std::memcmp(magic, "GGUF", 4) != 0) {
-        throw llama_error("'" + path + "' is not a GGUF file (it does not start with the GGUF magic)");
+        throw model_load_error("'" + path + "' is not a GGUF file (it does not start with the GGUF magic)");
     }
 }
 
@@ -242,7 +242,7 @@ class gguf_precheck {
     gguf_context *                               ctx_ = nullptr;
     const std::vector<llama_model_kv_override> & overrides_;
 
-    [[noreturn]] static void fail(const std::string & why) { throw llama_error("invalid model metadata: " + why); }
+    [[noreturn]] static void fail(const std::string & why) { throw model_load_error("invalid model metadata: " + why); }
 
     const llama_model_kv_override * override_for(const std::string & key) const {
         for (const auto & kv : overrides_) {
@@ -540,9 +540,9 @@ Model::Model(const std::string &        path,
     }
     if (raw == nullptr) {
         if (progress.cancelled) {
-            throw llama_error("loading '" + path + "' was cancelled by the progress callback");
+            throw cancelled_error("loading '" + path + "' was cancelled by the progress callback");
         }
-        throw llama_error("failed to load model '" + path + "': " + (reason.empty() ? "unknown reason" : reason));
+        throw model_load_error("failed to load model '" + path + "': " + (reason.empty() ? "unknown reason" : reason));
     }
     model_ = std::shared_ptr<llama_model>(raw, [](llama_model * m) { llama_model_free(m); });
 }

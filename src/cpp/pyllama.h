@@ -14,12 +14,45 @@ namespace py = pybind11;
 
 namespace pyllama {
 
-// Exceptions thrown by the glue. They are translated once, in module.cpp:
-//   llama_error          -> pyllama.LlamaError (a RuntimeError)
-//   file_not_found_error -> FileNotFoundError
-//   std::invalid_argument -> ValueError, std::out_of_range -> IndexError (pybind11's defaults)
+// Exceptions thrown by the glue, one per Python type. They are translated once, in module.cpp:
+//   llama_error            -> pyllama.LlamaError (a RuntimeError): the engine failed
+//   model_load_error       -> pyllama.ModelLoadError: a model file that cannot be loaded
+//   cancelled_error        -> pyllama.CancelledError: stopped (closed, or cancelled while loading)
+//   invalid_request_error  -> pyllama.InvalidRequestError (also a ValueError), naming `param`
+//   context_length_error   -> pyllama.ContextLengthError
+//   template_error         -> pyllama.TemplateError
+//   grammar_error          -> pyllama.GrammarError
+//   std::invalid_argument  -> pyllama.InvalidRequestError without a param
+//   file_not_found_error   -> FileNotFoundError, std::out_of_range -> IndexError
 struct llama_error : std::runtime_error {
     using std::runtime_error::runtime_error;
+};
+
+struct model_load_error : llama_error {
+    using llama_error::llama_error;
+};
+
+struct cancelled_error : llama_error {
+    using llama_error::llama_error;
+};
+
+struct invalid_request_error : std::invalid_argument {
+    explicit invalid_request_error(const std::string & what, std::string param = {}) :
+        std::invalid_argument(what), param(std::move(param)) {}
+
+    std::string param;  // the request parameter at fault, or empty
+};
+
+struct context_length_error : invalid_request_error {
+    using invalid_request_error::invalid_request_error;
+};
+
+struct template_error : invalid_request_error {
+    using invalid_request_error::invalid_request_error;
+};
+
+struct grammar_error : invalid_request_error {
+    using invalid_request_error::invalid_request_error;
 };
 
 struct file_not_found_error : std::runtime_error {

@@ -40,13 +40,13 @@ std::string schema_to_grammar(const py::handle & schema) {
     try {
         schema_json = nlohmann::ordered_json::parse(text);
     } catch (const std::exception & e) {
-        throw std::invalid_argument(std::string("invalid JSON schema: ") + e.what());
+        throw grammar_error(std::string("invalid JSON schema: ") + e.what(), "json_schema");
     }
     check_json_depth(schema_json, "json_schema");
     try {
         return json_schema_to_grammar(schema_json);
     } catch (const std::exception & e) {
-        throw std::invalid_argument(std::string("invalid JSON schema: ") + e.what());
+        throw grammar_error(std::string("invalid JSON schema: ") + e.what(), "json_schema");
     }
 }
 
@@ -120,7 +120,7 @@ void check_grammar(const llama_vocab * vocab, const std::string & text) {
             g = llama_sampler_init_grammar(vocab, text.c_str(), "root");
         } catch (const std::exception & e) {
             printed = err.finish();
-            throw std::invalid_argument(std::string("invalid grammar: ") + e.what());
+            throw grammar_error(std::string("invalid grammar: ") + e.what(), "grammar");
         }
         printed = err.finish();
     }
@@ -142,7 +142,7 @@ void check_grammar(const llama_vocab * vocab, const std::string & text) {
     if (why.empty()) {
         why = logged.empty() ? "parse error" : logged;
     }
-    throw std::invalid_argument("invalid grammar: " + why);
+    throw grammar_error("invalid grammar: " + why, "grammar");
 }
 
 template <typename T>

@@ -206,10 +206,10 @@ bool Request::take(std::string & out) {
     if (!done_) {
         return false;
     }
-    if (!error_.empty()) {
-        const std::string e = error_;
-        error_.clear();
-        throw llama_error(e);
+    if (error_) {
+        std::exception_ptr e = error_;
+        error_               = nullptr;
+        std::rethrow_exception(e);
     }
     out.clear();
     return true;
@@ -284,7 +284,7 @@ void Request::push(std::string piece) {
     }
 }
 
-void Request::end(const std::string & reason, const std::string & error) {
+void Request::end(const std::string & reason, std::exception_ptr error) {
     std::string rest = text_.release(true);
     {
         std::lock_guard<std::mutex> lock(mtx_);
@@ -335,8 +335,8 @@ std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampl
         throw std::invalid_argument("the prompt is empty");
     }
     if (prompt.size() >= n_ctx_seq_) {
-        throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
-                                    " tokens and a sequence holds " + std::to_string(n_ctx_seq_));
+        throw context_length_error("the prompt has " + std::to_string(prompt.size()) + " tokens and a sequence holds " +
+                                   std::to_string(n_ctx_seq_));
     }
     auto req = std::make_shared<Request>(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
                                          weak_from_this(), !threaded_);
@@ -346,7 +346,7 @@ std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampl
     }
     std::lock_guard<std::mutex> lock(mtx_);
     if (stopping_) {
-        throw llama_error("the engine is closed");
+        throw cancelled_error("the engine is closed");
     }
     queue_.push_back(req);
     cv_.notify_all();
@@ -362,7 +362,7 @@ void Scheduler::stop() {
     if (worker_.joinable()) {
         worker_.join();
     }
-    std::lock_guard<std::mutex> step_lock(step_mtx_);  // an inline step in progress ends first
+    std::lock_guard<std::mutex>           step_lock(step_mtx_);  // an inline step in progress ends first
     std::vector<std::shared_ptr<Request>> reqs;
     {
         std::lock_guard<std::mutex> lock(mtx_);
@@ -371,8 +371,9 @@ void Scheduler::stop() {
         active_.clear();
         queue_.clear();
     }
+    const auto closed = std::make_exception_ptr(cancelled_error("the engine was closed"));
     for (auto & r : reqs) {
-        r->end("cancelled", "the engine was closed");
+        r->end("cancelled", closed);
     }
     for (auto & s : slots_) {
         s.busy = false;
@@ -398,8 +399,8 @@ void Scheduler::loop() {
             if (has_work()) {
                 step();
             }
-        } catch (const std::exception & e) {
-            fail_all(e.what());
+        } catch (const std::exception &) {
+            fail_all(std::current_exception());
         }
     }
 }
@@ -412,8 +413,8 @@ void Scheduler::drive(Request & r) {
         }
         try {
             step();
-        } catch (const std::exception & e) {
-            fail_all(e.what());
+        } catch (const std::exception &) {
+            fail_all(std::current_exception());
         }
     }
 }
@@ -528,7 +529,7 @@ void Scheduler::step() {
     // sequence's tokens together, or one step costs several passes over the weights.
     const auto newest = stepping.empty() ? nullptr : stepping.back();
     std::sort(stepping.begin(), stepping.end(), [](const auto & x, const auto & y) { return x->seq_ < y->seq_; });
-    Batch          b;
+    Batch           b;
     const Request * sole = nullptr;
     size_t          n_in = 0;
     for (auto & r : stepping) {
@@ -581,7 +582,8 @@ void Scheduler::step() {
         }
         if (rc == 1) {
             // no room in the KV memory: the newest request gives way
-            release(newest, "length", "the context is full (no KV slot for this request)");
+            release(newest, "length",
+                    std::make_exception_ptr(llama_error("the context is full (no KV slot for this request)")));
             return;
         }
         if (rc == 2 && any_cancelled) {
@@ -601,8 +603,8 @@ void Scheduler::step() {
         }
         try {
             sample(r, vocab);
-        } catch (const std::exception & e) {
-            release(r, "stop", e.what());
+        } catch (const std::exception &) {
+            release(r, "stop", std::current_exception());
         }
     }
 }
@@ -652,7 +654,7 @@ void Scheduler::sample(const std::shared_ptr<Request> & r, const llama_vocab * v
     }
 }
 
-void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & reason, const std::string & error) {
+void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & reason, std::exception_ptr error) {
     {
         std::lock_guard<std::mutex> lock(mtx_);
         auto                        it = std::find(active_.begin(), active_.end(), r);
@@ -666,7 +668,7 @@ void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & 
     r->end(r->cancelled_.load() ? "cancelled" : reason, error);
 }
 
-void Scheduler::fail_all(const std::string & why) {
+void Scheduler::fail_all(std::exception_ptr why) {
     std::vector<std::shared_ptr<Request>> reqs;
     {
         std::lock_guard<std::mutex> lock(mtx_);

@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -125,7 +126,7 @@ class Request {
     friend class Scheduler;
 
     void push(std::string piece);
-    void end(const std::string & reason, const std::string & error = {});
+    void end(const std::string & reason, std::exception_ptr error = nullptr);
     bool take(std::string & out);  // with mtx_ held: a piece, or the end (raises the error)
 
     std::shared_ptr<Sampler>        sampler_;
@@ -151,7 +152,7 @@ class Request {
     std::deque<std::string>    pieces_;
     bool                       done_ = false;
     std::string                finish_reason_;
-    std::string                error_;
+    std::exception_ptr         error_;  // what failed the request, raised once by next()
     std::vector<llama_token>   completion_;
     std::vector<token_logprob> logprobs_;
 };
@@ -208,8 +209,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     void admit();  // with mtx_ held
     void resync(const std::shared_ptr<Request> & r);
     void sample(const std::shared_ptr<Request> & r, const llama_vocab * vocab);
-    void release(const std::shared_ptr<Request> & r, const std::string & reason, const std::string & error = {});
-    void fail_all(const std::string & why);
+    void release(const std::shared_ptr<Request> & r, const std::string & reason, std::exception_ptr error = nullptr);
+    void fail_all(std::exception_ptr why);
     void purge_cancelled();  // with the step lock held
     void check_idle(int32_t seq, const char * what);
 

@@ -43,8 +43,16 @@ from ._core import (
 )
 from ._logging import logger, set_log_level
 from .cache import DiskCache, LlamaState, RAMCache, StateCache
-from .chat import ChatTemplate, TemplateError, vet_template
-from .llama import AsyncStream, ContextLengthError, Llama, Stream
+from .chat import ChatTemplate, vet_template
+from .errors import (
+    CancelledError,
+    ContextLengthError,
+    GrammarError,
+    InvalidRequestError,
+    ModelLoadError,
+    TemplateError,
+)
+from .llama import AsyncStream, Llama, Stream
 from .session import ChatSession
 
 __all__ = [
@@ -52,6 +60,7 @@ __all__ = [
     "LLAMA_CPP_COMMIT",
     "AsyncStream",
     "Batch",
+    "CancelledError",
     "ChatResult",
     "ChatSession",
     "ChatStream",
@@ -61,10 +70,13 @@ __all__ = [
     "DiskCache",
     "Engine",
     "EngineRequest",
+    "GrammarError",
+    "InvalidRequestError",
     "Llama",
     "LlamaError",
     "LlamaState",
     "Model",
+    "ModelLoadError",
     "Notifier",
     "RAMCache",
     "Sampler",

@@ -11,13 +11,15 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import invalid
+
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 def _need(cond: bool, where: str, what: str) -> None:
     if not cond:
-        raise ValueError(f"{where}: {what}")
+        raise invalid(f"{where}: {what}", where)
 
 
 def _check_content(content: Any, where: str, *, nullable: bool) -> None:
@@ -42,7 +44,7 @@ def _check_arguments(args: Any, where: str) -> None:
     try:
         value = json.loads(args)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: is not valid JSON ({e.msg} at character {e.pos})") from None
+        raise invalid(f"{where}: is not valid JSON ({e.msg} at character {e.pos})", where) from None
     _need(isinstance(value, dict), where, "must encode a JSON object")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from . import _core
 from ._logging import logger
 from ._validate import check_messages, check_tools
+from .errors import TemplateError
 
 __all__ = ["ChatTemplate", "TemplateError", "vet_template"]
 
@@ -41,10 +42,6 @@ CHILD_CPU_S = 3
 CHILD_WALL_S = 4.5
 CHILD_ADDRESS_SPACE = 1536 * 1024 * 1024
 CHILD_MAX_GROWTH_KB = 300 * 1024
-
-
-class TemplateError(ValueError):
-    """A chat template was refused: it failed the static check or its first render in a sandbox."""
 
 
 _BLOCK_TAG = re.compile(r"{%-?\s*(end)?(if|for|macro|call|filter|block|with|set)\b(.*?)-?%}", re.S)

@@ -27,6 +27,7 @@ from typing import Any
 from . import _core
 from ._logging import logger, set_log_level
 from .cache import DiskCache, LlamaState, RAMCache
+from .errors import ContextLengthError
 from .llama import Llama as _Llama
 from .llama import Stream
 
@@ -621,8 +622,8 @@ class Llama(_Llama):
         lowered to what the context holds, as llama-cpp-python does (the prompt alone must fit)."""
         try:
             return call(max_tokens)
-        except ValueError as e:
-            if max_tokens is None or "max_tokens" not in str(e):
+        except ContextLengthError as e:
+            if max_tokens is None or e.param != "max_tokens":
                 raise
         return call(None)
 

@@ -31,6 +31,8 @@ import numpy.typing as npt
 from . import _core
 from .cache import LlamaState, StateCache, common_prefix
 from .chat import ChatTemplate
+from .errors import ContextLengthError, invalid
+from .reply import ReplyStream, parse_reply
 
 __all__ = ["AsyncStream", "ContextLengthError", "Llama", "Stream"]
 
@@ -788,8 +790,10 @@ class Llama:
         if max_tokens is None or max_tokens < 0:
             return n_ctx - n_prompt
         if n_prompt + max_tokens > n_ctx:
-            raise ContextLengthError(
-                f"the prompt ({n_prompt} tokens) and max_tokens ({max_tokens}) exceed the context ({n_ctx} tokens)"
+            raise invalid(
+                f"the prompt ({n_prompt} tokens) and max_tokens ({max_tokens}) exceed the context ({n_ctx} tokens)",
+                "max_tokens",
+                ContextLengthError,
             )
         return max_tokens
 
@@ -843,7 +847,7 @@ class Llama:
             toolbox = Tools(list(tools))
             tools = toolbox.specs
         elif run_tools:
-            raise ValueError("run_tools=True needs tools")
+            raise invalid("run_tools=True needs tools", "tools")
         parse_as: Any = None
         if isinstance(response_format, type):
             from .tools import response_format as _format_of
@@ -871,18 +875,18 @@ class Llama:
         if run_tools:
             assert toolbox is not None
             if n != 1:
-                raise ValueError("run_tools takes n=1")
+                raise invalid("run_tools takes n=1", "n")
             if max_tool_rounds < 1:
-                raise ValueError("max_tool_rounds must be >= 1")
+                raise invalid("max_tool_rounds must be >= 1", "max_tool_rounds")
             if stream:
                 use = _Use(_owner())
                 return Stream(self._tool_rounds_stream(use, list(messages), toolbox, max_tool_rounds, kwargs), use)
             return self._tool_rounds(list(messages), toolbox, max_tool_rounds, kwargs, parse_as)
         if n < 1:
-            raise ValueError("n must be >= 1")
+            raise invalid("n must be >= 1", "n")
         if n > 1:
             if stream:
-                raise ValueError("stream=True takes n=1")
+                raise invalid("stream=True takes n=1", "n")
             outs = self._fan_out(
                 [
                     functools.partial(self._chat_once, messages, stream=False, **{**kwargs, "seed": _nth_seed(seed, i)})
@@ -938,7 +942,8 @@ class Llama:
     ) -> dict[str, Any] | Stream:
         json_schema = _response_schema(response_format)
         if reasoning_format not in REASONING_FORMATS:
-            raise ValueError(f"reasoning_format: {reasoning_format!r} is not one of {', '.join(REASONING_FORMATS)}")
+            known = ", ".join(REASONING_FORMATS)
+            raise invalid(f"reasoning_format: {reasoning_format!r} is not one of {known}", "reasoning_format")
         if reasoning_effort is not None:
             chat_template_kwargs = {"reasoning_effort": reasoning_effort, **(chat_template_kwargs or {})}
         if continue_final_message is None and messages and messages[-1].get("role") == "assistant":
@@ -975,7 +980,7 @@ class Llama:
                 pollable=self._engine.threaded,
             )
         gen, text = self._run(tokens, sampler, budget, stops, n_top)
-        message = _parse_reply(result, text, meta["id_seed"])
+        message = parse_reply(result, text, meta["id_seed"])
         finish = _finish_reason(gen.finish_reason or "stop", bool(message.get("tool_calls")))
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         if logprobs:
@@ -1089,24 +1094,21 @@ class Llama:
         self._enter(use)
         try:
             gen = self._generate(use, tokens, sampler, budget, stops, n_top)
-            parser = result.stream(id_seed=meta["id_seed"])
+            reply = ReplyStream(result, meta["id_seed"])
             yield chunk({"role": "assistant", "content": ""})
-            has_calls = False
-            try:
-                for piece in _pieces(use, gen):
-                    if piece is _WAIT:
-                        yield _WAIT
-                        continue
-                    assert isinstance(piece, str)
-                    for delta in parser.feed(piece):
-                        has_calls = has_calls or "tool_calls" in delta
-                        yield chunk(delta)
-                for delta in parser.finish():
-                    has_calls = has_calls or "tool_calls" in delta
+            # an error of the generation itself reaches the caller; output that does not parse as the
+            # template's format is no error: the reply carries it as the one-shot reply does
+            for piece in _pieces(use, gen):
+                if piece is _WAIT:
+                    yield _WAIT
+                    continue
+                assert isinstance(piece, str)
+                for delta in reply.feed(piece):
                     yield chunk(delta)
-            except ValueError:
-                pass  # the reply does not parse as the format: what streamed so far stands
-            finish = _finish_reason(gen.finish_reason or "stop", has_calls)
+            message, rest = reply.finish()  # what the one-shot reply of this text has that was not sent
+            for delta in rest:
+                yield chunk(delta)
+            finish = _finish_reason(gen.finish_reason or "stop", bool(message.get("tool_calls")))
             self._store_in_cache()
         finally:
             self._exit(use)
@@ -1135,11 +1137,11 @@ class Llama:
         many = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts: list[Any] = list(prompt) if many else [prompt]
         if n < 1:
-            raise ValueError("n must be >= 1")
+            raise invalid("n must be >= 1", "n")
         if len(prompts) == 1 and n == 1:
             return self._complete_one(prompts[0], seed=seed, stream=stream, **kwargs)
         if stream:
-            raise ValueError("stream=True takes one prompt and n=1")
+            raise invalid("stream=True takes one prompt and n=1", "n")
         jobs = [(p, i) for p in prompts for i in range(n)]
         outs = self._fan_out(
             [functools.partial(self._complete_one, p, seed=_nth_seed(seed, i), stream=False, **kwargs) for p, i in jobs]
@@ -1254,7 +1256,7 @@ class Llama:
         """Fill-in-the-middle prompt, as llama-server builds it: [BOS] PRE prefix SUF suffix MID."""
         pre, suf, mid = self._model.token_fim_pre, self._model.token_fim_suf, self._model.token_fim_mid
         if pre is None or suf is None or mid is None:
-            raise ValueError("suffix needs a model with fill-in-the-middle tokens (FIM_PRE, FIM_SUF, FIM_MID)")
+            raise invalid("suffix needs a model with fill-in-the-middle tokens (FIM_PRE, FIM_SUF, FIM_MID)", "suffix")
         tokens = [pre, *self._tokenize(prefix, add_special=False), suf, *self._tokenize(suffix, add_special=False), mid]
         if self._model.add_bos and self._model.token_bos is not None:
             tokens.insert(0, self._model.token_bos)
@@ -1274,7 +1276,7 @@ class Llama:
             }
             pooling = self._pooling_type
             if pooling == "none":
-                raise ValueError("embed() needs a pooling type: pooling_type='none' gives one vector per token")
+                raise invalid("embed() needs a pooling type: pooling_type='none' gives one vector per token")
             self._embed_ctx = _core.Context(self._model, **kwargs, pooling_type=pooling)
             if self._embed_ctx.pooling_type == "none":
                 # a model that does not pool (a generation model): mean pooling, unless asked otherwise
@@ -1300,12 +1302,14 @@ class Llama:
             for i, text in enumerate(texts):
                 tokens = self._tokenize(text, add_special=True)
                 if not tokens:
-                    raise ValueError(f"input[{i}] has no tokens")
+                    raise invalid(f"input[{i}] has no tokens", f"input[{i}]")
                 if len(tokens) > ctx.n_ctx:
                     if not truncate:
-                        raise ValueError(
+                        raise invalid(
                             f"input[{i}] has {len(tokens)} tokens and the context holds {ctx.n_ctx} "
-                            "(pass truncate=True to embed its beginning)"
+                            "(pass truncate=True to embed its beginning)",
+                            f"input[{i}]",
+                            ContextLengthError,
                         )
                     tokens = tokens[: ctx.n_ctx]
                 ctx.memory_clear()
@@ -1438,10 +1442,6 @@ def _task_id(task: asyncio.Task[Any] | None) -> int:
 REASONING_FORMATS = ("auto", "none", "deepseek", "deepseek-legacy")
 
 
-class ContextLengthError(ValueError):
-    """The prompt (with max_tokens) does not fit the context or the sequence."""
-
-
 def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
     if response_format is None:
         return None
@@ -1453,18 +1453,12 @@ def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] |
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise ValueError("response_format.json_schema: must be an object with a 'schema'")
+            where = "response_format.json_schema"
+            raise invalid(f"{where}: must be an object with a 'schema'", where)
         schema = spec.get("schema", {"type": "object"})
         return schema if isinstance(schema, dict) else None
-    raise ValueError(f"response_format.type: {kind!r} is not 'text', 'json_object' or 'json_schema'")
-
-
-def _parse_reply(result: _core.ChatResult, text: str, id_seed: int) -> dict[str, Any]:
-    try:
-        return result.parse(text, id_seed=id_seed)
-    except ValueError:
-        # not the template's format (text after a call, say): the reply is plain content
-        return {"role": "assistant", "content": text}
+    where = "response_format.type"
+    raise invalid(f"{where}: {kind!r} is not 'text', 'json_object' or 'json_schema'", where)
 
 
 def _usage(gen: _Gen) -> dict[str, Any]:
@@ -1524,7 +1518,7 @@ def _attach_parsed(response: dict[str, Any], parse_as: Any) -> None:
 
     choice = response["choices"][0]
     if choice["finish_reason"] == "length":
-        raise ValueError(
+        raise invalid(
             "the reply was cut at max_tokens: it cannot be parsed as " + getattr(parse_as, "__name__", "the type")
         )
     choice["message"]["parsed"] = parse_model(parse_as, choice["message"].get("content") or "")

@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import _core
+from ..errors import CancelledError, ContextLengthError, GrammarError, InvalidRequestError, TemplateError
 from ..llama import AsyncStream, Llama
 from . import params
 from .params import APIError
@@ -216,12 +218,21 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-_TOO_LONG = ("the context holds", "exceed the context", "does not fit the context")
+# Error types and what the client gets for them, most derived first: (status, OpenAI type, code).
+# The caller's mistakes (InvalidRequestError, which the C++ core raises for bad arguments too, and
+# TypeError) are 400 naming the field; anything else is the server's fault: 500, details logged.
+_STATUS: tuple[tuple[type[BaseException], int, str, str | None], ...] = (
+    (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (TemplateError, 400, "invalid_request_error", "template_error"),
+    (GrammarError, 400, "invalid_request_error", "invalid_grammar"),
+    (InvalidRequestError, 400, "invalid_request_error", None),
+    (TypeError, 400, "invalid_request_error", None),
+    (CancelledError, 503, "server_error", "cancelled"),
+)
 
 
 def translate(error: BaseException, fields: Iterable[str]) -> APIError:
-    """An exception of pyllama as the client's error: ValueError, TypeError and IndexError name what
-    was wrong with the request (400); anything else is the server's fault (500)."""
+    """An exception of pyllama as the client's error, by its type (see ``_STATUS``)."""
     if isinstance(error, APIError):
         return error
     if isinstance(error, QueueFull):
@@ -232,21 +243,18 @@ def translate(error: BaseException, fields: Iterable[str]) -> APIError:
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    if isinstance(error, (ValueError, TypeError, IndexError)):
-        message = str(error)
-        known = set(fields)
-        param = params.param_of(message, known)
-        if any(phrase in message for phrase in _TOO_LONG):
-            if param is None:
-                param = "messages" if "messages" in known else "prompt" if "prompt" in known else None
-            return APIError(400, message, param=param, code="context_length_exceeded")
-        return APIError(400, message, param=param)
-    if isinstance(error, _core.LlamaError) and str(error).startswith("the chat template failed"):
-        # the template refused these messages (its raise_exception): the request's fault
-        param = "messages" if "messages" in set(fields) else None
-        return APIError(400, str(error), param=param, code="template_error")
+    known = set(fields)
+    for kind, status, type_, code in _STATUS:
+        if not isinstance(error, kind):
+            continue
+        param = getattr(error, "param", None)
+        if param is not None and re.split(r"[.\[]", param, maxsplit=1)[0] not in known:
+            param = None  # a name of the Python API that is no field of this request
+        if param is None and isinstance(error, (ContextLengthError, TemplateError)):
+            param = "messages" if "messages" in known else "prompt" if "prompt" in known else None
+        return APIError(status, str(error), type=type_, param=param, code=code)
     logger.error("request failed", exc_info=error)
-    return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+    return APIError(500, "internal error: the server could not complete the request", type="server_error")
 
 
 class _Server:

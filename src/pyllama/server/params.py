@@ -9,13 +9,13 @@ defines are ignored, as llama-server does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from .._validate import check_messages, check_tools
+from ..errors import InvalidRequestError
 
-__all__ = ["APIError", "chat_kwargs", "completion_kwargs", "embedding_inputs", "param_of"]
+__all__ = ["APIError", "chat_kwargs", "completion_kwargs", "embedding_inputs"]
 
 
 class APIError(Exception):
@@ -266,8 +266,8 @@ def chat_kwargs(body: dict[str, Any]) -> tuple[list[Any], dict[str, Any], bool, 
     try:  # before the request waits in the queue: a malformed one is answered at once
         check_messages(messages)
         check_tools(kwargs.get("tools"))
-    except ValueError as e:
-        raise APIError(400, str(e), param=param_of(str(e), {"messages", "tools"})) from None
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), param=e.param) from None
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         kwargs["max_tokens"] = max_tokens("max_completion_tokens", body["max_completion_tokens"])
     if kwargs.get("response_format", {}).get("type") not in (None, "text", "json_object", "json_schema"):
@@ -320,16 +320,3 @@ def embedding_inputs(body: dict[str, Any]) -> tuple[list[str], str, int | None]:
     if model is not None:
         string("model", model)
     return texts, encoding, dimensions
-
-
-_FIELD_PATH = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*)(?::| )")
-
-
-def param_of(message: str, fields: frozenset[str] | set[str]) -> str | None:
-    """The request field a pyllama error message starts with (``messages[2].role: ...``), if any."""
-    m = _FIELD_PATH.match(message)
-    if m is None:
-        return None
-    path = m.group(1)
-    root = re.split(r"[.\[]", path, maxsplit=1)[0]
-    return path if root in fields else None
