@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python scripts/fetch_llama_cpp.py
 python -m pip install ".[demo,test]"
-python -m pyllama run "Write one sentence about the sea." --max-tokens 48
+# Gemma 3 270M is a base model (no chat template), so run prints the continuation of the prompt (greedy)
+python -m pyllama run "Paris is the capital of" --max-tokens 11 --temperature 0

@@ -29,7 +29,8 @@ for name, code in cases.items():
         try:
             exec(code, ns)
         except BaseException as e:
-            out = {"case": name, "type": type(e).__name__, "msg": str(e)}
+            types = [c.__name__ for c in type(e).__mro__]
+            out = {"case": name, "type": type(e).__name__, "types": types, "msg": str(e)}
         else:
             out = {"case": name, "type": None, "msg": ""}
     print(json.dumps(out), flush=True)
@@ -66,8 +67,9 @@ def run_cases(setup: str, cases: dict[str, str], tmp: Path, timeout: float = 300
 
 
 def check_case(result: dict[str, Any], exc_type: str, fragment: str) -> None:
-    """Assert that a case raised `exc_type` with `fragment` in its message, and did not crash."""
+    """Assert that a case raised `exc_type` (or a subclass of it) with `fragment` in its message, and did not
+    crash."""
     assert "crash" not in result, f"crashed with {result['crash']}: {result['stderr']}"
     assert "setup_error" not in result, result["setup_error"]
-    assert result["type"] == exc_type, result
+    assert exc_type in result.get("types", [result["type"]]), result
     assert fragment in result["msg"], result

@@ -352,3 +352,26 @@ def test_templates_without_tools_refuse_required_and_warn(name: str, caplog: pyt
         result = tmpl.apply([{"role": "user", "content": "x"}], tools=[WEATHER_TOOL])
     assert "does not support tools" in caplog.text
     assert result.grammar is None and "get_weather" not in result.prompt
+
+
+def test_a_result_carries_its_prompt_tokens_and_stops(tmp_path: Path) -> None:
+    """Chat crosses into C++ once: the result holds the prompt tokenised as the model's tokenizer does it
+    (special tokens parsed, one BOS even when the template writes one), and the stop strings: the end of a
+    turn as the template itself renders it, where that is text rather than one end-of-generation token."""
+    from tiny_models import template_text, write_tiny_llama
+
+    cases = [
+        ("llama-spm", None, ["<|im_end|>"]),  # no template: ChatML, whose <|im_end|> this vocabulary lacks
+        ("qwen2", template_text("Qwen-Qwen2.5-7B-Instruct"), []),  # <|im_end|> is an end-of-generation token
+        ("llama-bpe", template_text("meta-llama-Llama-3.1-8B-Instruct"), []),  # <|eot_id|> too
+    ]
+    for i, (vocab, template, stops) in enumerate(cases):
+        path = write_tiny_llama(tmp_path / f"m{i}.gguf", vocab=vocab, chat_template=template)
+        with pyllama.Model(str(path)) as model:
+            result = pyllama.ChatTemplate(model).apply([{"role": "user", "content": "Hello there"}])
+            expected = list(model.tokenize(result.prompt, add_special=True, parse_special=True))
+            if len(expected) > 1 and expected[0] == expected[1] == model.token_bos:
+                expected = expected[1:]
+            assert result.prompt_tokens == expected
+            assert result.prompt_tokens.count(model.token_bos) <= 1
+            assert result.stops == stops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 import pyllama
+from pyllama.cli import COMPLETION_MAX_TOKENS, build_parser
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -78,6 +80,79 @@ def test_run_streams_the_reply(tiny_chat_model_path: Path) -> None:
     assert proc.stderr == b""  # no progress bar when stderr is not a terminal
 
 
+def completion_text(model: Path, prompt: str, **sampling: Any) -> str:
+    """The truth for `run` on a model without a chat template: Llama.complete, in this process."""
+    with pyllama.Llama(model, n_ctx=512, n_threads=1) as llm:
+        out = llm.complete(prompt, **sampling)
+    assert isinstance(out, dict)
+    return str(out["choices"][0]["text"])
+
+
+def notes(stderr: bytes) -> list[str]:
+    return [line for line in stderr.decode().splitlines() if line.startswith("note:")]
+
+
+@pytest.mark.parametrize(
+    ("options", "sampling"),
+    [
+        (("--temperature", "0"), {"temperature": 0}),
+        (("--temperature", "0.9", "--seed", "7"), {"temperature": 0.9, "seed": 7}),
+    ],
+    ids=["greedy", "seeded"],
+)
+def test_run_completes_the_prompt_of_a_model_without_template(
+    tiny_model_path: Path, options: tuple[str, ...], sampling: dict[str, Any]
+) -> None:
+    proc = run_cli_bytes("run", str(tiny_model_path), "Once upon a time", "--max-tokens", "8", *options, *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    expected = completion_text(tiny_model_path, "Once upon a time", max_tokens=8, **sampling)
+    assert expected  # a continuation, not nothing
+    assert proc.stdout.decode() == expected + "\n"
+    # one line on stderr says why: no template, so a completion
+    assert notes(proc.stderr) == [
+        "note: tiny-spm has no chat template (a base model): completing the prompt as text; "
+        "--chat-template chatml would chat with it instead"
+    ]
+    assert proc.stderr.decode().count("\n") == 1
+
+
+def test_run_json_of_a_model_without_template_is_a_completion(tiny_model_path: Path) -> None:
+    proc = run_cli_bytes(
+        "run", str(tiny_model_path), "Hello", "--json", "--max-tokens", "5", "--temperature", "0", *SMALL
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["object"] == "text_completion"
+    assert out["choices"][0]["text"] == completion_text(tiny_model_path, "Hello", max_tokens=5, temperature=0)
+    assert len(notes(proc.stderr)) == 1
+
+
+def test_run_without_max_tokens_ends_a_completion(tiny_model_path: Path) -> None:
+    proc = run_cli_bytes("run", str(tiny_model_path), "Hello", "--json", "--temperature", "0", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < json.loads(proc.stdout)["usage"]["completion_tokens"] <= COMPLETION_MAX_TOKENS
+
+
+def test_run_with_a_template_given_chats_with_a_model_without_one(tiny_model_path: Path) -> None:
+    proc = run_cli_bytes(
+        "run", str(tiny_model_path), "Hello there", "--chat-template", "chatml",
+        "--max-tokens", "6", "--temperature", "0", *SMALL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with pyllama.Llama(tiny_model_path, n_ctx=512, n_threads=1, chat_template="chatml") as llm:
+        out = llm.chat([{"role": "user", "content": "Hello there"}], max_tokens=6, temperature=0)
+    assert isinstance(out, dict)
+    assert proc.stdout.decode() == out["choices"][0]["message"]["content"] + "\n"
+    assert proc.stderr == b""  # a template was given: nothing to note
+
+
+def test_run_system_needs_a_template(tiny_model_path: Path) -> None:
+    proc = run_cli_bytes("run", str(tiny_model_path), "Hi", "--system", "Be brief.", "--max-tokens", "2", *SMALL)
+    assert proc.returncode == 2
+    assert b"--system needs a chat template" in proc.stderr and b"--chat-template" in proc.stderr
+    assert proc.stdout == b""
+
+
 def test_run_json_is_a_chat_completion(tiny_chat_model_path: Path) -> None:
     proc = run_cli_bytes(
         "run", str(tiny_chat_model_path), "Hi", "--json", "--max-tokens", "6", "--temperature", "0",
@@ -115,6 +190,22 @@ def test_chat_driven_through_stdin(tiny_chat_model_path: Path) -> None:
         third = "".join(session.stream("again"))
     assert proc.stdout.decode() == f"{first}\n{second}\n{third}\n"
     assert b"forgotten" in proc.stderr
+    assert notes(proc.stderr) == []  # the model has its template
+
+
+def test_chat_notes_a_model_without_template_once(tiny_model_path: Path) -> None:
+    proc = run_cli_bytes(
+        "chat", str(tiny_model_path), "--max-tokens", "3", "--temperature", "0", *SMALL, stdin=b"hello\nagain\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = notes(proc.stderr)
+    assert len(found) == 1 and "tiny-spm has no chat template" in found[0] and "--chat-template" in found[0]
+    # it still chats, in the fallback template: the same conversation in process
+    with pyllama.Llama(tiny_model_path, n_ctx=512, n_threads=1) as llm:
+        session = pyllama.ChatSession(llm, max_tokens=3, temperature=0)
+        first = "".join(session.stream("hello"))
+        second = "".join(session.stream("again"))
+    assert proc.stdout.decode() == f"{first}\n{second}\n"
 
 
 def test_chat_ends_at_end_of_input(tiny_chat_model_path: Path) -> None:
@@ -151,6 +242,37 @@ def test_info_shows_template_caps(tiny_chat_model_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     caps = json.loads(proc.stdout)["chat_template_caps"]
     assert caps["supports_tools"] is True and caps["supports_system_role"] is True  # Qwen 2.5's template
+
+
+def quickstart_command() -> list[str]:
+    """The last command of scripts/quickstart.sh, the first one a newcomer sees answer."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "quickstart.sh"
+    lines = [line for line in script.read_text(encoding="utf-8").splitlines() if line.strip()]
+    words = shlex.split(lines[-1])
+    assert words[:3] == ["python", "-m", "pyllama"], words
+    return words[3:]
+
+
+@pytest.mark.real_model
+def test_quickstart_completes_on_the_default_model(gemma_path: Path) -> None:
+    args = quickstart_command()
+    assert args[0] == "run" and "--temperature" in args and "--max-tokens" in args  # repeatable, and it ends
+    proc = run_cli_bytes(*args)
+    assert proc.returncode == 0, proc.stderr
+    parsed = build_parser().parse_args(args)  # the command as the CLI reads it
+    (prompt,) = parsed.words
+    # the truth: Llama.complete with the command's own settings (and the CLI's defaults), in this run
+    with pyllama.Llama(gemma_path, n_gpu_layers=-1) as llm:
+        out = llm.complete(prompt, max_tokens=parsed.max_tokens, temperature=parsed.temperature)
+    assert isinstance(out, dict)
+    expected = out["choices"][0]["text"]
+    text = proc.stdout.decode()
+    assert text == expected + "\n"
+    assert text.strip() and text.strip() != prompt.strip() and not text.strip().startswith(prompt.strip())
+    assert notes(proc.stderr) == [
+        "note: gemma-3-270m-q4_k_m has no chat template (a base model): completing the prompt as text; "
+        "--chat-template chatml would chat with it instead"
+    ]
 
 
 @pytest.mark.real_model

@@ -6,12 +6,15 @@
 #include "pyllama.h"
 
 #include "chat_result.h"
+#include "common.h"
 #include "grammar.h"
 #include "json-schema-to-grammar.h"
 #include "nlohmann/json.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -319,7 +322,9 @@ class ChatTemplate {
                 throw std::invalid_argument("continue_final_message needs a Jinja chat template, not the built-in '" +
                                             legacy_ + "' format");
             }
-            return apply_legacy(inputs);
+            auto result = apply_legacy(inputs);
+            finish(*result);
+            return result;
         }
         auto        result = std::make_shared<ChatResult>();
         log_capture capture;
@@ -379,6 +384,7 @@ class ChatTemplate {
         if (!parse_from->parser.empty()) {
             result->parser.parser.load(parse_from->parser);
         }
+        finish(*result);
         if (inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE) {
             // the prefill is part of the parser's generation prompt: what it parses to alone is not the reply's
             result->parser.is_continuation = true;
@@ -389,6 +395,75 @@ class ChatTemplate {
     }
 
   private:
+    // What generation needs besides the prompt, so that chat crosses into C++ once: the prompt's
+    // tokens (the template may write the BOS itself: one BOS, never two) and the stop strings.
+    void finish(ChatResult & result) const {
+        result.stops = result.params.additional_stops;
+        if (!model_) {
+            return;
+        }
+        const llama_vocab * vocab = llama_model_get_vocab(model_.get());
+        result.prompt_tokens      = common_tokenize(vocab, result.params.prompt, true, true);
+        const llama_token bos     = llama_vocab_bos(vocab);
+        auto &            t       = result.prompt_tokens;
+        if (t.size() > 1 && bos != LLAMA_TOKEN_NULL && t[0] == bos && t[1] == bos) {
+            t.erase(t.begin());  // the template wrote the BOS already
+        }
+        for (const auto & s : turn_stops()) {
+            if (std::find(result.stops.begin(), result.stops.end(), s) == result.stops.end()) {
+                result.stops.push_back(s);
+            }
+        }
+    }
+
+    // The end of an assistant turn as the template writes it, when it is text rather than one
+    // end-of-generation token (a ChatML template on a vocabulary without <|im_end|>): generation
+    // stops there. Found from the template's own rendering of a reply, once.
+    const std::vector<std::string> & turn_stops() const {
+        std::call_once(turn_once_, [this] {
+            static const char * reply = "pyllama-probe-reply";
+            try {
+                common_chat_templates_inputs in;
+                in.messages.push_back(message("user", "pyllama-probe-question"));
+                const std::string with_prompt = render(in);
+                in.messages.push_back(message("assistant", reply));
+                in.add_generation_prompt = false;
+                const std::string full   = render(in);
+                const size_t      at     = full.find(reply, with_prompt.size() > 0 ? with_prompt.size() - 1 : 0);
+                if (full.compare(0, with_prompt.size(), with_prompt) != 0 || at == std::string::npos) {
+                    return;
+                }
+                std::string end = full.substr(at + std::strlen(reply));
+                end.erase(0, end.find_first_not_of(" \t\r\n"));
+                end.erase(end.find_last_not_of(" \t\r\n") + 1);
+                if (end.empty()) {
+                    return;
+                }
+                const llama_vocab * vocab = llama_model_get_vocab(model_.get());
+                const auto          toks  = common_tokenize(vocab, end, false, true);
+                if (toks.size() == 1 && llama_vocab_is_eog(vocab, toks[0])) {
+                    return;  // the end-of-generation token ends it
+                }
+                turn_stops_.push_back(end);
+            } catch (const std::exception &) {
+                // a template that cannot render this probe: no stop beyond the format's
+            }
+        });
+        return turn_stops_;
+    }
+
+    static common_chat_msg message(const char * role, const char * content) {
+        common_chat_msg m;
+        m.role    = role;
+        m.content = content;
+        return m;
+    }
+
+    std::string render(const common_chat_templates_inputs & in) const {
+        log_capture capture;  // a probe's complaints are not the caller's
+        return legacy_.empty() ? common_chat_templates_apply(tmpls_.get(), in).prompt : apply_legacy(in)->params.prompt;
+    }
+
     static const common_chat_templates_ptr & chatml() {
         static const common_chat_templates_ptr t = common_chat_templates_init(nullptr, "chatml");
         return t;
@@ -437,9 +512,11 @@ class ChatTemplate {
         }
     }
 
-    common_chat_templates_ptr    tmpls_;
-    std::shared_ptr<llama_model> model_;
-    std::string                  legacy_;
+    common_chat_templates_ptr        tmpls_;
+    std::shared_ptr<llama_model>     model_;
+    mutable std::once_flag           turn_once_;
+    mutable std::vector<std::string> turn_stops_;
+    std::string                      legacy_;
 };
 
 namespace {
@@ -589,6 +666,12 @@ void register_chat(py::module_ & m) {
         "Why a strict grammar was asked for and could not be made (llama.cpp's grammar is kept), else None.");
     res.def_property_readonly("preserved_tokens", [](const ChatResult & r) { return r.params.preserved_tokens; });
     res.def_property_readonly("additional_stops", [](const ChatResult & r) { return r.params.additional_stops; });
+    res.def_property_readonly(
+        "stops", [](const ChatResult & r) { return r.stops; },
+        "The stop strings generation needs: the format's, and the template's turn end where it is text.");
+    res.def_property_readonly(
+        "prompt_tokens", [](const ChatResult & r) { return r.prompt_tokens; },
+        "The prompt tokenised for the template's model (special tokens parsed, one BOS); [] without a model.");
     res.def_property_readonly("generation_prompt", [](const ChatResult & r) { return r.params.generation_prompt; });
     res.def_property_readonly("format", [](const ChatResult & r) { return common_chat_format_name(r.params.format); });
     res.def_property_readonly("supports_thinking", [](const ChatResult & r) { return r.params.supports_thinking; });

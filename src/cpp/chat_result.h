@@ -6,6 +6,7 @@
 #include "chat.h"  // llama.cpp's common/chat.h
 
 #include <string>
+#include <vector>
 
 namespace pyllama {
 
@@ -18,6 +19,8 @@ class ChatResult {
     std::string               strict_failure;  // why it could not be, when asked
     common_chat_msg           prefill;         // continue_final_message: the message the prompt ends inside
     size_t                    max_calls = 0;   // 1 for parallel_tool_calls=false; 0: no limit
+    std::vector<llama_token>  prompt_tokens;   // the prompt tokenised for the model (one BOS), when it has one
+    std::vector<std::string>  stops;           // stop strings: the format's, and a turn end that is text
 
     common_chat_msg parse(const std::string & text, bool is_partial) const {
         log_capture capture;

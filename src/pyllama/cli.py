@@ -156,8 +156,6 @@ def _text_output() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .llama import Stream
-
     words = list(args.words)
     if len(words) > 2:
         raise _UsageError("run takes [MODEL] PROMPT: quote a prompt of several words")
@@ -165,28 +163,67 @@ def _run(args: argparse.Namespace) -> int:
     if prompt == "-":
         prompt = sys.stdin.read()
     _text_output()
-    messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": prompt})
     with _load(args, model) as llm:
+        if _lacks_template(args, llm):
+            if args.system:
+                raise _UsageError(
+                    f"--system needs a chat template and {llm.model_name} has none: give one with --chat-template"
+                )
+            _note(
+                f"{llm.model_name} has no chat template (a base model): completing the prompt as text; "
+                "--chat-template chatml would chat with it instead"
+            )
+            return _complete(llm, prompt, args)
+        messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
         if args.json:
             print(json.dumps(llm.chat(messages, **_sampling(args)), indent=2, ensure_ascii=False))
             return 0
         stream = llm.chat(messages, stream=True, **_sampling(args))
-        assert isinstance(stream, Stream)
-        try:
-            for chunk in stream:
-                delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-                if delta.get("content"):
-                    sys.stdout.write(delta["content"])
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            print()
-            return 130
-        finally:
-            stream.close()
+        return _stream_out(stream, lambda choice: choice["delta"].get("content"))
+
+
+# A base model seldom ends a completion by itself: without --max-tokens, run stops it here.
+COMPLETION_MAX_TOKENS = 128
+
+
+def _complete(llm: Llama, prompt: str, args: argparse.Namespace) -> int:
+    """The prompt's continuation, as llama-completion gives a base model (the prompt is not repeated)."""
+    sampling = {"max_tokens": COMPLETION_MAX_TOKENS, **_sampling(args)}
+    if args.json:
+        print(json.dumps(llm.complete(prompt, **sampling), indent=2, ensure_ascii=False))
+        return 0
+    return _stream_out(llm.complete(prompt, stream=True, **sampling), lambda choice: choice["text"])
+
+
+def _stream_out(stream: object, text_of: Callable[[dict[str, Any]], str | None]) -> int:
+    """Print a stream's text as it comes, then a newline; Ctrl-C stops it (exit status 130)."""
+    from .llama import Stream
+
+    assert isinstance(stream, Stream)
+    try:
+        for chunk in stream:
+            text = text_of(chunk["choices"][0]) if chunk["choices"] else None
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
         print()
+        return 130
+    finally:
+        stream.close()
+    print()
     return 0
+
+
+def _lacks_template(args: argparse.Namespace, llm: Llama) -> bool:
+    """No --chat-template and none in the file: llama.cpp falls back to ChatML, which a base model never learnt."""
+    return args.chat_template is None and all(llm.model.get_chat_template(n) is None for n in (None, "tool_use"))
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
 
 # --- chat ----------------------------------------------------------------------------------------
@@ -200,6 +237,11 @@ def _chat(args: argparse.Namespace) -> int:
     _text_output()
     interactive = sys.stdin.isatty()
     with _load(args, args.model) as llm:
+        if _lacks_template(args, llm):
+            _note(
+                f"{llm.model_name} has no chat template (a base model): chatting in ChatML, which it never learnt, "
+                "so replies may be empty or echo you; give one with --chat-template, or complete text with pyllama run"
+            )
         session = ChatSession(llm, system=args.system, truncate=True, **_sampling(args))
         if interactive:
             print(f"{llm.model_name}: {_CHAT_HELP}", file=sys.stderr)
@@ -325,13 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="one chat reply to PROMPT, streamed to stdout",
+        help="one chat reply to PROMPT (or its completion, on a base model), streamed to stdout",
         usage="pyllama run [-h] [options] [MODEL] PROMPT",
-        description="One chat reply, streamed. One argument is the PROMPT (the demo model answers); "
-        "two are MODEL PROMPT. A PROMPT of '-' is read from stdin.",
+        description="One chat reply, streamed. One argument is the PROMPT (for the demo model); "
+        "two are MODEL PROMPT. A PROMPT of '-' is read from stdin. A model without a chat template "
+        "(a base model, such as the demo model) and no --chat-template completes the PROMPT as text "
+        f"instead: its continuation is printed (at most {COMPLETION_MAX_TOKENS} tokens without --max-tokens).",
     )
     run.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="a GGUF file (optional) and the prompt")
-    run.add_argument("--json", action="store_true", help="print the whole ChatCompletion as JSON, when done")
+    run.add_argument(
+        "--json", action="store_true", help="print the whole ChatCompletion (or Completion) as JSON, when done"
+    )
     _add_sampling_options(run)
     _add_model_options(run)
     run.set_defaults(func=_run, parser=run)

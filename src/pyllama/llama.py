@@ -490,14 +490,6 @@ class Llama:
         if embedding:  # the embedding context now, rather than at the first embed()
             self._embedding_context()
         self._template = ChatTemplate(self._model, template=chat_template)
-        # A ChatML template on a model whose vocabulary lacks ChatML's tokens (the fallback for models
-        # without a template): the end of a turn is text, so it is a stop string.
-        self._turn_ends = [
-            tag
-            for tag in ("<|im_end|>", "<|im_start|>")
-            if tag in self._template.source
-            and len(self._model.tokenize(tag, add_special=False, parse_special=True)) > 1
-        ]
         self._state = threading.Lock()  # guards _uses
         self._uses: dict[object, _Use] = {}  # each owner's use in progress
         self._seed = seed
@@ -769,13 +761,6 @@ class Llama:
             params["chat"] = chat
         return _core.Sampler(self._model, **params)
 
-    def _prompt_tokens(self, prompt: str) -> list[int]:
-        tokens = self._tokenize(prompt, add_special=True, parse_special=True)
-        bos = self._model.token_bos
-        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
-            tokens = tokens[1:]  # the template wrote the BOS already
-        return tokens
-
     def n_ctx_seq(self) -> int:
         """The tokens one call can use: the context, or with n_parallel > 1 one sequence's share."""
         return self._n_ctx_seq()
@@ -906,7 +891,7 @@ class Llama:
         messages = list(messages)
         while True:
             result = self._template.apply(messages, **apply)
-            tokens = self._prompt_tokens(result.prompt)
+            tokens = list(result.prompt_tokens)  # tokenised in C++, with the BOS as the template wants it
             if not truncate or len(tokens) <= self._room(max_tokens):
                 return result, tokens
             dropped = _drop_oldest_turn(messages)
@@ -964,7 +949,7 @@ class Llama:
         budget = self._budget(len(tokens), max_tokens)
         sampler = self._sampler(result, seed, {**sampling, "logit_bias": logit_bias})
         stops = _stop_list(stop)
-        stops += [s for s in [*result.additional_stops, *self._turn_ends] if s not in stops]
+        stops += [s for s in result.stops if s not in stops]
         n_top = -1 if not logprobs else (top_logprobs or 0)
         meta: dict[str, Any] = {
             "id": "chatcmpl-" + uuid.uuid4().hex,
