@@ -36,7 +36,7 @@ N_PARALLEL = max(1, min(4, os.cpu_count() or 1))
 BATCH_TIMEOUT_S = 120.0
 SINGLE_TIMEOUT_S = 60.0
 FLIP_WINDOW = 64 * 1024
-ALLOWED_ERRORS = frozenset({"LlamaError", "FileNotFoundError", "ValueError"})
+ALLOWED_ERRORS = frozenset({"ModelLoadError", "FileNotFoundError"})  # a file that cannot be loaded says so by type
 KINDS = ("truncate", "header_count", "string_length", "array_length", "tensor_info", "byte_flip")
 
 HEADER_SIZE = 24  # magic, version (u32), tensor_count (u64), kv_count (u64)
