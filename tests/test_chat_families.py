@@ -266,7 +266,8 @@ def _after_open_reasoning(result: pyllama.ChatResult, text: str) -> str:
 def _constrains_tool_calls(path: Path) -> bool:
     try:
         pyllama.ChatTemplate(template=path.read_text(encoding="utf-8")).apply(ASK, tools=TOOLS, tool_choice="required")
-    except ValueError as e:  # a template without a tool-call format
+    except pyllama.InvalidRequestError as e:  # a template without a tool-call format
+        assert type(e) is pyllama.InvalidRequestError, e  # not the template failing: that is a TemplateError
         assert "cannot be honoured" in str(e)
         return False
     return True

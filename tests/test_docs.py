@@ -35,16 +35,31 @@ def test_chat_walkthrough_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert out[-1] == "{'city': 'Paris'}"
 
 
+def _run_with_a_model(doc: str, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the first Python block of docs/`doc` in a folder where "model.gguf" is `model`."""
+    text = (DOCS / doc).read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    (tmp_path / "model.gguf").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.group(1), f"docs/{doc}", "exec"), {})
+
+
 def test_llama_walkthrough_runs(
     tiny_chat_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = (DOCS / "llama.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(.*?)```", text, re.S)
-    assert code is not None
-    (tmp_path / "model.gguf").symlink_to(tiny_chat_model_path)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code.group(1), "docs/llama.md", "exec"), {})
+    _run_with_a_model("llama.md", tiny_chat_model_path, tmp_path, monkeypatch)
     out = capsys.readouterr().out.splitlines()
     first = out[0].split()
     assert first[0] == "chat.completion" and first[1] in ("stop", "length") and 0 < int(first[2]) <= 16
     assert out[1:] == ["True", "assistant True", "True"]
+
+
+def test_the_errors_example_runs(
+    tiny_chat_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run_with_a_model("errors.md", tiny_chat_model_path, tmp_path, monkeypatch)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "max_tokens" and out[1] == "chat.completion"
+    assert out[2] == "messages[0].role"
+    assert out[3] == "grammar"

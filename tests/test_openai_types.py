@@ -56,7 +56,9 @@ def llm(tiny_chat_model_path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def tool_reply(llm: Any) -> dict[str, Any]:
-    out: dict[str, Any] = llm.chat(ASK, tools=[WEATHER], tool_choice="required", max_tokens=80, seed=4)
+    out: dict[str, Any] = llm.chat(
+        ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=80, seed=4
+    )
     return out
 
 
@@ -151,7 +153,11 @@ def test_streamed_chat_chunks(llm: Any) -> None:
 
 
 def test_streamed_tool_call_chunks(llm: Any) -> None:
-    chunks = list(llm.chat(ASK, tools=[WEATHER], tool_choice="required", max_tokens=80, seed=4, stream=True))
+    chunks = list(
+        llm.chat(
+            ASK, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=80, seed=4, stream=True
+        )
+    )
     models = _chunks_ok(chunks, llm)
     assert models[-1].choices[0].finish_reason == "tool_calls"
     pieces = [tc for m in models for tc in m.choices[0].delta.tool_calls or []]

@@ -226,6 +226,8 @@ class ChatTemplate {
         log_capture capture;
         try {
             tmpls_ = common_chat_templates_init(m.get(), source, bos, eos);
+        } catch (const std::bad_alloc &) {
+            throw;  // MemoryError
         } catch (const std::exception & e) {
             throw std::invalid_argument(std::string("the chat template does not parse: ") + e.what());
         }
@@ -326,6 +328,14 @@ class ChatTemplate {
             finish(*result);
             return result;
         }
+        if (!inputs.json_schema.empty()) {
+            // a schema that does not compile is the request's, not the template's: say so by type
+            try {
+                json_schema_to_grammar(nlohmann::ordered_json::parse(inputs.json_schema));
+            } catch (const std::exception & e) {
+                throw grammar_error(std::string("invalid JSON schema: ") + e.what(), "response_format");
+            }
+        }
         auto        result = std::make_shared<ChatResult>();
         log_capture capture;
         try {
@@ -347,6 +357,8 @@ class ChatTemplate {
                 result->params              = std::move(narrowed);
                 result->params.prompt       = prompt;
             }
+        } catch (const std::bad_alloc &) {
+            throw;  // MemoryError, not the template's message
         } catch (const std::exception & e) {
             const std::string logged = capture.problems();
             throw template_error(
@@ -355,9 +367,10 @@ class ChatTemplate {
         }
         if (inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && result->params.grammar.empty()) {
             // a template without a tool-call format (Gemma 2, Phi-3.5, ...): nothing could hold the reply to a call
-            throw std::invalid_argument(
+            throw invalid_request_error(
                 "tool_choice 'required' cannot be honoured: this chat template has no tool-call format that "
-                "llama.cpp can constrain (it does not support tools)");
+                "llama.cpp can constrain (it does not support tools)",
+                "tool_choice");
         }
         if (strict && inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED) {
             make_strict(*result, inputs, named_tool);

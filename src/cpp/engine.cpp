@@ -15,15 +15,6 @@ namespace pyllama {
 
 namespace {
 
-// Decodes as UTF-8, replacing what is not (the GIL must be held).
-py::str utf8_lenient(const std::string & s) {
-    PyObject * o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
-    if (o == nullptr) {
-        throw py::error_already_set();
-    }
-    return py::reinterpret_steal<py::str>(o);
-}
-
 // Runs f without the GIL. A failure caused by Ctrl-C (an inline step on the main thread) comes back
 // as the KeyboardInterrupt Python has pending, not as the decode's error.
 template <class F>

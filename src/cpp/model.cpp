@@ -428,14 +428,6 @@ std::string meta_string(const llama_model * model, int32_t i, bool key) {
     return {};
 }
 
-py::str decode_lossy(const std::string & s) {
-    PyObject * o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
-    if (o == nullptr) {
-        throw py::error_already_set();
-    }
-    return py::reinterpret_steal<py::str>(o);
-}
-
 const char * vocab_type_name(enum llama_vocab_type t) {
     switch (t) {
         case LLAMA_VOCAB_TYPE_NONE: return "none";
@@ -450,6 +442,14 @@ const char * vocab_type_name(enum llama_vocab_type t) {
 }
 
 }  // namespace
+
+py::str utf8_lenient(const std::string & s) {
+    PyObject * o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+    if (o == nullptr) {
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::str>(o);
+}
 
 Model::Model(const std::string &        path,
              int                        n_gpu_layers,
@@ -657,7 +657,7 @@ load (LlamaError). The GIL is released while loading.
             py::dict      out;
             const int32_t n = llama_model_meta_count(use.model);
             for (int32_t i = 0; i < n; ++i) {
-                out[decode_lossy(meta_string(use.model, i, true))] = decode_lossy(meta_string(use.model, i, false));
+                out[utf8_lenient(meta_string(use.model, i, true))] = utf8_lenient(meta_string(use.model, i, false));
             }
             return out;
         },
@@ -684,7 +684,7 @@ load (LlamaError). The GIL is released while loading.
             return py::none();
         }
         buf.resize(std::min<size_t>(static_cast<size_t>(n), buf.size() - 1));
-        return decode_lossy(buf);
+        return utf8_lenient(buf);
     });
     cls.def_property_readonly(
         "size", [](const Model & self) { return llama_model_size(self.acquire().model); },
@@ -722,7 +722,7 @@ load (LlamaError). The GIL is released while loading.
             if (tmpl == nullptr) {
                 return py::none();
             }
-            return decode_lossy(tmpl);
+            return utf8_lenient(tmpl);
         },
         "The model's default chat template (tokenizer.chat_template), or None.");
     cls.def_property_readonly(
@@ -733,14 +733,14 @@ load (LlamaError). The GIL is released while loading.
             const std::string prefix = "tokenizer.chat_template.";
             const int32_t     n      = llama_model_meta_count(use.model);
             if (const char * tmpl = llama_model_chat_template(use.model, nullptr)) {
-                out["default"] = decode_lossy(tmpl);
+                out["default"] = utf8_lenient(tmpl);
             }
             for (int32_t i = 0; i < n; ++i) {
                 const std::string key = meta_string(use.model, i, true);
                 if (key.compare(0, prefix.size(), prefix) == 0) {
                     const std::string name = key.substr(prefix.size());
                     if (const char * tmpl = llama_model_chat_template(use.model, name.c_str())) {
-                        out[py::str(name)] = decode_lossy(tmpl);
+                        out[py::str(name)] = utf8_lenient(tmpl);
                     }
                 }
             }
@@ -756,7 +756,7 @@ load (LlamaError). The GIL is released while loading.
             if (tmpl == nullptr) {
                 return py::none();
             }
-            return decode_lossy(tmpl);
+            return utf8_lenient(tmpl);
         },
         py::arg("name") = py::none(), "The chat template with this name (None: the default), or None.");
 
@@ -793,7 +793,7 @@ load (LlamaError). The GIL is released while loading.
         [](const Model & self, llama_token token) {
             auto use = self.acquire();
             Model::check_token(use.vocab, token);
-            return decode_lossy(llama_vocab_get_text(use.vocab, token));
+            return utf8_lenient(llama_vocab_get_text(use.vocab, token));
         },
         py::arg("token"), "The token's text as stored in the vocabulary (e.g. '▁Hello' for SentencePiece).");
     cls.def(
@@ -915,7 +915,7 @@ load (LlamaError). The GIL is released while loading.
                 }
                 out.resize(n < 0 ? 0 : static_cast<size_t>(n));
             }
-            return decode_lossy(out);
+            return utf8_lenient(out);
         },
         py::arg("tokens"), py::arg("remove_special") = false, py::arg("unparse_special") = false,
         "The text of `tokens` (a str; bytes that are not UTF-8 become U+FFFD). remove_special drops "

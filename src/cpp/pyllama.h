@@ -85,6 +85,11 @@ class log_capture {
     friend void                              log_capture_add(int level, const std::string & line);
 };
 
+// --- model.cpp ---------------------------------------------------------------------------------
+
+// Decodes as UTF-8, replacing what is not (text from a model or the input; the GIL must be held).
+py::str utf8_lenient(const std::string & s);
+
 // --- chat.cpp ----------------------------------------------------------------------------------
 
 // Raises ValueError when JSON from a request nests deeper than llama.cpp's recursive code can take.

@@ -49,7 +49,7 @@ def _check_arguments(args: Any, where: str) -> None:
 
 
 def check_messages(messages: Any) -> None:
-    """Raise ValueError naming the field when messages are not OpenAI chat messages."""
+    """Raise InvalidRequestError naming the field (its ``param``) when messages are not OpenAI chat messages."""
     _need(
         isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)),
         "messages",
@@ -99,7 +99,7 @@ def check_messages(messages: Any) -> None:
 
 
 def check_tools(tools: Any) -> None:
-    """Raise ValueError naming the field when tools are not OpenAI function tools."""
+    """Raise InvalidRequestError naming the field (its ``param``) when tools are not OpenAI function tools."""
     if tools is None:
         return
     _need(isinstance(tools, Sequence) and not isinstance(tools, (str, bytes)), "tools", "must be a list")

@@ -117,9 +117,9 @@ try:
         try:
             t.apply(messages, tools=tools)
         except Exception as e:
-            errors.append(str(e)[:500])
+            errors.append([type(e).__name__, str(e)[:500]])
 except Exception as e:
-    errors.append(str(e)[:500])
+    errors.append([type(e).__name__, str(e)[:500]])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"growth_kb": after - before, "errors": errors}))
 """
@@ -161,8 +161,8 @@ def _sandbox_render(source: str) -> None:
         raise TemplateError("the template was refused: the renderer gave no report") from None
     if report["growth_kb"] > CHILD_MAX_GROWTH_KB:
         raise TemplateError(f"the template was refused: rendering it took {report['growth_kb'] // 1024} MiB")
-    for err in report["errors"]:
-        if "bad_alloc" in err or "memory" in err.lower():
+    for kind, err in report["errors"]:
+        if kind == "MemoryError":  # told by its type: the C++ core lets std::bad_alloc through as MemoryError
             raise TemplateError(f"the template was refused: rendering it ran out of memory ({err})")
 
 
@@ -243,7 +243,8 @@ class ChatTemplate(_core.ChatTemplate):
     ) -> _core.ChatResult:
         """Render OpenAI-format messages (and tools) into the prompt; see ``pyllama._core.ChatTemplate.apply``.
 
-        Malformed messages or tools raise ValueError naming the field (``messages[2].tool_call_id``).
+        Malformed messages or tools raise InvalidRequestError (a ValueError) whose ``param`` names the
+        field (``messages[2].tool_call_id``); a template that refuses the messages raises TemplateError.
         """
         check_messages(messages)
         check_tools(tools)

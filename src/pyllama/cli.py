@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from .errors import InvalidRequestError
 from .models import DefaultModelMissing, resolve_model_path
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ def _reply(pieces: Iterator[str]) -> None:
             sys.stdout.flush()
     except KeyboardInterrupt:
         print("\n(stopped)", file=sys.stderr)
-    except ValueError as e:  # the conversation no longer fits, say
+    except InvalidRequestError as e:  # the conversation no longer fits, say: the turn fails, the chat goes on
         print(f"pyllama: {e}", file=sys.stderr)
     finally:
         pieces.close()  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from typing import Any
 from . import _core
 from ._logging import logger, set_log_level
 from .cache import DiskCache, LlamaState, RAMCache
-from .errors import ContextLengthError
+from .errors import ContextLengthError, invalid
 from .llama import Llama as _Llama
 from .llama import Stream
 
@@ -263,17 +263,17 @@ def _legacy_functions(
     out_tools = list(tools) if tools is not None else None
     if functions is not None:
         if tools is not None:
-            raise ValueError("give tools or functions, not both")
+            raise invalid("give tools or functions, not both", "functions")
         out_tools = [{"type": "function", "function": dict(f)} for f in functions]
     if function_call is not None:
         if tool_choice is not None:
-            raise ValueError("give tool_choice or function_call, not both")
+            raise invalid("give tool_choice or function_call, not both", "function_call")
         if isinstance(function_call, str):
             tool_choice = function_call  # "none" or "auto"
         elif isinstance(function_call, dict) and isinstance(function_call.get("name"), str):
             tool_choice = {"type": "function", "function": {"name": function_call["name"]}}
         else:
-            raise ValueError('function_call must be "none", "auto" or {"name": ...}')
+            raise invalid('function_call must be "none", "auto" or {"name": ...}', "function_call")
     return out_tools, tool_choice
 
 
@@ -831,7 +831,7 @@ class Llama(_Llama):
         if grammar is None or chat is None:
             return super()._sampler(chat, seed, kw)
         if chat.grammar is not None:
-            raise ValueError("grammar cannot be combined with tools or response_format")
+            raise invalid("grammar cannot be combined with tools or response_format", "grammar")
         return super()._sampler(None, seed, {**kw, "grammar": grammar})
 
     # --- embeddings ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .cache import LlamaState, StateCache, common_prefix
 from .chat import ChatTemplate
 from .errors import ContextLengthError, invalid
 from .reply import ReplyStream, parse_reply
+from .sampling import SAMPLING
 
 __all__ = ["AsyncStream", "ContextLengthError", "Llama", "Stream"]
 
@@ -150,32 +151,8 @@ def _default_n_ctx(model: _core.Model, n_gpu_layers: int, ctx_kwargs: dict[str, 
     return fit_n_ctx(int(model.n_ctx_train), per_token, budget)
 
 
-# The sampling keywords of the OpenAI API (and llama-cpp-python) that map onto pyllama.Sampler's.
-_SAMPLING_KEYS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "typical_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "penalty_last_n",
-    "mirostat",
-    "mirostat_tau",
-    "mirostat_eta",
-    "dry_multiplier",
-    "dry_base",
-    "dry_allowed_length",
-    "dry_penalty_last_n",
-    "dry_sequence_breakers",
-    "xtc_probability",
-    "xtc_threshold",
-    "top_n_sigma",
-    "dynatemp_range",
-    "dynatemp_exponent",
-    "samplers",
-)
+# The sampling keywords that map onto pyllama.Sampler's (the one table, in sampling.py).
+_SAMPLING_KEYS = tuple(SAMPLING)
 
 
 def _logprob_entry(token_text: bytes, logprob: float, top: list[dict[str, Any]] | None) -> dict[str, Any]:

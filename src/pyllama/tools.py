@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 from ._validate import TOOL_NAME
+from .errors import invalid
 
 __all__ = ["Tools", "function_tool", "parse_model", "response_format"]
 
@@ -1023,22 +1024,27 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
 
 
 def _check_spec(item: Mapping[str, Any], index: int) -> dict[str, Any]:
-    where = f"Tools: item {index}"
+    """The tool dict, copied; InvalidRequestError naming the field (``tools[0].function.name``) if it
+    is not an OpenAI function tool."""
+    where, at = f"Tools: item {index}", f"tools[{index}]"
     if item.get("type") != "function":
-        raise ValueError(f"{where}: a tool dict must have type 'function', got {item.get('type')!r}")
+        raise invalid(f"{where}: a tool dict must have type 'function', got {item.get('type')!r}", f"{at}.type")
     fn = item.get("function")
     if not isinstance(fn, Mapping):
-        raise ValueError(f"{where}: 'function' must be an object with a name and parameters")
+        raise invalid(f"{where}: 'function' must be an object with a name and parameters", f"{at}.function")
     name = fn.get("name")
     if not isinstance(name, str) or not TOOL_NAME.match(name):
-        raise ValueError(f"{where}: function.name {name!r} must be a string of 1-128 A-Z a-z 0-9 _ . : -")
+        message = f"{where}: function.name {name!r} must be a string of 1-128 A-Z a-z 0-9 _ . : -"
+        raise invalid(message, f"{at}.function.name")
     if not isinstance(fn.get("description", ""), str):
-        raise ValueError(f"{where}: function.description must be a string")
+        raise invalid(f"{where}: function.description must be a string", f"{at}.function.description")
     params = fn.get("parameters", {"type": "object", "properties": {}})  # optional, as in OpenAI's API
     if not isinstance(params, Mapping) or params.get("type") != "object":
-        raise ValueError(f"{where}: function.parameters must be an object schema ({{'type': 'object', ...}})")
+        message = f"{where}: function.parameters must be an object schema ({{'type': 'object', ...}})"
+        raise invalid(message, f"{at}.function.parameters")
     if not isinstance(params.get("properties", {}), Mapping):
-        raise ValueError(f"{where}: function.parameters.properties must be an object")
+        message = f"{where}: function.parameters.properties must be an object"
+        raise invalid(message, f"{at}.function.parameters.properties")
     return copy.deepcopy(dict(item))
 
 
@@ -1056,7 +1062,8 @@ class Tools:
     run a call the model made and give the tool message that answers it. Errors (an unknown tool,
     bad arguments, an exception in the tool) become an ``"Error: Type: message"`` content the model
     can read, unless ``raise_errors=True``: then bad calls raise ValueError and the tool's own
-    exceptions propagate.
+    exceptions propagate. A tool dict that is not an OpenAI function tool, or a second tool of the
+    same name, raises ``InvalidRequestError`` naming the field (``tools[1].function.name``).
     """
 
     def __init__(
@@ -1075,7 +1082,7 @@ class Tools:
                 raise TypeError(f"Tools: item {index} is neither a callable nor a tool dict: {item!r}")
             name = entry.spec["function"]["name"]
             if name in self._entries:
-                raise ValueError(f"Tools: two tools are named {name!r}")
+                raise invalid(f"Tools: two tools are named {name!r}", f"tools[{index}].function.name")
             self._entries[name] = entry
 
     def __repr__(self) -> str:

@@ -558,7 +558,7 @@ def create_app(
     async def detokenize(request: Request) -> Response:
         body = await _json_body(request)
         raw = params.array("tokens", body.get("tokens"))
-        tokens = [params.integer(0)(f"tokens[{i}]", t) for i, t in enumerate(raw)]
+        tokens = [params.integer(0, params.TOKEN_MAX)(f"tokens[{i}]", t) for i, t in enumerate(raw)]
         special = _flag(body, "special", True)
         try:
             content = await asyncio.to_thread(llm.detokenize, tokens, special)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .. import sampling
 from .._validate import check_messages, check_tools
 from ..errors import InvalidRequestError
 
@@ -45,6 +46,12 @@ class APIError(Exception):
 
 def invalid(param: str, message: str, code: str | None = "invalid_value") -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code=code)
+
+
+# Integers beyond these do not fit the engine's types (the sampler's seed is 32 bits unsigned, a token
+# id 32 bits signed): refused here, naming the field, rather than failing in the conversion.
+SEED_MAX = 2**32 - 1
+TOKEN_MAX = 2**31 - 1
 
 
 # --- field checks ------------------------------------------------------------------------------
@@ -131,6 +138,8 @@ def logit_bias(name: str, value: Any) -> dict[int, float]:
             token = int(key)
         except ValueError:
             raise invalid(name, f"key {key!r} is not a token id") from None
+        if not 0 <= token <= TOKEN_MAX:
+            raise invalid(name, f"key {key!r} is not a token id")
         out[token] = number()(f"{name}.{key}", bias)
     return out
 
@@ -161,37 +170,19 @@ def _bound(x: float | None) -> str:
     return "-inf" if x is None else str(x)
 
 
-# The sampling keywords of Llama.chat/complete (llama-server's names), with their checks.
-SAMPLING: dict[str, Check] = {
-    "temperature": number(0),
-    "top_p": number(0, 1),
-    "top_k": integer(0),
-    "min_p": number(0, 1),
-    "typical_p": number(0, 1),
-    "repeat_penalty": number(0),
-    "presence_penalty": number(-2, 2),
-    "frequency_penalty": number(-2, 2),
-    "penalty_last_n": integer(-1),
-    "mirostat": integer(0, 2),
-    "mirostat_tau": number(0),
-    "mirostat_eta": number(0),
-    "dry_multiplier": number(0),
-    "dry_base": number(0),
-    "dry_allowed_length": integer(0),
-    "dry_penalty_last_n": integer(-1),
-    "dry_sequence_breakers": strings,
-    "xtc_probability": number(0, 1),
-    "xtc_threshold": number(0),
-    "top_n_sigma": number(),
-    "dynatemp_range": number(0),
-    "dynatemp_exponent": number(0),
-    "samplers": strings,
-}
+def _sampling_check(kind: str, lo: float | None, hi: float | None) -> Check:
+    if kind == "integer":
+        return integer(None if lo is None else int(lo), None if hi is None else int(hi))
+    return number(lo, hi) if kind == "number" else strings
+
+
+# The sampling keywords of Llama.chat/complete (llama-server's names), checked as the one table says.
+SAMPLING: dict[str, Check] = {name: _sampling_check(*spec) for name, spec in sampling.SAMPLING.items()}
 
 CHAT: dict[str, Check] = {
     **SAMPLING,
     "max_tokens": max_tokens,
-    "seed": integer(),
+    "seed": integer(0, SEED_MAX),
     "stop": stop,
     "logit_bias": logit_bias,
     "logprobs": boolean,
@@ -209,7 +200,7 @@ CHAT: dict[str, Check] = {
 COMPLETION: dict[str, Check] = {
     **SAMPLING,
     "max_tokens": max_tokens,
-    "seed": integer(),
+    "seed": integer(0, SEED_MAX),
     "stop": stop,
     "logit_bias": logit_bias,
     "logprobs": integer(0, 20),
@@ -288,7 +279,7 @@ def completion_kwargs(body: dict[str, Any]) -> tuple[str | list[int], dict[str, 
     if isinstance(prompt, list):
         if not prompt:
             raise invalid("prompt", "must not be empty")
-        prompt = [integer(0)(f"prompt[{i}]", t) for i, t in enumerate(prompt)]
+        prompt = [integer(0, TOKEN_MAX)(f"prompt[{i}]", t) for i, t in enumerate(prompt)]
     elif not isinstance(prompt, str):
         raise invalid("prompt", "must be a string, an array of token ids, or an array of one of these", "invalid_type")
     best_of = body.get("best_of")
