@@ -19,18 +19,11 @@ from pyllama import compat
 from pyllama.compat import LLAMA_DEFAULT_SEED, Llama, LlamaDiskCache, LlamaGrammar, LlamaRAMCache
 
 from conftest import run_python
+from tiny_models import WEATHER
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 PROMPT = "Once upon a time"
-WEATHER_FN = {
-    "name": "get_weather",
-    "description": "Weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-        "required": ["city"],
-    },
-}
+WEATHER_FN = WEATHER["function"]
 YES_NO = 'root ::= "yes" | "no"'
 
 

@@ -12,18 +12,8 @@ import pytest
 
 import pyllama
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-        },
-    },
-}
+from tiny_models import WEATHER
+
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 

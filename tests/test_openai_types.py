@@ -22,18 +22,8 @@ from pydantic import BaseModel, ValidationError
 
 import pyllama
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-        },
-    },
-}
+from tiny_models import WEATHER
+
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 DOCUMENTED_EXTRAS = {"messages", "reasoning_content"}
 

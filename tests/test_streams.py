@@ -18,20 +18,8 @@ import pyllama
 import pyllama.llama as llama_module
 from pyllama.reply import ReplyStream, parse_reply
 
-from tiny_models import TEMPLATES, template_text, write_tiny_llama
+from tiny_models import TEMPLATES, WEATHER, template_text, write_tiny_llama
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {

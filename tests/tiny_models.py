@@ -129,3 +129,18 @@ def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: i
         pos += 1
     ctx.close()
     return b"".join(pieces).decode("utf-8", "replace")
+
+
+# A tool with an enum-typed argument, so that a random-weight model held to its grammar ends a call soon.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}

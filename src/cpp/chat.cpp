@@ -194,8 +194,16 @@ class ChatStream {
             return {};
         }
         assign_tool_call_ids(next, id_seed_);
-        auto diffs = common_chat_msg_diff::compute_diffs(msg_, next);
-        msg_       = std::move(next);
+        std::vector<common_chat_msg_diff> diffs;
+        try {
+            diffs = common_chat_msg_diff::compute_diffs(msg_, next);
+        } catch (const std::exception & e) {
+            // the parse of the longer text goes back on what was streamed ("Invalid diff"): to the
+            // caller this is output that does not parse as the format, a ValueError like parse()'s
+            throw std::invalid_argument(std::string("the output does not parse as this template's format: ") +
+                                        e.what());
+        }
+        msg_ = std::move(next);
         return diffs;
     }
 

@@ -62,7 +62,7 @@ def _template_caps(model: _core.Model) -> dict[str, bool] | str:
 
     try:
         return dict(ChatTemplate(model).caps)
-    except (ValueError, RuntimeError) as e:
+    except InvalidRequestError as e:  # a template that does not parse or is refused
         return f"unavailable: {e}"
 
 

@@ -101,9 +101,9 @@ class ReplyStream:
             return []
         try:
             deltas = self._parser.feed(piece)
-        except (ValueError, RuntimeError):
-            # the text so far does not parse as the format (ValueError), or its parse goes back on what
-            # was sent (llama.cpp's RuntimeError "Invalid diff"): the rest waits for finish()
+        except ValueError:
+            # the text so far does not parse as the format, or its parse goes back on what was sent
+            # (the C++ stream raises both as ValueError): the rest waits for finish()
             self._parser = None
             return []
         for delta in deltas:
