@@ -52,10 +52,10 @@ def restore_logging() -> Any:
     pyllama.set_log_level(level)
 
 
-def fresh(*llms: pyllama.Llama) -> None:
+def fresh(*llms: Any) -> None:
     """Empty contexts, so that two Llamas evaluate the same batches (bit-identical logits)."""
     for x in llms:
-        pyllama.Llama.load_state(x, pyllama.LlamaState((), b"", x.fingerprint))
+        x.load_state(pyllama.LlamaState((), b"", x.fingerprint))
 
 
 def text(out: dict[str, Any]) -> str:
@@ -308,7 +308,7 @@ def test_max_tokens_is_lowered_to_what_the_context_holds(llm: Any) -> None:
     assert out["usage"]["prompt_tokens"] == n_prompt
     assert out["usage"]["total_tokens"] == 512 or out["choices"][0]["finish_reason"] == "stop"
     with pytest.raises(ValueError, match="exceed the context"):
-        pyllama.Llama.complete(llm, prompt, max_tokens=400)  # pyllama's own call refuses
+        llm.complete(prompt, max_tokens=400)  # pyllama's own call refuses
     with pytest.raises(ValueError, match="context holds"):
         llm.create_completion("word " * 600, max_tokens=4)  # a prompt that does not fit still raises
     unlimited = llm.create_completion("Hi", max_tokens=0, temperature=0)

@@ -712,6 +712,33 @@ def bad_input_results(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFa
     return run_cases(setup, {name: code for name, (code, _, _) in CASES.items()}, tmp_path_factory.mktemp("bad"))
 
 
+def test_kv_cache_types_are_llama_cpps(tiny_model_path: Path) -> None:
+    """pyllama.kv_cache_types() lists the types llama.cpp's tools accept (common/arg.cpp) with ggml's
+    enum values (ggml.h); a Context takes each of them and refuses any other type by its parameter."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp"
+    arg = (root / "common" / "arg.cpp").read_text()
+    listed = re.search(r"kv_cache_types = \{(.*?)\};", arg, re.S)
+    assert listed is not None
+    names = [n.lower() for n in re.findall(r"GGML_TYPE_(\w+)", listed.group(1))]
+    enum = {
+        n.lower(): int(v)
+        for n, v in re.findall(r"GGML_TYPE_(\w+)\s*=\s*(\d+),", (root / "ggml" / "include" / "ggml.h").read_text())
+    }
+    table = pyllama.kv_cache_types()
+    assert sorted(table) == sorted(names)
+    assert {name: t["id"] for name, t in table.items()} == {n: enum[n] for n in names}
+    assert table["f32"]["bytes_per_element"] == 4 and table["f16"]["bytes_per_element"] == 2
+    assert table["q8_0"]["bytes_per_element"] == (2 + 32) / 32  # block_q8_0: a half scale and 32 int8
+    with pyllama.Model(str(tiny_model_path)) as m:
+        for bad in ("q9_9", "q2_K", "F16"):  # unknown; a ggml type that is no KV cache type; names are exact
+            for param in ("type_k", "type_v"):
+                with pytest.raises(pyllama.InvalidRequestError) as e:
+                    pyllama.Context(m, n_ctx=64, **{param: bad})
+                assert e.value.param == param
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_raises(case: str, bad_input_results: dict[str, dict[str, Any]]) -> None:
     """Each bad call raises the documented exception type with a useful message, and never crashes the process."""

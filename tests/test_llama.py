@@ -96,6 +96,22 @@ def test_json_schema_response_validates(llm: Any) -> None:
     jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), schema)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_chat_grammar_constrains_the_whole_reply(llm: Any, seed: int) -> None:
+    """A GBNF grammar given to chat holds every reply (the truth: llama.cpp's own grammar matcher),
+    streamed or not; with tools or response_format, which bring a grammar of their own, it is refused."""
+    grammar = 'root ::= ("yes" | "no" | "maybe") " " [0-9] [0-9]? "."'
+    out = llm.chat(ASK, grammar=grammar, max_tokens=20, seed=seed, temperature=1.0)
+    reply = out["choices"][0]["message"]["content"]
+    assert pyllama.grammar_match(grammar, reply, model=llm.model) == "complete"
+    chunks = list(llm.chat(ASK, grammar=grammar, max_tokens=20, seed=seed, temperature=1.0, stream=True))
+    assert _joined(chunks)[0] == reply
+    for other in ({"tools": [WEATHER]}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(pyllama.InvalidRequestError) as e:
+            llm.chat(ASK, grammar=grammar, max_tokens=4, **other)
+        assert e.value.param == "grammar"
+
+
 def test_second_turn_evaluates_only_the_new_tokens(llm: Any) -> None:
     first = llm.chat(ASK, max_tokens=8, seed=1)
     history = [*ASK, first["choices"][0]["message"], {"role": "user", "content": "And in Rome?"}]

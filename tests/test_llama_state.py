@@ -326,8 +326,8 @@ def test_fit_n_ctx() -> None:
     assert fit_n_ctx(2048, 1000, 0) == 2048  # nor above the training context
 
 
-def _state_bytes_per_token(path: Path, n: int) -> float:
-    with pyllama.Model(str(path)) as model, pyllama.Context(model, n_ctx=1024, n_threads=1) as ctx:
+def _state_bytes_per_token(path: Path, n: int, **ctx_kwargs: Any) -> float:
+    with pyllama.Model(str(path)) as model, pyllama.Context(model, n_ctx=1024, n_threads=1, **ctx_kwargs) as ctx:
         tokens = [int(t) % 100 + 10 for t in range(2 * n)]
         ctx.decode(pyllama.Batch.from_tokens(tokens[:n]))
         small = len(ctx.seq_state_get(0))
@@ -341,6 +341,19 @@ def test_kv_estimate_matches_llama_cpp_state(tiny_model_path: Path) -> None:
     with pyllama.Model(str(tiny_model_path)) as model:
         estimate = kv_bytes_per_token(model)
     measured = _state_bytes_per_token(tiny_model_path, 128)  # K and V of each cell, plus its position
+    assert estimate <= measured <= estimate + 16
+
+
+@pytest.mark.parametrize("kv", ["f32", "bf16", "q8_0", "q4_0", "q5_1"])
+def test_kv_estimate_of_each_cache_type_matches_llama_cpp_state(tmp_path: Path, kv: str) -> None:
+    """The estimate takes each type's size from the C++ table (pyllama.kv_cache_types), and llama.cpp's
+    own state of a context with that cache type is the truth (heads of 32, a block of the quantised types)."""
+    from pyllama.llama import kv_bytes_per_token
+
+    path = write_tiny_llama(tmp_path / "heads32.gguf", n_embd=128, n_head=4, n_head_kv=2)
+    with pyllama.Model(str(path)) as model:
+        estimate = kv_bytes_per_token(model, kv, kv)
+    measured = _state_bytes_per_token(path, 128, type_k=kv, type_v=kv, flash_attn="on")
     assert estimate <= measured <= estimate + 16
 
 

@@ -236,6 +236,25 @@ def test_response_format_json_schema(served: Running) -> None:
         assert isinstance(json.loads(reply.choices[0].message.content)["n"], int)
 
 
+def test_chat_grammar(served: Running, reference: pyllama.Llama) -> None:
+    """llama-server's grammar field on chat: the reply is the reference Llama's with the same grammar
+    (and matches it); with tools it is a 400 naming the field."""
+    grammar = 'root ::= ("yes" | "no") " " [0-9] [0-9]? "."'
+    client = served.client()
+    reply = client.chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"grammar": grammar}
+    )
+    expected = reference.chat(MESSAGES, max_tokens=12, temperature=0, grammar=grammar)
+    assert isinstance(expected, dict)
+    assert reply.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert pyllama.grammar_match(grammar, reply.choices[0].message.content or "") == "complete"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="x", messages=MESSAGES, max_tokens=4, tools=[PICK], extra_body={"grammar": grammar}
+        )
+    assert e.value.body["param"] == "grammar"  # type: ignore[index]
+
+
 # --- completions, embeddings, models --------------------------------------------------------------
 
 

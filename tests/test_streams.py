@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import pyllama
-import pyllama.llama as llama_module
+import pyllama.streams as streams_module
 from pyllama.reply import ReplyStream, parse_reply
 
 from tiny_models import TEMPLATES, WEATHER, template_text, write_tiny_llama
@@ -252,7 +252,7 @@ def test_an_output_that_does_not_parse_keeps_all_its_text(template: str) -> None
 def failing_generations(monkeypatch: pytest.MonkeyPatch, errors: list[BaseException]) -> None:
     """Generations, as the Python layer iterates them, raise the error in ``errors`` (while it is there)
     after their second piece of text, or at their end if they end first."""
-    pieces = llama_module._pieces
+    pieces = streams_module.text_pieces
 
     def failing(use: Any, gen: Any) -> Iterator[Any]:
         n = 0
@@ -260,11 +260,11 @@ def failing_generations(monkeypatch: pytest.MonkeyPatch, errors: list[BaseExcept
             if errors and n == 2:
                 raise errors[0]
             yield piece
-            n += piece is not llama_module._WAIT
+            n += piece is not streams_module.WAIT
         if errors:
             raise errors[0]
 
-    monkeypatch.setattr(llama_module, "_pieces", failing)
+    monkeypatch.setattr(streams_module, "text_pieces", failing)
 
 
 @pytest.fixture

@@ -99,14 +99,23 @@ uint32_t kw_u32(const py::kwargs & kwargs, const char * name, uint32_t fallback,
     return static_cast<uint32_t>(v);
 }
 
-ggml_type parse_cache_type(const std::string & name) {
-    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
-        const char * tn = ggml_type_name(static_cast<ggml_type>(t));
-        if (tn != nullptr && name == tn) {
-            return static_cast<ggml_type>(t);
+// The KV cache types llama.cpp's tools accept (common/arg.cpp's list): the one table, also given
+// to Python as kv_cache_types() (compat's enum values, the default context's memory estimate).
+const ggml_type kv_cache_types[] = {
+    GGML_TYPE_F32,  GGML_TYPE_F16,    GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
+    GGML_TYPE_Q4_1, GGML_TYPE_IQ4_NL, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1,
+};
+
+ggml_type parse_cache_type(const char * param, const std::string & name) {
+    std::string names;
+    for (ggml_type t : kv_cache_types) {
+        if (name == ggml_type_name(t)) {
+            return t;
         }
+        names += (names.empty() ? "'" : ", '") + std::string(ggml_type_name(t)) + "'";
     }
-    throw std::invalid_argument("unknown KV cache type '" + name + "' (use e.g. 'f16', 'q8_0', 'q4_0')");
+    throw invalid_request_error(std::string(param) + ": unknown KV cache type '" + name + "' (one of " + names + ")",
+                                param);
 }
 
 template <typename E>
@@ -219,10 +228,10 @@ Context::Context(Model & model, const py::kwargs & kwargs) : model_(model.shared
         }
     }
     if (kwargs.contains("type_k") && !kwargs["type_k"].is_none()) {
-        p.type_k = parse_cache_type(kw<std::string>(kwargs, "type_k", "f16"));
+        p.type_k = parse_cache_type("type_k", kw<std::string>(kwargs, "type_k", "f16"));
     }
     if (kwargs.contains("type_v") && !kwargs["type_v"].is_none()) {
-        p.type_v = parse_cache_type(kw<std::string>(kwargs, "type_v", "f16"));
+        p.type_v = parse_cache_type("type_v", kw<std::string>(kwargs, "type_v", "f16"));
     }
     p.embeddings = kw<bool>(kwargs, "embeddings", p.embeddings);
     if (kwargs.contains("pooling_type") && !kwargs["pooling_type"].is_none()) {
@@ -623,6 +632,21 @@ void Context::seq_state_load(const std::string & data, llama_seq_id dst) {
 
 void register_context(py::module_ & m) {
     sigint_guard::main_thread_id() = std::this_thread::get_id();  // the module is imported on the main thread
+
+    m.def(
+        "kv_cache_types",
+        [] {
+            py::dict out;
+            for (ggml_type t : kv_cache_types) {
+                py::dict entry;
+                entry["id"]                = static_cast<int>(t);
+                entry["bytes_per_element"] = static_cast<double>(ggml_type_size(t)) / ggml_blck_size(t);
+                out[ggml_type_name(t)]     = entry;
+            }
+            return out;
+        },
+        "The KV cache types a Context takes (type_k, type_v), as llama.cpp's tools list them: name -> "
+        "{'id': ggml_type, 'bytes_per_element': float}.");
 
     // --- Batch ----------------------------------------------------------------------------------
     py::class_<Batch> batch(m, "Batch", "Tokens (or embeddings) with positions, sequence ids and output flags.");

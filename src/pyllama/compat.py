@@ -8,9 +8,10 @@ runs on pyllama's engine: prompts are rendered by llama.cpp's chat templates and
 parsed natively for every model. Options pyllama cannot honour raise NotImplementedError naming
 them when they are set to anything but their default. docs/compat.md lists the differences.
 
-The class is a ``pyllama.Llama``: its ``chat``, ``complete``, ``achat``, ``acomplete``,
-``save_state``, ``load_state`` and ``set_cache`` are pyllama's own; ``tokenize``, ``detokenize``,
-``embed``, ``create_embedding`` and calling the object follow llama-cpp-python.
+The object holds a ``pyllama.Llama`` (``.native``) and passes ``chat``, ``complete``, ``achat``,
+``acomplete``, ``save_state``, ``load_state``, ``set_cache`` and ``close`` to it unchanged;
+``tokenize``, ``detokenize``, ``embed``, ``create_embedding`` and calling the object follow
+llama-cpp-python.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from . import _core
 from ._logging import logger, set_log_level
-from .cache import DiskCache, LlamaState, RAMCache
+from .cache import DiskCache, LlamaState, RAMCache, StateCache
+from .chat import ChatTemplate
 from .errors import ContextLengthError, invalid
 from .llama import Llama as _Llama
 from .llama import Stream
@@ -91,18 +92,8 @@ _SPLIT_MODES: dict[int, str | None] = {
 _ROPE_SCALING: dict[int, str | None] = {-1: None, 0: "none", 1: "linear", 2: "yarn", 3: "longrope"}
 _POOLING: dict[int, str | None] = {-1: None, 0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 _ATTENTION: dict[int, str | None] = {-1: None, 0: "causal", 1: "non_causal"}
-# ggml_type values of the KV cache types llama.cpp supports (type_k, type_v)
-_GGML_TYPES: dict[int, str | None] = {
-    0: "f32",
-    1: "f16",
-    2: "q4_0",
-    3: "q4_1",
-    6: "q5_0",
-    7: "q5_1",
-    8: "q8_0",
-    20: "iq4_nl",
-    30: "bf16",
-}
+# ggml_type values of the KV cache types llama.cpp supports (type_k, type_v): the C++ table
+_GGML_TYPES: dict[int, str | None] = {int(t["id"]): name for name, t in _core.kv_cache_types().items()}
 
 # llama-cpp-python's chat_format names -> the llama.cpp built-in format pyllama renders instead (the
 # nearest equivalent: whitespace and the handling of system messages can differ slightly).
@@ -120,11 +111,6 @@ CHAT_FORMATS: dict[str, str] = {
 
 # llama-cpp-python's defaults for the YaRN parameters; other values are passed on to the context.
 _YARN_DEFAULTS = {"yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0}
-
-# Set while pyllama's own methods run on a compat Llama: they call self.detokenize and expect text.
-_NATIVE: ContextVar[bool] = ContextVar("pyllama_compat_native", default=False)
-# The GBNF grammar of the create_chat_completion call in progress (see Llama._sampler).
-_CHAT_GRAMMAR: ContextVar[str | None] = ContextVar("pyllama_compat_chat_grammar", default=None)
 
 
 class LlamaGrammar:
@@ -300,8 +286,8 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
 
 
-class Llama(_Llama):
-    """A ``pyllama.Llama`` with llama-cpp-python's constructor, defaults and methods.
+class Llama:
+    """llama-cpp-python's ``Llama`` (constructor, defaults and methods) over a ``pyllama.Llama``.
 
     ``Llama(model_path, *, n_gpu_layers=0, split_mode=LLAMA_SPLIT_MODE_LAYER, main_gpu=0,
     tensor_split=None, vocab_only=False, use_mmap=True, use_mlock=False, kv_overrides=None,
@@ -380,7 +366,6 @@ class Llama(_Llama):
         verbose: bool = True,
         **kwargs: Any,
     ) -> None:
-        self._closed = True  # until the base class has loaded the model
         unsupported = [
             name
             for name, value in (
@@ -444,7 +429,7 @@ class Llama(_Llama):
             template = _chat_template_for(chat_format)
         if verbose:
             _log_to_stderr()
-        super().__init__(
+        self.native = _Llama(
             model_path,
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
@@ -471,13 +456,13 @@ class Llama(_Llama):
         self.chat_handler = None
         self.last_n_tokens_size = last_n_tokens_size
         self.metadata: dict[str, str] = dict(self.model.metadata)
-        self.model_name = self.model_path  # llama-cpp-python names the model by its path in responses
+        self.native.model_name = self.model_path  # llama-cpp-python names the model by its path in responses
         self._compat_seed = _seed(seed)
         self._per_token_embeddings = pooling == "none"
 
     # --- tokens -------------------------------------------------------------------------------
 
-    def tokenize(  # type: ignore[override]  # llama-cpp-python's names; pyllama's as keywords
+    def tokenize(  # llama-cpp-python's names; pyllama's as keywords
         self,
         text: str | bytes,
         add_bos: bool = True,
@@ -494,27 +479,92 @@ class Llama(_Llama):
             special = parse_special
         return list(self.model.tokenize(text, add_special=add_bos, parse_special=special))
 
-    def detokenize(  # type: ignore[override]  # bytes, as llama-cpp-python
+    def detokenize(  # bytes, as llama-cpp-python
         self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None, special: bool = False
     ) -> bytes:
         """The bytes of ``tokens``, piece after piece (a leading space after a BOS is dropped, as in
         llama-cpp-python); ``special`` renders special tokens. ``prev_tokens`` is accepted and unused,
         as in llama-cpp-python."""
         tokens = [int(t) for t in tokens]
-        if _NATIVE.get():  # pyllama.Llama.complete on this object: its detokenize, which gives text
-            return _Llama.detokenize(self, tokens, special=special)  # type: ignore[return-value]
         out = b"".join(self.model.token_to_piece(t, special=special) for t in tokens)
         if tokens and tokens[0] == self.model.token_bos and out[:1] == b" ":
             out = out[1:]
         return out
 
+    # --- pyllama's own ------------------------------------------------------------------------
+
+    @property
+    def model(self) -> _core.Model:
+        return self.native.model
+
+    @property
+    def context(self) -> _core.Context:
+        return self.native.context
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self.native.chat_template
+
+    @property
+    def model_path(self) -> str:
+        return self.native.model_path
+
+    @property
+    def model_name(self) -> str:
+        return self.native.model_name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.native.fingerprint
+
+    @property
+    def cache(self) -> StateCache | None:
+        return self.native.cache
+
+    @property
+    def closed(self) -> bool:
+        return self.native.closed
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> dict[str, Any] | Stream:
+        """pyllama's ``chat`` (see ``pyllama.Llama.chat``)."""
+        return self.native.chat(messages, **kwargs)
+
     def complete(self, prompt: Any, **kwargs: Any) -> dict[str, Any] | Stream:
         """pyllama's ``complete`` (see ``pyllama.Llama.complete``)."""
-        token = _NATIVE.set(True)
-        try:
-            return super().complete(prompt, **kwargs)
-        finally:
-            _NATIVE.reset(token)
+        return self.native.complete(prompt, **kwargs)
+
+    async def achat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Any:
+        """pyllama's ``achat``."""
+        return await self.native.achat(messages, **kwargs)
+
+    async def acomplete(self, prompt: Any, **kwargs: Any) -> Any:
+        """pyllama's ``acomplete``."""
+        return await self.native.acomplete(prompt, **kwargs)
+
+    def save_state(self, path: str | os.PathLike[str] | None = None) -> LlamaState:
+        """pyllama's ``save_state``: the tokens the context holds and their KV memory."""
+        return self.native.save_state(path)
+
+    def load_state(self, state: LlamaState | str | os.PathLike[str]) -> None:
+        """pyllama's ``load_state``."""
+        self.native.load_state(state)
+
+    def set_cache(self, cache: StateCache | None) -> None:
+        """Keep prompt states in ``cache`` (a ``LlamaRAMCache``/``LlamaDiskCache`` or pyllama's)."""
+        self.native.set_cache(cache)
+
+    def n_ctx(self) -> int:
+        return self.native.n_ctx()
+
+    def close(self) -> None:
+        """Free the context, and the model unless another Llama shares it. Idempotent."""
+        self.native.close()
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- model and context --------------------------------------------------------------------
 
@@ -692,7 +742,7 @@ class Llama(_Llama):
         arg, echo_text = self._completion_prompt(prompt, suffix)
         out = self._clamped(lambda n: self.complete(arg, max_tokens=n, **kwargs), _max_tokens(max_tokens))
         # a prompt given as tokens echoes as their text: the prompt as written is echoed instead
-        native_echo = _Llama._detokenize(self, arg, special=True) if echo and echo_text is not None else None
+        native_echo = self.native.detokenize(arg, special=True) if echo and echo_text is not None else None
 
         def fix(chunk: dict[str, Any], first: bool) -> dict[str, Any]:
             if model is not None:
@@ -718,7 +768,7 @@ class Llama(_Llama):
             return _MappedStream(out, fix_chunk)
         return fix(out, True)
 
-    __call__ = create_completion  # type: ignore[assignment]  # llama-cpp-python's __call__
+    __call__ = create_completion  # llama-cpp-python's __call__
 
     def _completion_prompt(self, prompt: str | Sequence[int], suffix: str | None) -> tuple[Any, str | None]:
         """What to give pyllama's complete, and the text to echo when it is not that prompt's text.
@@ -798,14 +848,11 @@ class Llama(_Llama):
             "logit_bias": _logit_bias(logit_bias),
             "logprobs": bool(logprobs),
             "top_logprobs": top_logprobs,
+            "grammar": _grammar_text(grammar),
             "stream": stream,
             **sampling,
         }
-        token = _CHAT_GRAMMAR.set(_grammar_text(grammar))
-        try:
-            out = self._clamped(lambda n: self.chat(messages, max_tokens=n, **kwargs), _max_tokens(max_tokens))
-        finally:
-            _CHAT_GRAMMAR.reset(token)
+        out = self._clamped(lambda n: self.chat(messages, max_tokens=n, **kwargs), _max_tokens(max_tokens))
 
         def fix(chunk: dict[str, Any]) -> dict[str, Any]:
             if model is not None:
@@ -824,16 +871,6 @@ class Llama(_Llama):
             return _MappedStream(out, fix) if model is not None or legacy else out
         return fix(out)
 
-    def _sampler(self, chat: _core.ChatResult | None, seed: int | None, kw: dict[str, Any]) -> _core.Sampler:
-        # create_chat_completion's grammar= constrains the whole reply: the sampler takes it in place of
-        # the chat result's (which has none without tools or response_format)
-        grammar = _CHAT_GRAMMAR.get()
-        if grammar is None or chat is None:
-            return super()._sampler(chat, seed, kw)
-        if chat.grammar is not None:
-            raise invalid("grammar cannot be combined with tools or response_format", "grammar")
-        return super()._sampler(None, seed, {**kw, "grammar": grammar})
-
     # --- embeddings ---------------------------------------------------------------------------
 
     def embed(  # lists of floats, as llama-cpp-python
@@ -850,7 +887,7 @@ class Llama(_Llama):
         if self._per_token_embeddings:
             raise _unsupported(["per-token embeddings (pooling_type=LLAMA_POOLING_TYPE_NONE)"], "embed")
         texts = [input] if isinstance(input, str) else list(input)
-        vectors = _Llama.embed(self, texts, normalize=normalize, truncate=truncate)
+        vectors = self.native.embed(texts, normalize=normalize, truncate=truncate)
         data: list[list[float]] = vectors.tolist()
         out: Any = data[0] if isinstance(input, str) else data
         if return_count:

@@ -191,6 +191,7 @@ CHAT: dict[str, Check] = {
     "tool_choice": tool_choice,
     "parallel_tool_calls": boolean,
     "response_format": obj,
+    "grammar": string,
     "reasoning_effort": string,
     "reasoning_format": one_of("none", "auto", "deepseek", "deepseek-legacy"),
     "enable_thinking": boolean,

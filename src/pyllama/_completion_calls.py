@@ -1,0 +1,164 @@
+"""``Llama.complete``: text or token prompts (several, and n choices each), fill-in-the-middle,
+echo, truncation, logprobs, streamed or not."""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from . import _openai as _oa
+from . import streams
+from ._llama_base import LlamaBase
+from .errors import invalid
+from .streams import Stream, Use, current_owner
+
+
+class CompletionCalls(LlamaBase):
+    """``complete`` (also ``__call__``) and ``acomplete``."""
+
+    # --- completion -------------------------------------------------------------------------
+
+    def complete(
+        self,
+        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        stream: bool = False,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | Stream:
+        """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks.
+
+        ``prompt`` is text, tokens, or a list of either (one choice each, in order). ``n`` gives that
+        many choices per prompt. With ``n_parallel > 1`` the choices are generated together. Keywords:
+        ``suffix`` asks a model with fill-in-the-middle tokens for the text between ``prompt`` and
+        ``suffix``; ``max_tokens`` (16), ``stop``, ``logit_bias``, ``logprobs``, ``echo``,
+        ``ignore_eos``, ``grammar``, ``json_schema``, the sampler keywords; ``truncate=True`` keeps
+        the end of a prompt that does not fit (and its BOS).
+        """
+        many = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
+        prompts: list[Any] = list(prompt) if many else [prompt]
+        if n < 1:
+            raise invalid("n must be >= 1", "n")
+        if len(prompts) == 1 and n == 1:
+            return self._complete_one(prompts[0], seed=seed, stream=stream, **kwargs)
+        if stream:
+            raise invalid("stream=True takes one prompt and n=1", "n")
+        jobs = [(p, i) for p in prompts for i in range(n)]
+        outs = self._fan_out(
+            [
+                functools.partial(self._complete_one, p, seed=_oa.nth_seed(seed, i), stream=False, **kwargs)
+                for p, i in jobs
+            ]
+        )
+        return _oa.merge_choices(outs, prompt_once=False)
+
+    def _complete_one(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        echo: bool = False,
+        ignore_eos: bool = False,
+        grammar: str | None = None,
+        json_schema: dict[str, Any] | None = None,
+        truncate: bool = False,
+        stream: bool = False,
+        **sampling: Any,
+    ) -> dict[str, Any] | Stream:
+        """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks.
+
+        ``suffix`` asks a model with fill-in-the-middle tokens for the text between ``prompt`` and
+        ``suffix``. ``truncate=True`` keeps the end of a prompt that does not fit (and its BOS).
+        """
+        _oa.check_sampling(sampling)
+        if suffix is not None:
+            if not isinstance(prompt, str):
+                raise TypeError("suffix needs the prompt as text")
+            tokens = self._infill_tokens(prompt, suffix)
+            prompt_text = prompt
+        elif isinstance(prompt, str):
+            tokens = self._tokenize(prompt, add_special=True, parse_special=False)
+            prompt_text = prompt
+        else:
+            tokens = [int(t) for t in prompt]
+            prompt_text = self._detokenize(tokens, special=True)
+        if truncate and len(tokens) > self._room(max_tokens):
+            room = self._room(max_tokens)
+            bos = self._model.token_bos
+            head = tokens[:1] if tokens and tokens[0] == bos else []
+            tokens = head + tokens[len(tokens) - (room - len(head)) :]
+            if suffix is None:
+                prompt_text = self._detokenize(tokens, special=True)
+        budget = self._budget(len(tokens), max_tokens)
+        sampler = self._sampler(
+            None, seed, {**sampling, "logit_bias": logit_bias, "grammar": grammar, "json_schema": json_schema}
+        )
+        stops = _oa.stop_list(stop)
+        n_top = -1 if logprobs is None else logprobs
+        cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def shape(text: str, finish: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                **extra,
+            }
+
+        if stream:
+            use = Use(current_owner())
+
+            def pieces() -> Iterator[dict[str, Any]]:
+                self._enter(use)
+                try:
+                    gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
+                    if echo:
+                        yield shape(prompt_text, None, {})
+                    for piece in streams.text_pieces(use, gen):
+                        if piece is streams.WAIT:
+                            yield streams.WAIT
+                        else:
+                            assert isinstance(piece, str)
+                            yield shape(piece, None, {})
+                    self._store_in_cache()
+                finally:
+                    self._exit(use)
+                yield shape("", _oa.finish_reason(gen.finish_reason or "stop", False), {"usage": _oa.usage(gen)})
+
+            return Stream(pieces(), use, pollable=self._engine.threaded)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos)
+        out = shape(
+            (prompt_text if echo else "") + text,
+            _oa.finish_reason(gen.finish_reason or "stop", False),
+            {"usage": _oa.usage(gen)},
+        )
+        if logprobs is not None:
+            out["choices"][0]["logprobs"] = _oa.completion_logprobs(gen, self._model, len(prompt_text) if echo else 0)
+        return out
+
+    __call__ = complete
+
+    def _infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        """Fill-in-the-middle prompt, as llama-server builds it: [BOS] PRE prefix SUF suffix MID."""
+        pre, suf, mid = self._model.token_fim_pre, self._model.token_fim_suf, self._model.token_fim_mid
+        if pre is None or suf is None or mid is None:
+            raise invalid("suffix needs a model with fill-in-the-middle tokens (FIM_PRE, FIM_SUF, FIM_MID)", "suffix")
+        tokens = [pre, *self._tokenize(prefix, add_special=False), suf, *self._tokenize(suffix, add_special=False), mid]
+        if self._model.add_bos and self._model.token_bos is not None:
+            tokens.insert(0, self._model.token_bos)
+        return tokens
+
+    async def acomplete(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
+        """``complete`` without blocking the event loop (see ``achat``)."""
+        return await self._async(self.complete, prompt, **kwargs)

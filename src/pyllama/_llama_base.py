@@ -1,0 +1,429 @@
+"""What every call of a Llama shares: loading (a shared model, a fitted context, the generation
+core), its lifecycle, uses and their owners, the submission of a generation, states and the prompt
+cache, the sampler and the token budget. ``Llama`` (llama.py) adds chat, completion and embeddings
+to it, each in a module of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import _core
+from ._fitting import MODEL_OPTIONS, MODELS, default_n_ctx
+from .cache import LlamaState, StateCache, common_prefix
+from .chat import ChatTemplate
+from .errors import ContextLengthError, invalid
+from .streams import HANDLE, OWNER, AsyncStream, Gen, Stream, Use, current_owner, task_id
+
+_L = TypeVar("_L", bound="LlamaBase")
+
+
+class LlamaBase:
+    """The shared machinery of ``pyllama.Llama`` (see there)."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_ctx: int | None = None,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        flash_attn: bool | None = None,
+        seed: int | None = None,
+        chat_template: str | None = None,
+        embedding: bool = False,
+        pooling_type: str | None = None,
+        cache: StateCache | None = None,
+        verbose: bool = False,
+        use_mmap: bool | None = None,
+        use_mlock: bool = False,
+        main_gpu: int = 0,
+        split_mode: str = "layer",
+        tensor_split: Sequence[float] | None = None,
+        kv_overrides: dict[str, bool | int | float | str] | None = None,
+        progress: Callable[[float], bool | None] | None = None,
+        n_parallel: int = 1,
+        **context_params: Any,
+    ) -> None:
+        self._closed = True
+        if n_parallel < 1:
+            raise ValueError("n_parallel must be >= 1")
+        self.n_parallel = n_parallel
+        if verbose:
+            from ._logging import set_log_level
+
+            set_log_level("INFO")
+        self.model_path = str(model_path)
+        options: dict[str, Any] = {
+            "n_gpu_layers": n_gpu_layers,
+            "use_mlock": use_mlock,
+            "main_gpu": main_gpu,
+            "split_mode": split_mode,
+        }
+        if use_mmap is not None:
+            options["use_mmap"] = use_mmap
+        if tensor_split:
+            options["tensor_split"] = [float(x) for x in tensor_split]
+        if kv_overrides:
+            options["kv_overrides"] = dict(kv_overrides)
+        unknown = set(context_params) & set(MODEL_OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        self._model_key, self._model = MODELS.acquire(self.model_path, options, progress)
+        try:
+            train_ctx = int(self._model.n_ctx_train)
+            if n_ctx is None:
+                n_ctx = default_n_ctx(self._model, n_gpu_layers, context_params)
+            elif n_ctx == 0:
+                n_ctx = train_ctx
+            elif n_ctx < 0:
+                raise ValueError("n_ctx must be >= 0")
+            ctx_kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_batch": min(n_batch, n_ctx), "n_ubatch": n_ubatch}
+            if n_threads is not None:
+                ctx_kwargs["n_threads"] = n_threads
+            if flash_attn is not None:
+                ctx_kwargs["flash_attn"] = flash_attn
+            ctx_kwargs.update(context_params)
+            if n_parallel > 1:
+                if cache is not None:
+                    raise ValueError("cache needs n_parallel=1 (each parallel sequence keeps its own prefix)")
+                ctx_kwargs.setdefault("n_seq_max", n_parallel)
+            self._ctx_kwargs = ctx_kwargs
+            self._ctx = _core.Context(self._model, **ctx_kwargs)
+            # every call goes through the generation core: with n_parallel > 1 its worker thread batches
+            # concurrent calls; with one sequence it steps on the thread that waits for the text
+            self._engine = _core.Engine(self._ctx, n_parallel)
+        except BaseException:
+            MODELS.release(self._model_key)
+            raise
+        self._closed = False
+        self._embed_lock = threading.Lock()
+        self._pooling_type = pooling_type
+        self._embed_ctx: _core.Context | None = None
+        if embedding:  # the embedding context now, rather than at the first embed()
+            self._embedding_context()
+        self._template = ChatTemplate(self._model, template=chat_template)
+        self._state = threading.Lock()  # guards _uses
+        self._uses: dict[object, Use] = {}  # each owner's use in progress
+        self._seed = seed
+        self._rng = random.Random(seed)
+        self._cache = cache
+        self.model_name = Path(self.model_path).stem
+        # which model and context a saved state belongs to
+        self.fingerprint = hashlib.sha256(
+            json.dumps([list(self._model_key[:3]), sorted((k, repr(v)) for k, v in ctx_kwargs.items())]).encode()
+        ).hexdigest()[:32]
+
+    # --- basics -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> _core.Model:
+        return self._model
+
+    @property
+    def context(self) -> _core.Context:
+        return self._ctx
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        return self._template
+
+    def n_ctx(self) -> int:
+        return int(self._ctx.n_ctx)
+
+    def tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._tokenize(text, add_special, parse_special)
+
+    def _tokenize(self, text: str | bytes, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._check_open()
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return list(self._model.tokenize(text, add_special=add_special, parse_special=parse_special))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this Llama is closed")
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return self._detokenize(tokens, special)
+
+    def _detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        self._check_open()
+        return str(self._model.detokenize(list(tokens), unparse_special=special))
+
+    def close(self) -> None:
+        """Free the context now, and the model unless another Llama shares it. Idempotent. Calls in
+        progress on other threads end with an error; a stream this thread abandoned is closed."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+        self._engine.close()
+        with self._embed_lock:
+            if self._embed_ctx is not None:
+                self._embed_ctx.close()
+        self._ctx.close()
+        MODELS.release(self._model_key)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_model_key", None) is not None:
+            try:
+                self._engine.close()
+                self._ctx.close()
+                if self._embed_ctx is not None:
+                    self._embed_ctx.close()
+                MODELS.release(self._model_key)
+            except Exception:
+                pass
+            self._closed = True
+
+    def __enter__(self: _L) -> _L:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the shared machinery -----------------------------------------------------------------
+
+    def _enter(self, use: Use) -> None:
+        """Register a use. A new call from the owner of a stream that is suspended (the caller broke
+        out of it and kept the iterator) ends that stream: it was abandoned, and would hold its
+        sequence for as long as its max_tokens allow. Calls themselves never wait here: the generation
+        core queues what finds no free sequence."""
+        self._check_open()
+        with self._state:
+            previous = self._uses.get(use.owner)
+            if previous is not None and not previous.running:
+                previous.abandoned = True
+                previous.cancel()
+            self._uses[use.owner] = use
+
+    def _exit(self, use: Use) -> None:
+        with self._state:
+            if self._uses.get(use.owner) is use:
+                del self._uses[use.owner]
+
+    def _generate(
+        self,
+        use: Use,
+        tokens: list[int],
+        sampler: _core.Sampler,
+        budget: int,
+        stops: list[str],
+        n_top: int,
+        ignore_eos: bool = False,
+    ) -> Gen:
+        self._restore_from_cache(tokens)
+        gen = self._engine.submit(
+            tokens,
+            sampler,
+            max_tokens=budget,
+            stop=stops,
+            logprobs=n_top,
+            ignore_eos=ignore_eos,
+            notifier=None if use.waker is None else use.waker.notifier,
+        )
+        use.attach(gen)
+        handle = HANDLE.get()
+        if handle is not None:
+            handle.attach(gen)
+        return gen
+
+    def _run(
+        self,
+        tokens: list[int],
+        sampler: _core.Sampler,
+        budget: int,
+        stops: list[str],
+        n_top: int,
+        ignore_eos: bool = False,
+    ) -> tuple[Gen, str]:
+        use = Use(current_owner())
+        self._enter(use)
+        try:
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
+            text = gen.run()
+            self._store_in_cache()
+            return gen, text
+        finally:
+            self._exit(use)
+
+    # --- states and the prompt cache ---------------------------------------------------------
+
+    def _snapshot(self) -> LlamaState:
+        taken = self._engine.snapshot(0)
+        if taken is None:
+            raise _core.LlamaError("the context is in use by a generation")
+        tokens, data = taken
+        return LlamaState(tuple(tokens), data, self.fingerprint)
+
+    def _restore(self, state: LlamaState) -> None:
+        if state.fingerprint != self.fingerprint:
+            raise ValueError("this state belongs to another model or context settings")
+        try:
+            self._engine.restore(list(state.tokens), state.data, 0)
+        except _core.LlamaError as e:
+            raise ValueError(f"the state could not be loaded: {e}") from e
+
+    def _restore_from_cache(self, tokens: list[int]) -> None:
+        if self._cache is None:
+            return
+        found = self._cache.lookup(tokens, self.fingerprint)
+        if found is None:
+            return
+        state, n = found
+        if n > common_prefix(self._engine.tokens(0), tokens):
+            try:
+                self._restore(state)
+            except ValueError:
+                pass  # in use, or a state that does not fit: the prompt is evaluated instead
+
+    def _store_in_cache(self) -> None:
+        if self._cache is None:
+            return
+        taken = self._engine.snapshot(0)
+        if taken is None or not taken[0]:
+            return  # another call runs in the sequence now
+        try:
+            self._cache.store(LlamaState(tuple(taken[0]), taken[1], self.fingerprint))
+        except (_core.LlamaError, OSError):
+            pass  # a cache that cannot take the state only costs a later re-evaluation
+
+    def save_state(self, path: str | os.PathLike[str] | None = None) -> LlamaState:
+        """The tokens the context holds and their KV memory, as a ``LlamaState`` (also written to
+        ``path`` when given). ``load_state`` puts it back, here or in a new Llama with the same model
+        and context settings, so that a prompt starting with those tokens evaluates only the rest."""
+        if self.n_parallel > 1:
+            raise ValueError("save_state needs n_parallel=1")
+        use = Use(current_owner())
+        self._enter(use)
+        try:
+            state = self._snapshot()
+        finally:
+            self._exit(use)
+        if path is not None:
+            state.save(path)
+        return state
+
+    def load_state(self, state: LlamaState | str | os.PathLike[str]) -> None:
+        """Restore a state from ``save_state`` (or the path it was saved to). Raises ValueError for a
+        state of another model or context settings, and leaves the context empty then."""
+        if self.n_parallel > 1:
+            raise ValueError("load_state needs n_parallel=1")
+        if not isinstance(state, LlamaState):
+            state = LlamaState.load(state)
+        use = Use(current_owner())
+        self._enter(use)
+        try:
+            self._restore(state)
+        finally:
+            self._exit(use)
+
+    def set_cache(self, cache: StateCache | None) -> None:
+        """Use ``cache`` (a ``RAMCache`` or ``DiskCache``) for prompt states from now on; None stops."""
+        self._cache = cache
+
+    @property
+    def cache(self) -> StateCache | None:
+        return self._cache
+
+    def _embedding_context(self) -> _core.Context:
+        if self._embed_ctx is None:
+            n = self.n_ctx()
+            kwargs: dict[str, Any] = {
+                **{k: v for k, v in self._ctx_kwargs.items() if k not in ("n_batch", "n_ubatch", "n_seq_max")},
+                "n_ctx": n,
+                "n_batch": n,
+                "n_ubatch": n,
+                "embeddings": True,
+            }
+            pooling = self._pooling_type
+            if pooling == "none":
+                raise invalid("embed() needs a pooling type: pooling_type='none' gives one vector per token")
+            self._embed_ctx = _core.Context(self._model, **kwargs, pooling_type=pooling)
+            if self._embed_ctx.pooling_type == "none":
+                # a model that does not pool (a generation model): mean pooling, unless asked otherwise
+                self._embed_ctx.close()
+                self._embed_ctx = _core.Context(self._model, **kwargs, pooling_type="mean")
+        return self._embed_ctx
+
+    def _sampler(self, chat: _core.ChatResult | None, seed: int | None, kw: dict[str, Any]) -> _core.Sampler:
+        params = {k: v for k, v in kw.items() if v is not None}
+        if seed is None:
+            seed = self._seed if self._seed is not None else self._rng.getrandbits(32)
+        params["seed"] = seed
+        if chat is not None:
+            params["chat"] = chat
+        return _core.Sampler(self._model, **params)
+
+    def n_ctx_seq(self) -> int:
+        """The tokens one call can use: the context, or with n_parallel > 1 one sequence's share."""
+        return self._n_ctx_seq()
+
+    def _n_ctx_seq(self) -> int:
+        return int(self._engine.n_ctx_seq)
+
+    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        n_ctx = self._n_ctx_seq()
+        if n_prompt >= n_ctx:
+            raise ContextLengthError(f"the prompt has {n_prompt} tokens and the context holds {n_ctx}")
+        if max_tokens is None or max_tokens < 0:
+            return n_ctx - n_prompt
+        if n_prompt + max_tokens > n_ctx:
+            raise invalid(
+                f"the prompt ({n_prompt} tokens) and max_tokens ({max_tokens}) exceed the context ({n_ctx} tokens)",
+                "max_tokens",
+                ContextLengthError,
+            )
+        return max_tokens
+
+    def _room(self, max_tokens: int | None) -> int:
+        """How many prompt tokens fit when the prompt is truncated for ``max_tokens``."""
+        n_ctx = self._n_ctx_seq()
+        reserve = max_tokens if max_tokens is not None and max_tokens >= 0 else min(n_ctx // 4, 1024)
+        return max(1, n_ctx - max(reserve, 1))
+
+    def _fan_out(self, calls: list[Callable[[], dict[str, Any] | Stream]]) -> list[dict[str, Any]]:
+        """Run the calls: at the same time when the engine batches them, else one after the other."""
+        if self.n_parallel == 1:
+            results = [call() for call in calls]  # one sequence: one after the other, on this thread
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(len(calls), self.n_parallel)) as pool:
+                results = list(pool.map(lambda call: call(), calls))
+        return [r for r in results if isinstance(r, dict)]
+
+    async def _async(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        token = OWNER.set(("task", task_id(task)))
+        try:
+            if kwargs.get("stream"):
+                return AsyncStream(fn(*args, **kwargs))
+            handle = Use(current_owner())
+
+            def call() -> Any:
+                HANDLE.set(handle)
+                return fn(*args, **kwargs)
+
+            work = asyncio.ensure_future(asyncio.to_thread(call))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                handle.cancel()  # the generation stops at its next token and the Llama is free again
+                raise
+        finally:
+            OWNER.reset(token)
