@@ -168,6 +168,46 @@ def test_a_json_schema_that_does_not_compile_is_a_grammar_error(model: pyllama.M
         pyllama.json_schema_to_grammar(BAD_SCHEMA)
 
 
+SAMPLER_MISTAKES = [
+    ({"mirostat": 3}, "mirostat"),
+    ({"penalty_last_n": -2}, "penalty_last_n"),
+    ({"dry_penalty_last_n": -5}, "dry_penalty_last_n"),
+    ({"min_keep": -1}, "min_keep"),
+    ({"dry_allowed_length": -1}, "dry_allowed_length"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+    ({"seed": 2**32}, "seed"),
+    ({"samplers": ["top_k", "no_such_sampler"]}, "samplers"),
+    ({"logit_bias": {10**6: 1.0}}, "logit_bias"),
+    ({"logit_bias": {1: float("nan")}}, "logit_bias"),
+    ({"grammar": 'root ::= "a"', "json_schema": {"type": "object"}}, "grammar"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "param"), SAMPLER_MISTAKES, ids=[p for _, p in SAMPLER_MISTAKES])
+def test_a_sampler_mistake_names_its_keyword(model: pyllama.Model, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        pyllama.Sampler(model, **kwargs)
+    assert info.value.param == param
+
+
+def test_a_prompt_token_outside_the_vocabulary_names_the_prompt(model: pyllama.Model) -> None:
+    bad = int(model.n_vocab)
+    with pyllama.Context(model, n_ctx=128, n_threads=1) as ctx:
+        engine = pyllama.Engine(ctx)
+        for prompt in ([1, bad], [-1]):
+            with pytest.raises(InvalidRequestError) as info:
+                engine.submit(prompt, pyllama.Sampler(model))
+            assert info.value.param == "prompt"
+        with pytest.raises(InvalidRequestError) as info:
+            engine.submit([], pyllama.Sampler(model))
+        assert info.value.param == "prompt"
+        with pytest.raises(InvalidRequestError) as info:
+            engine.submit([1, 2], pyllama.Sampler(model), stop=[""])
+        assert info.value.param == "stop"
+        assert engine.submit([1, 2], pyllama.Sampler(model), max_tokens=2).run() is not None  # still usable
+
+
 def test_a_file_that_is_not_gguf_is_a_model_load_error(tmp_path: Path) -> None:
     text = tmp_path / "notes.gguf"
     text.write_text("these are notes, not a model\n" * 10)

@@ -69,7 +69,7 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
             }
             const llama_vocab * vocab = llama_model_get_vocab(e.context().model());
             for (llama_token t : prompt) {
-                Model::check_token(vocab, t);
+                Model::check_token(vocab, t, "prompt");
             }
             generation_options opt;
             opt.max_tokens = max_tokens;

@@ -599,11 +599,12 @@ bool Model::closed() const {
     return !model_;
 }
 
-void Model::check_token(const llama_vocab * vocab, llama_token token) {
+void Model::check_token(const llama_vocab * vocab, llama_token token, const char * param) {
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
     if (token < 0 || token >= n_vocab) {
-        throw std::invalid_argument("token id " + std::to_string(token) +
-                                    " is out of range: the vocabulary has ids 0 to " + std::to_string(n_vocab - 1));
+        throw invalid_request_error(std::string(*param != 0 ? param : "token") + ": token id " + std::to_string(token) +
+                                        " is out of range: the vocabulary has ids 0 to " + std::to_string(n_vocab - 1),
+                                    param);
     }
 }
 

@@ -50,7 +50,8 @@ class Model {
     const std::string & path() const { return path_; }
 
     // Vocabulary checks shared by every file that takes token ids from Python.
-    static void check_token(const llama_vocab * vocab, llama_token token);
+    // InvalidRequestError naming `param` (when given) for an id outside the vocabulary.
+    static void check_token(const llama_vocab * vocab, llama_token token, const char * param = "");
 
   private:
     std::shared_ptr<llama_model>                         model_;

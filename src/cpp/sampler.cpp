@@ -20,6 +20,7 @@
 #include <cstring>
 #include <map>
 #include <regex>
+#include <tuple>
 
 #ifndef _WIN32
 #include <unistd.h>
@@ -159,7 +160,7 @@ T opt(const py::kwargs & kw, const char * name, T fallback) {
 
 float finite(const char * name, float v) {
     if (!std::isfinite(v)) {
-        throw std::invalid_argument(std::string(name) + " must be finite");
+        throw invalid_request_error(std::string(name) + " must be finite", name);
     }
     return v;
 }
@@ -285,7 +286,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     if (kw.contains("seed") && !kw["seed"].is_none()) {
         const int64_t seed = kw["seed"].cast<int64_t>();
         if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
-            throw std::invalid_argument("seed must be in 0..2**32-1");
+            throw invalid_request_error("seed must be in 0..2**32-1", "seed");
         }
         p.seed = static_cast<uint32_t>(seed);
     }
@@ -316,12 +317,16 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
         p.dry_sequence_breakers = kw["dry_sequence_breakers"].cast<std::vector<std::string>>();
     }
     if (p.mirostat < 0 || p.mirostat > 2) {
-        throw std::invalid_argument("mirostat must be 0 (off), 1 or 2");
+        throw invalid_request_error("mirostat must be 0 (off), 1 or 2", "mirostat");
     }
-    if (p.penalty_last_n < -1 || p.dry_penalty_last_n < -1 || p.min_keep < 0 || p.dry_allowed_length < 0) {
-        throw std::invalid_argument(
-            "penalty_last_n and dry_penalty_last_n must be >= -1; min_keep, "
-            "dry_allowed_length >= 0");
+    for (const auto & [name, value, lowest] :
+         { std::tuple<const char *, int32_t, int32_t>{ "penalty_last_n", p.penalty_last_n, -1 },
+           { "dry_penalty_last_n", p.dry_penalty_last_n, -1 },
+           { "min_keep", p.min_keep, 0 },
+           { "dry_allowed_length", p.dry_allowed_length, 0 } }) {
+        if (value < lowest) {
+            throw invalid_request_error(std::string(name) + " must be >= " + std::to_string(lowest), name);
+        }
     }
     if (opt<bool>(kw, "greedy", false)) {
         p.temp = 0.0f;
@@ -338,18 +343,20 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
         log_capture capture;
         p.samplers = common_sampler_types_from_names(names);
         if (p.samplers.size() != names.size()) {
-            throw std::invalid_argument("unknown sampler name: " + capture.problems());
+            throw invalid_request_error("unknown sampler name: " + capture.problems(), "samplers");
         }
     }
     if (kw.contains("logit_bias") && !kw["logit_bias"].is_none()) {
         for (auto item : kw["logit_bias"].cast<py::dict>()) {
             const int64_t t = py::int_(py::reinterpret_borrow<py::object>(item.first)).cast<int64_t>();
             if (t < 0 || t >= n_vocab) {
-                throw std::invalid_argument("logit_bias: token id " + std::to_string(t) + " is out of range");
+                throw invalid_request_error("logit_bias: token id " + std::to_string(t) + " is out of range",
+                                            "logit_bias");
             }
             const float bias = item.second.cast<float>();
             if (!std::isfinite(bias)) {
-                throw std::invalid_argument("logit_bias values must be finite (use e.g. -100 to ban a token)");
+                throw invalid_request_error("logit_bias values must be finite (use e.g. -100 to ban a token)",
+                                            "logit_bias");
             }
             p.logit_bias.push_back({ static_cast<llama_token>(t), bias });
         }
@@ -370,7 +377,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     const bool has_grammar = kw.contains("grammar") && !kw["grammar"].is_none();
     const bool has_schema  = kw.contains("json_schema") && !kw["json_schema"].is_none();
     if (has_grammar && has_schema) {
-        throw std::invalid_argument("give grammar or json_schema, not both");
+        throw invalid_request_error("give grammar or json_schema, not both", "grammar");
     }
     if (has_grammar) {
         g.text = kw["grammar"].cast<std::string>();

@@ -69,7 +69,7 @@ token_logprob logprob_of(llama_context * ctx, int32_t j, const llama_vocab * voc
 generated_text::generated_text(const std::vector<std::string> & stop) : stop_(stop) {
     for (const auto & s : stop_) {
         if (s.empty()) {
-            throw std::invalid_argument("stop strings must not be empty");
+            throw invalid_request_error("stop strings must not be empty", "stop");
         }
         max_stop_ = std::max(max_stop_, s.size());
     }
@@ -332,7 +332,7 @@ std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampl
                                            generation_options              opt,
                                            std::shared_ptr<const Notifier> notifier) {
     if (prompt.empty()) {
-        throw std::invalid_argument("the prompt is empty");
+        throw invalid_request_error("the prompt is empty", "prompt");
     }
     if (prompt.size() >= n_ctx_seq_) {
         throw context_length_error("the prompt has " + std::to_string(prompt.size()) + " tokens and a sequence holds " +

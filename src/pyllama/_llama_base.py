@@ -151,7 +151,7 @@ class LlamaBase:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("this Llama is closed")
+            raise _core.LlamaError("this Llama is closed")
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return self._detokenize(tokens, special)
