@@ -112,6 +112,77 @@ def per_token_ms(entry: dict[str, Any], mode: str) -> float:
     return med([1000 * s / n for s, n in zip(secs, toks, strict=True)])
 
 
+def span(values: list[float | None], digits: int = 0) -> str:
+    """``lo-hi`` of the values given (``-`` when there are none), or one value when they agree."""
+    xs = [x for x in values if x is not None]
+    if not xs:
+        return "-"
+    lo, hi = min(xs), max(xs)
+    return fmt(lo, digits) if lo == hi else f"{fmt(lo, digits)}-{fmt(hi, digits)}"
+
+
+PROMPT_SERVERS = ("llama-server", "pyllama")
+
+
+def prompt_rows(pr: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    """The prompt-heavy section's tables: seconds (medians over the repetitions; first-token times
+    over every request) with the ratio llama-server / pyllama, and the token counts the servers
+    reported."""
+
+    def flat(rounds: list[list[Any]]) -> list[Any]:
+        return [x for r in rounds for x in r]
+
+    def figures(phase: dict[str, Any]) -> dict[str, float]:
+        if not phase.get("wall"):
+            return {}
+        return {
+            "wall": med(phase["wall"]),
+            "ttft": med(flat(phase["ttft"])),
+            "last": med([max(r) for r in phase["ttft"]]),
+        }
+
+    got = {n: {ph: figures(pr[n].get(ph, {})) for ph in ("cold", "warm", "single")} for n in PROMPT_SERVERS if n in pr}
+    k = pr["slots"]
+    lines = [
+        ("cold", "wall", f"{k} chats, cold: wall time, sending all to the last one done"),
+        ("cold", "ttft", f"{k} chats, cold: time to first token, median request"),
+        ("cold", "last", f"{k} chats, cold: time to first token, last request"),
+        ("warm", "wall", f"{k} chats, second identical round (warm): wall time"),
+        ("warm", "ttft", f"{k} chats, second identical round (warm): time to first token, median request"),
+        ("single", "wall", "one long prompt, cold: wall time"),
+        ("single", "ttft", "one long prompt, cold: time to first token"),
+    ]
+    times = []
+    for phase, key, what in lines:
+        ls = got.get("llama-server", {}).get(phase, {}).get(key)
+        py = got.get("pyllama", {}).get(phase, {}).get(key)
+        if ls is None and py is None:
+            continue
+        times.append([what, fmt(ls, 2), fmt(py, 2), ratio(ls, py)])
+
+    def tokens(name: str, phase: str, key: str, how: str) -> str:
+        rounds = pr.get(name, {}).get(phase, {}).get(key)
+        if not rounds:
+            return "-"
+        xs = flat(rounds)
+        if how == "max":
+            known = [x for x in xs if x is not None]
+            return fmt(max(known), 0) if known else "-"
+        return span(xs)
+
+    counts = []
+    for what, phase, key, how in (
+        ("prompt tokens of each chat (the server's count)", "cold", "prompt_tokens", "span"),
+        ("prompt tokens reused from a cache, cold rounds (most)", "cold", "cached_tokens", "max"),
+        ("prompt tokens reused from a cache, warm rounds", "warm", "cached_tokens", "span"),
+        ("prompt tokens of the long prompt", "single", "prompt_tokens", "span"),
+        ("prompt tokens reused, long prompt (most)", "single", "cached_tokens", "max"),
+        ("completion tokens of each reply", "cold", "completion_tokens", "span"),
+    ):
+        counts.append([what] + [tokens(n, phase, key, how) for n in PROMPT_SERVERS])
+    return times, counts
+
+
 def write(res: dict[str, Any], doc: Path = DOC) -> Path:
     """Writes the report to ``doc`` and its plots to ``img/`` beside it; returns ``doc``."""
     img = doc.parent / "img"
@@ -320,9 +391,63 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
             r = thr["pyllama"][at] / thr["llama-cpp-python"][at]
             targets.append([f"server at {at} clients ≥ 3x llama-cpp-python's", f"{r:.2f}x", verdict(r >= 3)])
 
+    if "prompt" in res:
+        pr = res["prompt"]
+        times, counts = prompt_rows(pr)
+        sys_tokens = span(pr["system_tokens"] + pr["single_tokens"])
+        d(
+            "## 5. Server: prompt-heavy load",
+            "",
+            f"Gemma 3 270M, llama-server and pyllama's server, {pr['slots']} parallel slots, a {pr['n_ctx']}-token",
+            f"context ({pr['n_ctx'] // pr['slots']} per slot), the same threads, n_batch 2048 and n_ubatch 512.",
+            f"{pr['slots']} streamed `/v1/chat/completions` are sent at once; they share one system prompt of",
+            f"{sys_tokens} tokens (deterministic text, counted with the model's vocabulary, without the chat",
+            f"template) and differ in their user turns; each asks for {pr['max_tokens']} tokens, greedy, with",
+            "`ignore_eos`. The wall time runs from sending all of them to the last one's end; time to first",
+            "token is each request's, to its first non-empty delta. The same round is then sent again at once",
+            "(warm: each slot may still hold its prompt). The long prompt is one such chat on its own.",
+            "",
+        )
+        if pr.get("cold") == "restart":
+            d(
+                "**Cold** is guaranteed by restarting: each repetition starts each server anew for each of its",
+                "two measurements (the concurrent rounds, then the long prompt), and a new process has empty KV",
+                "cells and an empty prompt cache. Before measuring, each new process serves one unmeasured",
+                "completion of a few tokens whose prompt is token ids without BOS (llama-server decodes a warm-up",
+                "batch while it starts, pyllama does not; this evens that out); every measured chat starts with",
+                "BOS, so no slot holds a prefix of it. On top of that, every repetition and measurement has a",
+                "system prompt text of its own, different from its first word on. The second table gives the",
+                "prompt tokens each server says it reused (`prompt_tokens_details.cached_tokens`).",
+                "",
+            )
+        d(
+            f"Medians over {pr['reps']} repetitions; the two servers' measurements alternate, and their order",
+            "is swapped every other repetition. **The ratio is llama-server's time over pyllama's: above 1,",
+            "pyllama is faster; below 1, llama-server is.**",
+            "",
+        )
+        d.table(["", "llama-server s", "pyllama s", "llama-server / pyllama"], times)
+        d.table(["tokens", "llama-server", "pyllama"], counts)
+        made = {
+            n: {x for r in pr[n].get("cold", {}).get("completion_tokens", []) for x in r}
+            for n in PROMPT_SERVERS
+            if n in pr
+        }
+        if len(made) == 2 and made["llama-server"] != made["pyllama"]:
+            d(
+                "The two servers did not generate the same number of tokens (last row): a reply can end at a",
+                "stop string of the chat template even with `ignore_eos`, so the one with fewer tokens had fewer",
+                "decode steps to do; that matters most in the warm round, which is mostly decoding.",
+                "",
+            )
+        for n in PROMPT_SERVERS:
+            if n in pr and pr[n].get("argv"):
+                d(f"- {n}: {show(pr[n]['argv'])}")
+        d("")
+
     rss = peak_rss_rows(res)
     if rss:
-        d("## 5. Peak RSS", "", "Each process's peak resident memory (MiB).", "")
+        d("## 6. Peak RSS", "", "Each process's peak resident memory (MiB).", "")
         d.table(["measurement", "llama.cpp", "pyllama", "llama-cpp-python"], rss)
 
     if targets:
@@ -376,6 +501,16 @@ def peak_rss_rows(res: dict[str, Any]) -> list[list[str]]:
                 fmt(sv.get("llama-server", {}).get("peak_rss_mib"), 0),
                 fmt(sv.get("pyllama", {}).get("peak_rss_mib"), 0),
                 fmt(sv.get("llama-cpp-python", {}).get("peak_rss_mib"), 0),
+            ]
+        )
+    if "prompt" in res:
+        pr = res["prompt"]
+        rows.append(
+            [
+                f"prompt-heavy server, {pr['slots']} slots, {pr['n_ctx']}-token context",
+                fmt(pr.get("llama-server", {}).get("peak_rss_mib"), 0),
+                fmt(pr.get("pyllama", {}).get("peak_rss_mib"), 0),
+                "-",
             ]
         )
     return rows

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # everything; writes docs/benchmarks.md and its plots
     python benchmarks/run.py --only speed,server --reps 3
+    python benchmarks/run.py --only prompt --no-llama-cpp-python --reps 3
     python benchmarks/run.py --report   # only rewrite the report from the last results
 
 The first run builds llama-bench, llama-completion and llama-server from vendor/llama.cpp and
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -244,19 +246,11 @@ def bench_ttft(cfg: dict[str, Any], res: dict[str, Any]) -> None:
 # --- 4. server ----------------------------------------------------------------------------------
 
 
-def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
-    import pyllama
-
-    model, threads, slots = str(cfg["gemma"]), str(cfg["threads"]), cfg["slots"]
-    n_ctx = str(cfg["server_n_ctx"])
-    logs = refs.WORK / "logs"
-    vocab = pyllama.Model(model, vocab_only=True)
-
-    def count(text: str) -> int:
-        return len(vocab.tokenize(text, add_special=False, parse_special=False))
-
-    body = {"max_tokens": cfg["server_max_tokens"], "stream": True, "ignore_eos": True, **SAMPLING}
-    body["stream_options"] = {"include_usage": True}
+def server_commands(cfg: dict[str, Any], n_ctx: int, lcp: bool) -> dict[str, list[str]]:
+    """Each server's command line ("{port}" stands for its port): the same model, slots, context,
+    threads, n_batch 2048 and n_ubatch 512. pyllama's server has no batch options: its Llama's
+    defaults are these (n_batch 2048, capped at n_ctx; n_ubatch 512; n_threads_batch = n_threads)."""
+    model, threads, slots = str(cfg["gemma"]), str(cfg["threads"]), str(cfg["slots"])
     servers = {
         "llama-server": [
             str(cfg["tools"]["llama-server"]),
@@ -265,9 +259,9 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
             "--port",
             "{port}",
             "-np",
-            str(slots),
+            slots,
             "-c",
-            n_ctx,
+            str(n_ctx),
             "-t",
             threads,
             "-tb",
@@ -286,16 +280,16 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
             "--port",
             "{port}",
             "--parallel",
-            str(slots),
+            slots,
             "--n-ctx",
-            n_ctx,
+            str(n_ctx),
             "--n-threads",
             threads,
             "--log-level",
             "warning",
         ],
     }
-    if cfg.get("lcp"):
+    if lcp:
         servers["llama-cpp-python"] = [
             cfg["lcp"],
             "-m",
@@ -305,7 +299,7 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
             "--port",
             "{port}",
             "--n_ctx",
-            n_ctx,
+            str(n_ctx),
             "--n_threads",
             threads,
             "--n_threads_batch",
@@ -318,6 +312,23 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
             "--interrupt_requests",
             "False",
         ]
+    return servers
+
+
+def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    import pyllama
+
+    model, slots = str(cfg["gemma"]), cfg["slots"]
+    n_ctx = str(cfg["server_n_ctx"])
+    logs = refs.WORK / "logs"
+    vocab = pyllama.Model(model, vocab_only=True)
+
+    def count(text: str) -> int:
+        return len(vocab.tokenize(text, add_special=False, parse_special=False))
+
+    body = {"max_tokens": cfg["server_max_tokens"], "stream": True, "ignore_eos": True, **SAMPLING}
+    body["stream_options"] = {"include_usage": True}
+    servers = server_commands(cfg, int(n_ctx), bool(cfg.get("lcp")))
     out: dict[str, Any] = {
         "slots": slots,
         "n_ctx": int(n_ctx),
@@ -344,6 +355,137 @@ def bench_server(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     res["server"] = out
 
 
+# --- 5. prompt-heavy server load ---------------------------------------------------------------
+
+# The first word of each variant of the system prompt: variants differ from their first token on.
+OPENERS = (
+    "Harbour Orchard Lantern Meadow Quarry Foundry Vineyard Granary Observatory Tannery Apiary Brewery "
+    "Ferry Smithy Chapel Bakery Mill Forge Wharf Pottery Dairy Kiln Loom Stable"
+).split()
+SUBJECTS = "the keeper,the clerk,each apprentice,the night watch,every visitor,the steward,the archivist".split(",")
+VERBS = "records,checks,repairs,counts,inspects,cleans,labels,measures,reports,stores".split(",")
+THINGS = "lamps,ledgers,ropes,barrels,lenses,keys,sails,maps,bells,crates,nets,candles".split(",")
+WHEN = "at dawn,before noon,after the tide turns,each evening,on the first day of the month,in heavy fog".split(",")
+PROMPT_QUESTIONS = [
+    "In one short sentence: who records the lamps?",
+    "In one short sentence: what happens in heavy fog?",
+    "Name one thing the clerk checks.",
+    "Which rule mentions the bells?",
+    "What is counted each evening?",
+    "Summarise the first rule in five words.",
+    "Who inspects the crates, and when?",
+    "Give one rule about the maps.",
+    "What does the steward store?",
+    "Which task is done at dawn?",
+    "Name two things that are labelled.",
+    "What must every visitor do?",
+    "Which rule is about candles?",
+    "Who repairs the sails?",
+    "What is measured before noon?",
+    "Give the last rule in your own words.",
+]
+
+
+def system_prompt_words(variant: int, n_words: int) -> list[str]:
+    """Deterministic house rules, one variant per number: the same words on every run, a first word
+    of their own for each variant (up to len(OPENERS)), then rules drawn from a generator seeded
+    by the variant."""
+    import random
+
+    rng = random.Random(variant)
+    words = f"{OPENERS[variant % len(OPENERS)]} house rules, variant {variant}.".split()
+    k = 0
+    while len(words) < n_words:
+        k += 1
+        rule = f"Rule {k}: {rng.choice(SUBJECTS)} {rng.choice(VERBS)} the {rng.choice(THINGS)} {rng.choice(WHEN)}"
+        rule += f", and {rng.choice(SUBJECTS)} {rng.choice(VERBS)} the {rng.choice(THINGS)} {rng.choice(WHEN)}."
+        words += rule.split()
+    return words[:n_words]
+
+
+def fit_to_tokens(words: list[str], target: int, count: Callable[[str], int]) -> tuple[str, int]:
+    """The longest prefix of ``words`` (joined by spaces) that is at most ``target`` tokens, by
+    bisection (token counts grow with the words); the text and its count."""
+    lo, hi = 0, len(words)
+    if count(" ".join(words)) <= target:
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(" ".join(words[:mid])) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    text = " ".join(words[:lo])
+    return text, count(text)
+
+
+def system_prompt(variant: int, target: int, count: Callable[[str], int]) -> tuple[str, int]:
+    """A system prompt of at most ``target`` tokens (as ``count`` counts them), its count."""
+    n = 2 * target  # more words than tokens are needed: every word is at least one token
+    return fit_to_tokens(system_prompt_words(variant, n), target, count)
+
+
+def chat_bodies(system: str, questions: list[str], max_tokens: int) -> list[dict[str, Any]]:
+    """One streamed chat request per question, all with the same system prompt, greedy, of
+    at most ``max_tokens`` tokens, with ``ignore_eos``."""
+    base: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    base["stream_options"] = {"include_usage": True}
+    return [
+        {**base, "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}]} for q in questions
+    ]
+
+
+def bench_prompt(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    import pyllama
+
+    slots, n_ctx, target, max_tokens = cfg["slots"], cfg["prompt_n_ctx"], cfg["prompt_tokens"], cfg["prompt_max_tokens"]
+    vocab = pyllama.Model(str(cfg["gemma"]), vocab_only=True)
+
+    def count(text: str) -> int:
+        return len(vocab.tokenize(text, add_special=False, parse_special=False))
+
+    # Repetition r uses variants 2r (the concurrent chats) and 2r + 1 (the single long prompt).
+    prompts = [system_prompt(v, target, count) for v in range(2 * cfg["reps"])]
+    questions = [PROMPT_QUESTIONS[i % len(PROMPT_QUESTIONS)] for i in range(slots)]
+    commands = server_commands(cfg, n_ctx, lcp=False)
+    logs = refs.WORK / "logs" / "prompt"
+
+    def make_server(name: str, tag: str) -> server_bench.Server:
+        port = server_bench.free_port()
+        argv = [a.replace("{port}", str(port)) for a in commands[name]]
+        return server_bench.Server(name, argv, port, logs / f"{name}-{tag}.log")
+
+    # The warm-up prompt is token ids without BOS: every measured chat starts with BOS (Gemma's
+    # template), so the warm-up leaves no prefix in any slot that a measured request could reuse.
+    warm_ids = vocab.tokenize("Warm up.", add_special=False, parse_special=False)
+    if warm_ids[0] == vocab.token_bos:
+        raise RuntimeError("the warm-up prompt must not start with BOS")
+    warmup = {"prompt": warm_ids, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+    log(f"prompt: {', '.join(commands)}; {slots} chats with a {target}-token system prompt, {cfg['reps']} repetitions")
+    out: dict[str, Any] = {
+        "slots": slots,
+        "n_ctx": n_ctx,
+        "max_tokens": max_tokens,
+        "reps": cfg["reps"],
+        "cold": "restart",
+        "target_tokens": target,
+        "system_tokens": [n for _, n in prompts[0::2]],
+        "single_tokens": [n for _, n in prompts[1::2]],
+        "questions": questions,
+        "body": {k: v for k, v in chat_bodies("", questions[:1], max_tokens)[0].items() if k != "messages"},
+        "warmup": warmup,
+    }
+    out |= server_bench.bench_prompt(
+        make_server,
+        list(commands),
+        cfg["reps"],
+        lambda rep: chat_bodies(prompts[2 * rep][0], questions, max_tokens),
+        lambda rep: chat_bodies(prompts[2 * rep + 1][0], questions[:1], max_tokens)[0],
+        warmup,
+    )
+    res["prompt"] = out
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -359,7 +501,13 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "system": f"{platform.system()} {platform.release()}"}
 
 
-SECTIONS = {"speed": bench_speed, "overhead": bench_overhead, "ttft": bench_ttft, "server": bench_server}
+SECTIONS = {
+    "speed": bench_speed,
+    "overhead": bench_overhead,
+    "ttft": bench_ttft,
+    "server": bench_server,
+    "prompt": bench_prompt,
+}
 
 
 def main() -> int:
@@ -370,6 +518,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for everything (default: pyllama's)")
     ap.add_argument("--levels", default="1,4,8,16", help="concurrent clients for the server section")
     ap.add_argument("--slots", type=int, default=8, help="parallel slots of each server")
+    ap.add_argument("--prompt-tokens", type=int, default=1452, help="system prompt tokens of the prompt-heavy section")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="leave llama-cpp-python out")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the reference tools and venv")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from the results")
@@ -398,6 +547,9 @@ def main() -> int:
         "server_max_tokens": 64,
         "server_reps": 3,
         "server_rounds": 2,
+        "prompt_n_ctx": 16384,
+        "prompt_tokens": args.prompt_tokens,
+        "prompt_max_tokens": 16,
         "rounds": args.rounds,
     }
     cfg["threads"] = args.threads or default_threads(cfg["tiny"])

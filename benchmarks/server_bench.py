@@ -3,7 +3,8 @@
 Each server runs in a process of its own (its peak RSS comes from wait4 when it exits). Every
 client streams /v1/completions requests one after another; a level's aggregate throughput is all
 completion tokens over the wall time, and its latency is each request's time from sending to the
-last event.
+last event. The prompt-heavy load (``bench_prompt``) sends rounds of concurrent streamed
+/v1/chat/completions with one long system prompt to freshly started servers.
 """
 
 from __future__ import annotations
@@ -185,4 +186,124 @@ def bench_servers(
             server.stop()
             out[server.name]["peak_rss_mib"] = server.peak_rss_mib
             out[server.name]["argv"] = server.argv
+    return out
+
+
+# --- prompt-heavy load: concurrent chats with one long system prompt ------------------------------
+
+
+async def one_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Streams one chat completion; its latency (sending to the last event), time to the first
+    non-empty delta (a role-only first chunk does not count) and the server's own token counts
+    (``cached_tokens``: the prompt tokens it reused, from ``usage`` or llama-server's ``timings``)."""
+    t0 = now()
+    first = None
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.strip() == "[DONE]":
+                break
+            event = json.loads(data)
+            usage = event.get("usage") or usage
+            timings = event.get("timings") or timings
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if first is None and (delta.get("content") or delta.get("reasoning_content")):
+                    first = now()
+    t1 = now()
+    usage = usage or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is None and timings:
+        cached = timings.get("cache_n")
+    return {
+        "latency": t1 - t0,
+        "ttft": (first or t1) - t0,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "cached_tokens": cached,
+    }
+
+
+async def chat_round(url: str, bodies: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]]]:
+    """Sends every body at once; the wall time from sending them to the last one finishing."""
+    n = len(bodies)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = now()
+        replies = await asyncio.gather(*(one_chat(client, url, b) for b in bodies))
+        wall = now() - t0
+    return wall, list(replies)
+
+
+ROUND_KEYS = ("ttft", "latency", "prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def record_round(phase: dict[str, Any], wall: float, replies: list[dict[str, Any]]) -> None:
+    """Adds one round to a phase's record: ``wall`` gets one value per round, the per-request keys
+    one list (in the order the requests were sent) per round."""
+    phase.setdefault("wall", []).append(wall)
+    for key in ROUND_KEYS:
+        phase.setdefault(key, []).append([r[key] for r in replies])
+
+
+async def warm_up(url: str, body: dict[str, Any]) -> None:
+    """One non-streamed /v1/completions request, not measured."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        r = await client.post(f"{url}/v1/completions", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: warm-up: HTTP {r.status_code}: {r.text[:300]!r}")
+
+
+def alternate(names: list[str], rep: int) -> list[str]:
+    """The servers' order in a repetition: as given in even ones, reversed in odd ones, so that
+    neither always runs first (or right after the other)."""
+    return list(names) if rep % 2 == 0 else list(reversed(names))
+
+
+def bench_prompt(
+    make_server: Callable[[str, str], Server],
+    names: list[str],
+    reps: int,
+    chats: Callable[[int], list[dict[str, Any]]],
+    single: Callable[[int], dict[str, Any]],
+    warmup: dict[str, Any],
+) -> dict[str, Any]:
+    """Cold and warm rounds of concurrent chats, and one long prompt, on freshly started servers.
+
+    Each repetition starts every server anew for each of its two measurements, so nothing it
+    cached in an earlier one survives: a new process has empty KV cells and an empty prompt cache.
+    Before measuring, one ``warmup`` completion runs (llama-server decodes a warm-up batch while it
+    starts, pyllama does not; this evens that out): its prompt must share no first token with the
+    measured ones. ``chats(rep)`` gives the concurrent round, sent twice: cold, then at once the
+    identical warm round (each slot may hold its prefix); ``single(rep)`` the one long prompt. The
+    servers alternate measurement by measurement (``alternate``), one up at a time.
+    """
+    out: dict[str, Any] = {n: {"cold": {}, "warm": {}, "single": {}, "peak_rss_mib": None} for n in names}
+    for rep in range(reps):
+        for phase in ("chats", "single"):
+            for name in alternate(names, rep):
+                server = make_server(name, f"{phase}-{rep + 1}")
+                try:
+                    server.start()
+                    asyncio.run(warm_up(server.url, warmup))
+                    if phase == "chats":
+                        bodies = chats(rep)
+                        record_round(out[name]["cold"], *asyncio.run(chat_round(server.url, bodies)))
+                        record_round(out[name]["warm"], *asyncio.run(chat_round(server.url, bodies)))
+                        what = f"cold {out[name]['cold']['wall'][-1]:.2f} s, warm {out[name]['warm']['wall'][-1]:.2f} s"
+                    else:
+                        record_round(out[name]["single"], *asyncio.run(chat_round(server.url, [single(rep)])))
+                        what = f"{out[name]['single']['wall'][-1]:.2f} s"
+                finally:
+                    server.stop()
+                rss = [x for x in (out[name]["peak_rss_mib"], server.peak_rss_mib) if x is not None]
+                out[name]["peak_rss_mib"] = max(rss) if rss else None
+                out[name]["argv"] = server.argv
+                print(f"[bench]   repetition {rep + 1}, {phase}, {name}: {what}", file=sys.stderr, flush=True)
     return out

@@ -118,3 +118,142 @@ def test_report_tables_ratios_and_targets(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "Measured on a quiet machine." in text
     assert "| second-turn TTFT ≤ 1.2x the new turn alone | 1.12x | met |" in text
+
+
+import server_bench  # noqa: E402
+
+
+def test_fit_to_tokens_takes_the_longest_prefix_within_the_target() -> None:
+    """With a made-up count (one token a word, one more for every 4 letters beyond the first 4), the longest
+    prefix of at most 10 tokens is the one counted by hand."""
+
+    def count(text: str) -> int:
+        return sum(1 + max(0, len(w) - 1) // 4 for w in text.split())
+
+    words = "aa bbbbbb cc dddddddddd e ff gggggg h".split()  # 1 2 1 3 1 1 2 1 tokens: 8 after 5 words, 11 after 7
+    assert run.fit_to_tokens(words, 10, count) == ("aa bbbbbb cc dddddddddd e ff", 9)
+    assert run.fit_to_tokens(words, 11, count) == ("aa bbbbbb cc dddddddddd e ff gggggg", 11)
+    assert run.fit_to_tokens(words, 99, count) == (" ".join(words), 12)
+    assert run.fit_to_tokens(words, 0, count) == ("", 0)
+
+
+def test_system_prompts_are_deterministic_and_differ_from_their_first_word() -> None:
+    """Each repetition's fresh prompt text starts with a word no other variant (of the first len(OPENERS))
+    starts with, and the same variant is the same text on every call."""
+    first = [run.system_prompt_words(v, 300) for v in range(len(run.OPENERS))]
+    assert len({w[0] for w in first}) == len(run.OPENERS)
+    assert all(len(w) == 300 for w in first)
+    assert run.system_prompt_words(3, 300) == first[3]
+    text, n = run.system_prompt(5, 40, lambda t: len(t.split()))
+    assert n == 40 and text.split() == first[5][:40]
+
+
+def test_chat_bodies_share_the_system_prompt_and_differ_in_the_user_turn() -> None:
+    bodies = run.chat_bodies("RULES", ["q1", "q2"], 16)
+    assert [b["messages"] for b in bodies] == [
+        [{"role": "system", "content": "RULES"}, {"role": "user", "content": "q1"}],
+        [{"role": "system", "content": "RULES"}, {"role": "user", "content": "q2"}],
+    ]
+    for b in bodies:
+        assert b["stream"] is True and b["max_tokens"] == 16 and b["temperature"] == 0.0 and b["ignore_eos"] is True
+        assert b["stream_options"] == {"include_usage": True}
+    assert len(set(run.PROMPT_QUESTIONS[:8])) == 8  # the 8 concurrent chats' user turns all differ
+
+
+def test_prompt_rounds_are_recorded_and_the_servers_alternate() -> None:
+    phase: dict = {}
+    reply = {"latency": 2.0, "ttft": 1.5, "prompt_tokens": 1480, "completion_tokens": 16, "cached_tokens": 0}
+    server_bench.record_round(phase, 3.0, [reply, {**reply, "ttft": 1.0}])
+    server_bench.record_round(phase, 4.0, [reply])
+    assert phase["wall"] == [3.0, 4.0]
+    assert phase["ttft"] == [[1.5, 1.0], [1.5]]
+    assert phase["cached_tokens"] == [[0, 0], [0]]
+    names = ["llama-server", "pyllama"]
+    assert [server_bench.alternate(names, r) for r in range(3)] == [names, names[::-1], names]
+
+
+def prompt_results(tmp_path: Path) -> dict:
+    def phase(wall: list[float], ttft: list[list[float]], cached: int | None, prompt: int = 1480) -> dict:
+        return {
+            "wall": wall,
+            "ttft": ttft,
+            "latency": [[w] * len(t) for w, t in zip(wall, ttft, strict=True)],
+            "prompt_tokens": [[prompt + i for i in range(len(t))] for t in ttft],
+            "completion_tokens": [[16] * len(t) for t in ttft],
+            "cached_tokens": [[cached] * len(t) for t in ttft],
+        }
+
+    return {
+        "meta": {"cpu": "Test CPU", "threads": 2, "reps": 3},
+        "prompt": {
+            "slots": 2,
+            "n_ctx": 4096,
+            "max_tokens": 16,
+            "reps": 3,
+            "cold": "restart",
+            "target_tokens": 1452,
+            "system_tokens": [1452, 1451, 1452],
+            "single_tokens": [1450, 1452, 1452],
+            "llama-server": {
+                "cold": phase([6.0, 7.0, 6.5], [[5.0, 6.0], [5.5, 6.8], [5.2, 6.1]], 0),
+                "warm": phase([0.8, 0.9, 1.0], [[0.3, 0.4], [0.3, 0.5], [0.2, 0.4]], 1470),
+                "single": phase([2.5, 2.4, 2.6], [[2.3], [2.2], [2.4]], 0),
+                "peak_rss_mib": 800.0,
+                "argv": [str(tmp_path / "llama-server"), "-m", "model.gguf", "--port", "43210", "-np", "2"],
+            },
+            "pyllama": {
+                "cold": phase([5.0, 5.5, 5.2], [[4.0, 5.0], [4.4, 5.4], [4.1, 5.1]], 0),
+                "warm": phase([1.0, 1.0, 1.2], [[0.5, 0.5], [0.4, 0.6], [0.5, 0.7]], None),
+                "single": phase([2.0, 2.2, 2.1], [[1.9], [2.0], [2.1]], 0),
+                "peak_rss_mib": 600.0,
+                "argv": ["python", "-m", "pyllama.server", "model.gguf", "--port", "43211", "--parallel", "2"],
+            },
+        },
+    }
+
+
+def test_report_prompt_section(tmp_path: Path) -> None:
+    """The prompt-heavy section holds the medians computed by hand, the ratio llama-server / pyllama, the token
+    counts the servers reported, its peak RSS row, and the commands without local paths or ports."""
+    doc = tmp_path / "benchmarks.md"
+    report.write(prompt_results(tmp_path), doc)
+    text = doc.read_text()
+    assert "## 5. Server: prompt-heavy load" in text and "## 6. Peak RSS" in text
+    assert "1,450-1,452 tokens" in text  # the system prompts' own counts, chats and long prompt together
+    assert "above 1,\npyllama is faster" in text
+    # cold wall: medians 6.5 and 5.2; first tokens of all 6 requests: 5.75 and 4.70; the last of each round: 6.1, 5.1
+    assert "| 2 chats, cold: wall time, sending all to the last one done | 6.50 | 5.20 | 1.250 |" in text
+    assert "| 2 chats, cold: time to first token, median request | 5.75 | 4.70 | 1.223 |" in text
+    assert "| 2 chats, cold: time to first token, last request | 6.10 | 5.10 | 1.196 |" in text
+    assert "| 2 chats, second identical round (warm): wall time | 0.90 | 1.00 | 0.900 |" in text
+    assert (
+        "| 2 chats, second identical round (warm): time to first token, median request | 0.35 | 0.50 | 0.700 |" in text
+    )
+    assert "| one long prompt, cold: wall time | 2.50 | 2.10 | 1.190 |" in text
+    assert "| one long prompt, cold: time to first token | 2.30 | 2.00 | 1.150 |" in text
+    assert "| prompt tokens of each chat (the server's count) | 1,480-1,481 | 1,480-1,481 |" in text
+    assert "| prompt tokens reused from a cache, cold rounds (most) | 0 | 0 |" in text
+    assert "| prompt tokens reused from a cache, warm rounds | 1,470 | - |" in text  # pyllama reported none here
+    assert "| prompt-heavy server, 2 slots, 4096-token context | 800 | 600 | - |" in text
+    assert "- llama-server: `llama-server -m model.gguf --port 8080 -np 2`" in text
+    assert str(tmp_path) not in text
+    assert "did not generate the same number of tokens" not in text
+
+    res = prompt_results(tmp_path)
+    res["prompt"]["pyllama"]["cold"]["completion_tokens"][1] = [6, 16]  # one reply ended at a stop string
+    report.write(res, doc)
+    text = doc.read_text()
+    assert "| completion tokens of each reply | 16 | 6-16 |" in text
+    assert "did not generate the same number of tokens" in text
+
+
+def test_report_prompt_section_with_one_server_and_without_the_section(tmp_path: Path) -> None:
+    res = prompt_results(tmp_path)
+    del res["prompt"]["pyllama"]
+    doc = tmp_path / "benchmarks.md"
+    report.write(res, doc)
+    assert "| 2 chats, cold: wall time, sending all to the last one done | 6.50 | - | - |" in doc.read_text()
+    del res["prompt"]
+    report.write(res, doc)
+    text = doc.read_text()
+    assert "prompt-heavy" not in text and "## 5." not in text
