@@ -30,7 +30,8 @@ for name, code in cases.items():
             exec(code, ns)
         except BaseException as e:
             types = [c.__name__ for c in type(e).__mro__]
-            out = {"case": name, "type": type(e).__name__, "types": types, "msg": str(e)}
+            param = getattr(e, "param", None)
+            out = {"case": name, "type": type(e).__name__, "types": types, "msg": str(e), "param": param}
         else:
             out = {"case": name, "type": None, "msg": ""}
     print(json.dumps(out), flush=True)

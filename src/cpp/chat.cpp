@@ -9,6 +9,7 @@
 #include "common.h"
 #include "grammar.h"
 #include "json-schema-to-grammar.h"
+#include "large_stack.h"
 #include "nlohmann/json.hpp"
 
 #include <algorithm>
@@ -38,12 +39,79 @@ void check_json_depth(const nlohmann::ordered_json & j, const char * what) {
         auto [node, depth] = todo.back();
         todo.pop_back();
         if (depth > MAX_INPUT_DEPTH) {
-            throw std::invalid_argument(std::string(what) + " is nested deeper than " +
-                                        std::to_string(MAX_INPUT_DEPTH) + " levels");
+            throw invalid_request_error(
+                std::string(what) + " is nested deeper than " + std::to_string(MAX_INPUT_DEPTH) + " levels", what);
         }
         if (node->is_structured()) {
             for (const auto & child : *node) {
                 todo.emplace_back(&child, depth + 1);
+            }
+        }
+    }
+}
+
+// Bounds on JSON schemas (tool parameters, response formats): llama.cpp's converter takes about
+// 1 s for one object of 500 properties and grows faster than linearly; its regex converter recurses
+// once per group of a pattern.
+constexpr size_t kMaxSchemaNodes       = 100000;
+constexpr size_t kMaxObjectProperties  = 512;
+constexpr size_t kMaxSchemaProperties  = 4096;
+constexpr size_t kMaxEnumValues        = 10000;
+constexpr size_t kMaxPatternLength     = 4096;
+constexpr int    kMaxPatternGroupDepth = 256;
+
+void check_schema_bounds(const nlohmann::ordered_json & schema, const char * what) {
+    const auto refuse = [what](const std::string & why) {
+        throw invalid_request_error(std::string(what) + ": " + why, what);
+    };
+    size_t                                      nodes = 0, properties = 0;
+    std::vector<const nlohmann::ordered_json *> todo{ &schema };
+    while (!todo.empty()) {
+        const nlohmann::ordered_json * node = todo.back();
+        todo.pop_back();
+        if (++nodes > kMaxSchemaNodes) {
+            refuse("the schema has more than " + std::to_string(kMaxSchemaNodes) + " JSON values");
+        }
+        if (node->is_object()) {
+            auto props = node->find("properties");
+            if (props != node->end() && props->is_object()) {
+                if (props->size() > kMaxObjectProperties) {
+                    refuse("an object of the schema has " + std::to_string(props->size()) +
+                           " properties; the limit is " + std::to_string(kMaxObjectProperties));
+                }
+                properties += props->size();
+                if (properties > kMaxSchemaProperties) {
+                    refuse("the schema has more than " + std::to_string(kMaxSchemaProperties) + " properties");
+                }
+            }
+            auto values = node->find("enum");
+            if (values != node->end() && values->is_array() && values->size() > kMaxEnumValues) {
+                refuse("an enum of the schema has " + std::to_string(values->size()) + " values; the limit is " +
+                       std::to_string(kMaxEnumValues));
+            }
+            auto pattern = node->find("pattern");
+            if (pattern != node->end() && pattern->is_string()) {
+                const std::string & p = pattern->get_ref<const std::string &>();
+                if (p.size() > kMaxPatternLength) {
+                    refuse("a pattern of the schema has " + std::to_string(p.size()) + " characters; the limit is " +
+                           std::to_string(kMaxPatternLength));
+                }
+                int depth = 0;
+                for (size_t i = 0; i < p.size(); ++i) {
+                    if (p[i] == '\\') {
+                        ++i;
+                    } else if (p[i] == '(' && ++depth > kMaxPatternGroupDepth) {
+                        refuse("a pattern of the schema nests groups deeper than " +
+                               std::to_string(kMaxPatternGroupDepth) + " levels");
+                    } else if (p[i] == ')') {
+                        --depth;
+                    }
+                }
+            }
+        }
+        if (node->is_structured()) {
+            for (const auto & child : *node) {
+                todo.push_back(&child);
             }
         }
     }
@@ -57,9 +125,9 @@ ojson to_ojson(const py::handle & obj, const char * what) {
         text = py::module_::import("json").attr("dumps")(obj).cast<std::string>();
     } catch (py::error_already_set & e) {
         if (e.matches(PyExc_RecursionError)) {
-            throw std::invalid_argument(std::string(what) + " is nested too deeply");
+            throw invalid_request_error(std::string(what) + " is nested too deeply", what);
         }
-        throw std::invalid_argument(std::string(what) + " must be JSON-serialisable: " + e.what());
+        throw invalid_request_error(std::string(what) + " must be JSON-serialisable: " + e.what(), what);
     }
     ojson j = ojson::parse(text);
     check_json_depth(j, what);
@@ -560,7 +628,9 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
     try {
         in.messages = common_chat_msgs_parse_oaicompat(to_ojson(messages, "messages"));
         if (!tools.is_none()) {
-            in.tools = common_chat_tools_parse_oaicompat(to_ojson(tools, "tools"));
+            ojson tools_json = to_ojson(tools, "tools");
+            check_schema_bounds(tools_json, "tools");
+            in.tools = common_chat_tools_parse_oaicompat(tools_json);
         }
     } catch (const std::invalid_argument &) {
         throw;
@@ -641,7 +711,9 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
     if (!json_schema.is_none()) {
         const py::object schema =
             py::isinstance<py::str>(json_schema) ? py::module_::import("json").attr("loads")(json_schema) : json_schema;
-        in.json_schema = to_ojson(schema, "json_schema").dump();
+        ojson schema_json = to_ojson(schema, "json_schema");
+        check_schema_bounds(schema_json, "json_schema");
+        in.json_schema = schema_json.dump();
     }
     if (!grammar.is_none()) {
         in.grammar = grammar.cast<std::string>();
@@ -809,7 +881,7 @@ Jinja source itself, "chatml", or the name of one of llama_chat_apply_template's
             common_reasoning_format rf = common_reasoning_format_from_name(reasoning_format);
             in.reasoning_format        = rf;
             py::gil_scoped_release nogil;
-            return t.apply(std::move(in), rf, named, strict_tool_choice);
+            return on_large_stack([&] { return t.apply(std::move(in), rf, named, strict_tool_choice); });
         },
         py::arg("messages"), py::kw_only(), py::arg("tools") = py::none(), py::arg("tool_choice") = py::none(),
         py::arg("parallel_tool_calls") = py::none(), py::arg("add_generation_prompt") = true,

@@ -4,6 +4,7 @@
 #include "pyllama.h"
 
 #include "chat.h"  // llama.cpp's common/chat.h
+#include "large_stack.h"
 
 #include <string>
 #include <vector>
@@ -22,7 +23,26 @@ class ChatResult {
     std::vector<llama_token>  prompt_tokens;   // the prompt tokenised for the model (one BOS), when it has one
     std::vector<std::string>  stops;           // stop strings: the format's, and a turn end that is text
 
+    // llama.cpp's tool-call parsers recurse over the JSON they parse: output nesting brackets deeper
+    // than this (which a client can provoke) is not given to them, and comes back as content.
+    static constexpr int kMaxOutputDepth = 256;
+
     common_chat_msg parse(const std::string & text, bool is_partial) const {
+        int depth = 0;
+        for (char c : text) {  // an upper bound of the JSON nesting: brackets inside strings count too
+            depth += (c == '{' || c == '[') ? 1 : (c == '}' || c == ']') ? -1 : 0;
+            if (depth > kMaxOutputDepth) {
+                throw std::invalid_argument(
+                    "the output does not parse as this template's format: it nests "
+                    "brackets deeper than " +
+                    std::to_string(kMaxOutputDepth) + " levels");
+            }
+        }
+        return on_large_stack([&] { return parse_unbounded(text, is_partial); });
+    }
+
+  private:
+    common_chat_msg parse_unbounded(const std::string & text, bool is_partial) const {
         log_capture capture;
         try {
             common_chat_msg msg = common_chat_parse(text, is_partial, parser);
@@ -40,7 +60,6 @@ class ChatResult {
         }
     }
 
-  private:
     static void strip_prefix(std::string & s, const std::string & prefix) {
         if (!prefix.empty() && s.compare(0, prefix.size(), prefix) == 0) {
             s.erase(0, prefix.size());

@@ -214,6 +214,24 @@ Context::Context(Model & model, const py::kwargs & kwargs) : model_(model.shared
     const int32_t threads = common_cpu_get_num_math();
     p.n_threads           = static_cast<int32_t>(kw_u32(kwargs, "n_threads", threads, 1));
     p.n_threads_batch     = static_cast<int32_t>(kw_u32(kwargs, "n_threads_batch", p.n_threads, 1));
+    // Refused here, before llama.cpp asserts on them: more threads than ggml's thread pool holds (or
+    // than one process can sensibly start), and more sequences than a batch holds outputs for.
+    const uint32_t most_threads =
+        std::min<uint32_t>(GGML_MAX_N_THREADS, 8 * std::max(1u, std::thread::hardware_concurrency()));
+    for (const auto & [name, value] :
+         { std::pair<const char *, int32_t>{ "n_threads", p.n_threads }, { "n_threads_batch", p.n_threads_batch } }) {
+        if (static_cast<uint32_t>(value) > most_threads) {
+            throw invalid_request_error(std::string(name) + " must be at most " + std::to_string(most_threads) +
+                                            " (8 per CPU of this machine, and ggml's limit of " +
+                                            std::to_string(GGML_MAX_N_THREADS) + ")",
+                                        name);
+        }
+    }
+    if (p.n_seq_max > p.n_batch) {
+        throw invalid_request_error("n_seq_max (" + std::to_string(p.n_seq_max) + ") must be at most n_batch (" +
+                                        std::to_string(p.n_batch) + "): a batch holds one output per sequence",
+                                    "n_seq_max");
+    }
 
     if (kwargs.contains("flash_attn") && !kwargs["flash_attn"].is_none()) {
         py::handle fa = kwargs["flash_attn"];

@@ -19,6 +19,7 @@
 
 #include "model.h"
 
+#include "large_stack.h"
 #include "llama-grammar.h"  // llama.cpp's src/: the grammar engine, linked in statically
 
 #include <algorithm>
@@ -780,6 +781,51 @@ std::optional<std::string> single_tool_call_grammar(const std::string &         
     }
 }
 
+// Bounds on GBNF text (llama.cpp's own grammars: at most 1.4 KB, 21 rules, 2 levels of parentheses;
+// a schema's grammar: 350 KB and 6,000 rules for 3,000 properties, a nesting level per regex group).
+constexpr size_t kMaxGrammarBytes = size_t{ 1 } << 20;
+constexpr int    kMaxGrammarDepth = 512;
+constexpr size_t kMaxGrammarRules = 20000;
+
+void check_grammar_bounds(const std::string & gbnf, const char * param) {
+    if (gbnf.size() > kMaxGrammarBytes) {
+        throw grammar_error(std::string(param) + ": the grammar has " + std::to_string(gbnf.size()) +
+                                " bytes; the limit is " + std::to_string(kMaxGrammarBytes),
+                            param);
+    }
+    int          depth = 0;
+    size_t       rules = 0;
+    const size_t n     = gbnf.size();
+    for (size_t i = 0; i < n;) {
+        const char c = gbnf[i];
+        if (c == '#') {  // a comment, to the end of the line
+            while (i < n && gbnf[i] != '\n' && gbnf[i] != '\r') {
+                ++i;
+            }
+        } else if (c == '"' || c == '[') {  // a literal or a character class, with its escapes
+            const char close = c == '"' ? '"' : ']';
+            for (++i; i < n && gbnf[i] != close; i += gbnf[i] == '\\' ? 2 : 1) {
+            }
+            ++i;
+        } else {
+            if (c == '(' && ++depth > kMaxGrammarDepth) {
+                throw grammar_error(std::string(param) + ": the grammar nests parentheses deeper than " +
+                                        std::to_string(kMaxGrammarDepth) + " levels",
+                                    param);
+            }
+            if (c == ')') {
+                --depth;
+            }
+            if (c == ':' && gbnf.compare(i, 3, "::=") == 0 && ++rules > kMaxGrammarRules) {
+                throw grammar_error(
+                    std::string(param) + ": the grammar has more than " + std::to_string(kMaxGrammarRules) + " rules",
+                    param);
+            }
+            ++i;
+        }
+    }
+}
+
 void register_grammar(py::module_ & m) {
     m.def(
         "grammar_match",
@@ -788,10 +834,13 @@ void register_grammar(py::module_ & m) {
             if (!model.is_none()) {
                 keep = model.cast<Model *>()->shared();
             }
+            check_grammar_bounds(grammar, "grammar");
             grammar_match_result r;
             {
                 py::gil_scoped_release nogil;
-                r = grammar_match(grammar, text, root, keep ? llama_model_get_vocab(keep.get()) : nullptr);
+                r = on_large_stack([&] {
+                    return grammar_match(grammar, text, root, keep ? llama_model_get_vocab(keep.get()) : nullptr);
+                });
             }
             return r == grammar_match_result::complete  ? "complete"
                    : r == grammar_match_result::partial ? "partial"

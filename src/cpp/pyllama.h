@@ -95,6 +95,17 @@ py::str utf8_lenient(const std::string & s);
 // Raises ValueError when JSON from a request nests deeper than llama.cpp's recursive code can take.
 void check_json_depth(const nlohmann::ordered_json & j, const char * what);
 
+// Raises InvalidRequestError (param `what`) for a JSON schema larger than llama.cpp's converter can
+// take in reasonable time: too many nodes, properties of one object or enum values, or a `pattern`
+// regex that nests too deeply or is too long. The limits are in chat.cpp and docs/errors.md.
+void check_schema_bounds(const nlohmann::ordered_json & schema, const char * what);
+
+// --- grammar.cpp -------------------------------------------------------------------------------
+
+// Raises GrammarError (param `param`) for GBNF text over the size, nesting or rule-count limit, before
+// llama.cpp's recursive parser sees it.
+void check_grammar_bounds(const std::string & gbnf, const char * param);
+
 // --- registration, one per concept ---------------------------------------------------------------
 
 void register_backend(py::module_ & m);

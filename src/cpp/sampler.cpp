@@ -9,6 +9,7 @@
 #include "common.h"
 #include "context.h"
 #include "json-schema-to-grammar.h"
+#include "large_stack.h"
 #include "nlohmann/json.hpp"
 #include "pyllama_json_gbnf.h"
 #include "sampler.h"
@@ -35,7 +36,14 @@ std::string schema_to_grammar(const py::handle & schema) {
     if (py::isinstance<py::str>(schema)) {
         text = schema.cast<std::string>();
     } else {
-        text = py::module_::import("json").attr("dumps")(schema).cast<std::string>();
+        try {
+            text = py::module_::import("json").attr("dumps")(schema).cast<std::string>();
+        } catch (py::error_already_set & e) {
+            if (e.matches(PyExc_RecursionError)) {
+                throw invalid_request_error("json_schema is nested too deeply", "json_schema");
+            }
+            throw;
+        }
     }
     nlohmann::ordered_json schema_json;
     try {
@@ -44,8 +52,10 @@ std::string schema_to_grammar(const py::handle & schema) {
         throw grammar_error(std::string("invalid JSON schema: ") + e.what(), "json_schema");
     }
     check_json_depth(schema_json, "json_schema");
+    check_schema_bounds(schema_json, "json_schema");
     try {
-        return json_schema_to_grammar(schema_json);
+        py::gil_scoped_release nogil;
+        return on_large_stack([&] { return json_schema_to_grammar(schema_json); });
     } catch (const std::exception & e) {
         throw grammar_error(std::string("invalid JSON schema: ") + e.what(), "json_schema");
     }
@@ -108,7 +118,7 @@ class stderr_capture {
 };
 
 // Checks a GBNF grammar with llama.cpp's parser; its message becomes the ValueError's.
-void check_grammar(const llama_vocab * vocab, const std::string & text) {
+void parse_grammar(const llama_vocab * vocab, const std::string & text) {
     if (text.rfind("%llguidance", 0) == 0) {
         throw std::invalid_argument("llguidance grammars are not supported by this build");
     }
@@ -146,6 +156,19 @@ void check_grammar(const llama_vocab * vocab, const std::string & text) {
     throw grammar_error("invalid grammar: " + why, "grammar");
 }
 
+// The grammar's bounds, then llama.cpp's parser on a large stack with the GIL released.
+void check_grammar(const llama_vocab * vocab, const std::string & text, const char * param) {
+    check_grammar_bounds(text, param);
+    py::gil_scoped_release nogil;
+    on_large_stack([&] { parse_grammar(vocab, text); });
+}
+
+// A Sampler's construction parses its grammar again (common_sampler_init): also on a large stack.
+std::unique_ptr<Sampler> build_sampler(std::shared_ptr<llama_model> model, common_params_sampling p, grammar_spec g) {
+    py::gil_scoped_release nogil;
+    return on_large_stack([&] { return std::make_unique<Sampler>(std::move(model), std::move(p), std::move(g)); });
+}
+
 template <typename T>
 T opt(const py::kwargs & kw, const char * name, T fallback) {
     if (kw.contains(name) && !kw[name].is_none()) {
@@ -157,6 +180,10 @@ T opt(const py::kwargs & kw, const char * name, T fallback) {
     }
     return fallback;
 }
+
+constexpr size_t kMaxDryBreakers     = 128;  // llama.cpp's default list has 4
+constexpr size_t kMaxDryBreakerBytes = 256;
+constexpr size_t kMaxSamplerNames    = 64;  // llama.cpp's chain has 12 kinds
 
 float finite(const char * name, float v) {
     if (!std::isfinite(v)) {
@@ -179,7 +206,7 @@ void apply_chat(const ChatResult & cr, const llama_vocab * vocab, common_params_
         return;
     }
     g.text = cr.params.grammar;
-    check_grammar(vocab, g.text);
+    check_grammar(vocab, g.text, "grammar");
     p.grammar      = common_grammar(COMMON_GRAMMAR_TYPE_TOOL_CALLS, g.text);
     p.grammar_lazy = g.lazy = cr.params.grammar_lazy;
     for (const auto & t : cr.params.grammar_triggers) {
@@ -328,6 +355,33 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
             throw invalid_request_error(std::string(name) + " must be >= " + std::to_string(lowest), name);
         }
     }
+    // Lengths llama.cpp allocates ring buffers of, at once: at most the model's training context
+    // (a window cannot look back further than a context holds), and a bounded number of DRY breakers
+    // (each is tokenised against the whole vocabulary) and sampler names.
+    const int64_t longest = std::max<int64_t>(4096, llama_model_n_ctx_train(shared.get()));
+    for (const auto & [name, value] : { std::pair<const char *, int32_t>{ "penalty_last_n", p.penalty_last_n },
+                                        { "dry_penalty_last_n", p.dry_penalty_last_n },
+                                        { "n_prev", p.n_prev },
+                                        { "dry_allowed_length", p.dry_allowed_length },
+                                        { "min_keep", p.min_keep } }) {
+        if (value > longest) {
+            throw invalid_request_error(
+                std::string(name) + " must be at most " + std::to_string(longest) + " (the model's training context)",
+                name);
+        }
+    }
+    if (p.dry_sequence_breakers.size() > kMaxDryBreakers) {
+        throw invalid_request_error("dry_sequence_breakers: at most " + std::to_string(kMaxDryBreakers) +
+                                        " breakers, not " + std::to_string(p.dry_sequence_breakers.size()),
+                                    "dry_sequence_breakers");
+    }
+    for (const auto & b : p.dry_sequence_breakers) {
+        if (b.size() > kMaxDryBreakerBytes) {
+            throw invalid_request_error("dry_sequence_breakers: a breaker has " + std::to_string(b.size()) +
+                                            " bytes; the limit is " + std::to_string(kMaxDryBreakerBytes),
+                                        "dry_sequence_breakers");
+        }
+    }
     if (opt<bool>(kw, "greedy", false)) {
         p.temp = 0.0f;
     }
@@ -335,6 +389,9 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
         // llama.cpp's own names and aliases ("top_k", "top-k", "topk", "temp", ...); it logs and skips
         // a name it does not know, which becomes the error here.
         std::vector<std::string> names = kw["samplers"].cast<std::vector<std::string>>();
+        if (names.size() > kMaxSamplerNames) {
+            throw invalid_request_error("samplers: at most " + std::to_string(kMaxSamplerNames) + " names", "samplers");
+        }
         for (auto & n : names) {
             if (n == "typical_p" || n == "typical") {
                 n = "typ_p";  // the keyword argument's spelling
@@ -372,7 +429,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
             }
         }
         apply_chat(kw["chat"].cast<const ChatResult &>(), vocab, p, g);
-        return std::make_unique<Sampler>(std::move(shared), std::move(p), std::move(g));
+        return build_sampler(std::move(shared), std::move(p), std::move(g));
     }
     const bool has_grammar = kw.contains("grammar") && !kw["grammar"].is_none();
     const bool has_schema  = kw.contains("json_schema") && !kw["json_schema"].is_none();
@@ -389,7 +446,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     }
     g.lazy = opt<bool>(kw, "grammar_lazy", false);
     if (!g.text.empty()) {
-        check_grammar(vocab, g.text);
+        check_grammar(vocab, g.text, has_schema ? "json_schema" : "grammar");
         p.grammar = common_grammar(has_schema ? COMMON_GRAMMAR_TYPE_OUTPUT_FORMAT : COMMON_GRAMMAR_TYPE_USER, g.text);
         p.grammar_lazy = g.lazy;
         for (const auto & w : opt<std::vector<std::string>>(kw, "trigger_words", {})) {
@@ -429,7 +486,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     if (!g.text.empty()) {
         g.lazy = p.grammar_lazy;
     }
-    return std::make_unique<Sampler>(std::move(shared), std::move(p), std::move(g));
+    return build_sampler(std::move(shared), std::move(p), std::move(g));
 }
 
 }  // namespace

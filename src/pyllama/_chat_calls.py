@@ -12,7 +12,7 @@ from typing import Any
 from . import _core, streams
 from . import _openai as _oa
 from ._llama_base import LlamaBase
-from .errors import ContextLengthError, invalid
+from .errors import ContextLengthError, InvalidRequestError, invalid
 from .reply import ReplyStream, parse_reply
 from .streams import Stream, Use, current_owner
 
@@ -61,6 +61,15 @@ class ChatCalls(LlamaBase):
         (GBNF) constrains the whole reply, as in llama-server; it excludes tools and response_format.
         """
         _oa.check_sampling(sampling)
+        if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+            raise invalid("messages must be a list of message objects", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise invalid(f"messages[{i}] must be an object with a role", f"messages[{i}]")
+        if top_logprobs is not None and (
+            isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20
+        ):
+            raise invalid("top_logprobs must be an int from 0 to 20", "top_logprobs")
         toolbox = None
         if tools is not None and (run_tools or any(callable(t) and not isinstance(t, dict) for t in tools)):
             from .tools import Tools
@@ -173,19 +182,24 @@ class ChatCalls(LlamaBase):
             chat_template_kwargs = {"reasoning_effort": reasoning_effort, **(chat_template_kwargs or {})}
         if continue_final_message is None and messages and messages[-1].get("role") == "assistant":
             continue_final_message = True  # a final assistant message is a prefill, as in llama-server
-        result, tokens = self._render(
-            messages,
-            truncate,
-            max_tokens,
-            tools=tools,
-            tool_choice=tool_choice,
-            parallel_tool_calls=parallel_tool_calls,
-            enable_thinking=enable_thinking,
-            reasoning_format=reasoning_format,
-            chat_template_kwargs=chat_template_kwargs,
-            json_schema=json_schema,
-            continue_final_message=continue_final_message or None,
-        )
+        try:
+            result, tokens = self._render(
+                messages,
+                truncate,
+                max_tokens,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                enable_thinking=enable_thinking,
+                reasoning_format=reasoning_format,
+                chat_template_kwargs=chat_template_kwargs,
+                json_schema=json_schema,
+                continue_final_message=continue_final_message or None,
+            )
+        except InvalidRequestError as e:
+            if e.param == "json_schema":  # the template's name for it; the caller gave response_format
+                e.param = "response_format"
+            raise
         budget = self._budget(len(tokens), max_tokens)
         if grammar is None:
             sampler = self._sampler(result, seed, {**sampling, "logit_bias": logit_bias})
@@ -200,7 +214,8 @@ class ChatCalls(LlamaBase):
             "id": "chatcmpl-" + uuid.uuid4().hex,
             "created": int(time.time()),
             "model": self.model_name,
-            "id_seed": self._rng.getrandbits(63),
+            # tool-call ids: from the request's seed when it has one, so a stream and a one-shot reply agree
+            "id_seed": seed if seed is not None else self._rng.getrandbits(63),
         }
         if stream:
             use = Use(current_owner())

@@ -103,6 +103,8 @@ class CompletionCalls(LlamaBase):
             None, seed, {**sampling, "logit_bias": logit_bias, "grammar": grammar, "json_schema": json_schema}
         )
         stops = _oa.stop_list(stop)
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise invalid("logprobs must be an int >= 0 (the alternatives per token)", "logprobs")
         n_top = -1 if logprobs is None else logprobs
         cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
 

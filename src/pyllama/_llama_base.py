@@ -55,8 +55,8 @@ class LlamaBase:
         **context_params: Any,
     ) -> None:
         self._closed = True
-        if n_parallel < 1:
-            raise ValueError("n_parallel must be >= 1")
+        if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or n_parallel < 1:
+            raise invalid("n_parallel must be an int >= 1", "n_parallel")
         self.n_parallel = n_parallel
         if verbose:
             from ._logging import set_log_level
@@ -93,6 +93,12 @@ class LlamaBase:
             if flash_attn is not None:
                 ctx_kwargs["flash_attn"] = flash_attn
             ctx_kwargs.update(context_params)
+            if n_parallel > ctx_kwargs["n_batch"]:
+                raise invalid(
+                    f"n_parallel ({n_parallel}) must be at most n_batch ({ctx_kwargs['n_batch']}, and n_ctx): "
+                    "each step decodes one token of every sequence in one batch",
+                    "n_parallel",
+                )
             if n_parallel > 1:
                 if cache is not None:
                     raise ValueError("cache needs n_parallel=1 (each parallel sequence keeps its own prefix)")
