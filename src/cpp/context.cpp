@@ -78,20 +78,8 @@ class sigint_guard {
     }
 };
 
-template <typename T>
-T kw(const py::kwargs & kwargs, const char * name, T fallback) {
-    if (kwargs.contains(name) && !kwargs[name].is_none()) {
-        try {
-            return kwargs[name].cast<T>();
-        } catch (const py::cast_error &) {
-            throw py::type_error(std::string("Context: wrong type for ") + name);
-        }
-    }
-    return fallback;
-}
-
 uint32_t kw_u32(const py::kwargs & kwargs, const char * name, uint32_t fallback, uint32_t min_value) {
-    const int64_t v = kw<int64_t>(kwargs, name, fallback);
+    const int64_t v = kwarg<int64_t>(kwargs, "Context", name, fallback);
     if (v < static_cast<int64_t>(min_value) || v > static_cast<int64_t>(UINT32_MAX)) {
         throw std::invalid_argument(std::string(name) + " must be >= " + std::to_string(min_value) + ", not " +
                                     std::to_string(v));
@@ -238,54 +226,54 @@ Context::Context(Model & model, const py::kwargs & kwargs) : model_(model.shared
         if (py::isinstance<py::bool_>(fa)) {
             p.flash_attn_type = fa.cast<bool>() ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         } else {
-            p.flash_attn_type =
-                parse_choice<llama_flash_attn_type>("flash_attn", kw<std::string>(kwargs, "flash_attn", "auto"),
-                                                    { { "auto", LLAMA_FLASH_ATTN_TYPE_AUTO },
-                                                      { "on", LLAMA_FLASH_ATTN_TYPE_ENABLED },
-                                                      { "off", LLAMA_FLASH_ATTN_TYPE_DISABLED } });
+            p.flash_attn_type = parse_choice<llama_flash_attn_type>(
+                "flash_attn", kwarg<std::string>(kwargs, "Context", "flash_attn", "auto"),
+                { { "auto", LLAMA_FLASH_ATTN_TYPE_AUTO },
+                  { "on", LLAMA_FLASH_ATTN_TYPE_ENABLED },
+                  { "off", LLAMA_FLASH_ATTN_TYPE_DISABLED } });
         }
     }
     if (kwargs.contains("type_k") && !kwargs["type_k"].is_none()) {
-        p.type_k = parse_cache_type("type_k", kw<std::string>(kwargs, "type_k", "f16"));
+        p.type_k = parse_cache_type("type_k", kwarg<std::string>(kwargs, "Context", "type_k", "f16"));
     }
     if (kwargs.contains("type_v") && !kwargs["type_v"].is_none()) {
-        p.type_v = parse_cache_type("type_v", kw<std::string>(kwargs, "type_v", "f16"));
+        p.type_v = parse_cache_type("type_v", kwarg<std::string>(kwargs, "Context", "type_v", "f16"));
     }
-    p.embeddings = kw<bool>(kwargs, "embeddings", p.embeddings);
+    p.embeddings = kwarg<bool>(kwargs, "Context", "embeddings", p.embeddings);
     if (kwargs.contains("pooling_type") && !kwargs["pooling_type"].is_none()) {
-        p.pooling_type =
-            parse_choice<enum llama_pooling_type>("pooling_type", kw<std::string>(kwargs, "pooling_type", ""),
-                                                  { { "none", LLAMA_POOLING_TYPE_NONE },
-                                                    { "mean", LLAMA_POOLING_TYPE_MEAN },
-                                                    { "cls", LLAMA_POOLING_TYPE_CLS },
-                                                    { "last", LLAMA_POOLING_TYPE_LAST },
-                                                    { "rank", LLAMA_POOLING_TYPE_RANK } });
+        p.pooling_type = parse_choice<enum llama_pooling_type>(
+            "pooling_type", kwarg<std::string>(kwargs, "Context", "pooling_type", ""),
+            { { "none", LLAMA_POOLING_TYPE_NONE },
+              { "mean", LLAMA_POOLING_TYPE_MEAN },
+              { "cls", LLAMA_POOLING_TYPE_CLS },
+              { "last", LLAMA_POOLING_TYPE_LAST },
+              { "rank", LLAMA_POOLING_TYPE_RANK } });
     }
     if (kwargs.contains("attention_type") && !kwargs["attention_type"].is_none()) {
         p.attention_type = parse_choice<llama_attention_type>(
-            "attention_type", kw<std::string>(kwargs, "attention_type", ""),
+            "attention_type", kwarg<std::string>(kwargs, "Context", "attention_type", ""),
             { { "causal", LLAMA_ATTENTION_TYPE_CAUSAL }, { "non_causal", LLAMA_ATTENTION_TYPE_NON_CAUSAL } });
     }
     if (kwargs.contains("rope_scaling_type") && !kwargs["rope_scaling_type"].is_none()) {
-        p.rope_scaling_type =
-            parse_choice<llama_rope_scaling_type>("rope_scaling_type", kw<std::string>(kwargs, "rope_scaling_type", ""),
-                                                  { { "none", LLAMA_ROPE_SCALING_TYPE_NONE },
-                                                    { "linear", LLAMA_ROPE_SCALING_TYPE_LINEAR },
-                                                    { "yarn", LLAMA_ROPE_SCALING_TYPE_YARN },
-                                                    { "longrope", LLAMA_ROPE_SCALING_TYPE_LONGROPE } });
+        p.rope_scaling_type = parse_choice<llama_rope_scaling_type>(
+            "rope_scaling_type", kwarg<std::string>(kwargs, "Context", "rope_scaling_type", ""),
+            { { "none", LLAMA_ROPE_SCALING_TYPE_NONE },
+              { "linear", LLAMA_ROPE_SCALING_TYPE_LINEAR },
+              { "yarn", LLAMA_ROPE_SCALING_TYPE_YARN },
+              { "longrope", LLAMA_ROPE_SCALING_TYPE_LONGROPE } });
     }
-    p.rope_freq_base   = kw<float>(kwargs, "rope_freq_base", p.rope_freq_base);
-    p.rope_freq_scale  = kw<float>(kwargs, "rope_freq_scale", p.rope_freq_scale);
-    p.yarn_ext_factor  = kw<float>(kwargs, "yarn_ext_factor", p.yarn_ext_factor);
-    p.yarn_attn_factor = kw<float>(kwargs, "yarn_attn_factor", p.yarn_attn_factor);
-    p.yarn_beta_fast   = kw<float>(kwargs, "yarn_beta_fast", p.yarn_beta_fast);
-    p.yarn_beta_slow   = kw<float>(kwargs, "yarn_beta_slow", p.yarn_beta_slow);
+    p.rope_freq_base   = kwarg<float>(kwargs, "Context", "rope_freq_base", p.rope_freq_base);
+    p.rope_freq_scale  = kwarg<float>(kwargs, "Context", "rope_freq_scale", p.rope_freq_scale);
+    p.yarn_ext_factor  = kwarg<float>(kwargs, "Context", "yarn_ext_factor", p.yarn_ext_factor);
+    p.yarn_attn_factor = kwarg<float>(kwargs, "Context", "yarn_attn_factor", p.yarn_attn_factor);
+    p.yarn_beta_fast   = kwarg<float>(kwargs, "Context", "yarn_beta_fast", p.yarn_beta_fast);
+    p.yarn_beta_slow   = kwarg<float>(kwargs, "Context", "yarn_beta_slow", p.yarn_beta_slow);
     p.yarn_orig_ctx    = kw_u32(kwargs, "yarn_orig_ctx", p.yarn_orig_ctx, 0);
-    p.offload_kqv      = kw<bool>(kwargs, "offload_kqv", p.offload_kqv);
-    p.op_offload       = kw<bool>(kwargs, "op_offload", p.op_offload);
-    p.swa_full         = kw<bool>(kwargs, "swa_full", p.swa_full);
-    p.kv_unified       = kw<bool>(kwargs, "kv_unified", p.kv_unified);
-    p.no_perf          = kw<bool>(kwargs, "no_perf", false);  // performance counters on by default
+    p.offload_kqv      = kwarg<bool>(kwargs, "Context", "offload_kqv", p.offload_kqv);
+    p.op_offload       = kwarg<bool>(kwargs, "Context", "op_offload", p.op_offload);
+    p.swa_full         = kwarg<bool>(kwargs, "Context", "swa_full", p.swa_full);
+    p.kv_unified       = kwarg<bool>(kwargs, "Context", "kv_unified", p.kv_unified);
+    p.no_perf          = kwarg<bool>(kwargs, "Context", "no_perf", false);  // performance counters on by default
     if (p.rope_freq_base < 0 || p.rope_freq_scale < 0) {
         throw std::invalid_argument("rope_freq_base and rope_freq_scale must be >= 0 (0: from the model)");
     }

@@ -85,6 +85,22 @@ class log_capture {
     friend void                              log_capture_add(int level, const std::string & line);
 };
 
+// --- keyword arguments -----------------------------------------------------------------------
+
+// The keyword argument `name` of a call to `what` (a class), cast to T; `fallback` when it is absent
+// or None; TypeError naming the keyword for a value of the wrong type. The one kwargs helper.
+template <typename T>
+T kwarg(const py::kwargs & kwargs, const char * what, const char * name, T fallback) {
+    if (kwargs.contains(name) && !kwargs[name].is_none()) {
+        try {
+            return kwargs[name].cast<T>();
+        } catch (const py::cast_error &) {
+            throw py::type_error(std::string(what) + ": wrong type for " + name);
+        }
+    }
+    return fallback;
+}
+
 // --- model.cpp ---------------------------------------------------------------------------------
 
 // Decodes as UTF-8, replacing what is not (text from a model or the input; the GIL must be held).

@@ -169,18 +169,6 @@ std::unique_ptr<Sampler> build_sampler(std::shared_ptr<llama_model> model, commo
     return on_large_stack([&] { return std::make_unique<Sampler>(std::move(model), std::move(p), std::move(g)); });
 }
 
-template <typename T>
-T opt(const py::kwargs & kw, const char * name, T fallback) {
-    if (kw.contains(name) && !kw[name].is_none()) {
-        try {
-            return kw[name].cast<T>();
-        } catch (const py::cast_error &) {
-            throw py::type_error(std::string("Sampler: wrong type for ") + name);
-        }
-    }
-    return fallback;
-}
-
 constexpr size_t kMaxDryBreakers     = 128;  // llama.cpp's default list has 4
 constexpr size_t kMaxDryBreakerBytes = 256;
 constexpr size_t kMaxSamplerNames    = 64;  // llama.cpp's chain has 12 kinds
@@ -311,37 +299,38 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     common_params_sampling p;
     p.no_perf = false;
     if (kw.contains("seed") && !kw["seed"].is_none()) {
-        const int64_t seed = kw["seed"].cast<int64_t>();
+        const int64_t seed = kwarg<int64_t>(kw, "Sampler", "seed", 0);
         if (seed < 0 || seed > static_cast<int64_t>(UINT32_MAX)) {
             throw invalid_request_error("seed must be in 0..2**32-1", "seed");
         }
         p.seed = static_cast<uint32_t>(seed);
     }
-    p.temp               = finite("temperature", opt<float>(kw, "temperature", p.temp));
-    p.top_k              = opt<int32_t>(kw, "top_k", p.top_k);
-    p.top_p              = finite("top_p", opt<float>(kw, "top_p", p.top_p));
-    p.min_p              = finite("min_p", opt<float>(kw, "min_p", p.min_p));
-    p.typ_p              = finite("typical_p", opt<float>(kw, "typical_p", p.typ_p));
-    p.dynatemp_range     = finite("dynatemp_range", opt<float>(kw, "dynatemp_range", p.dynatemp_range));
-    p.dynatemp_exponent  = finite("dynatemp_exponent", opt<float>(kw, "dynatemp_exponent", p.dynatemp_exponent));
-    p.xtc_probability    = finite("xtc_probability", opt<float>(kw, "xtc_probability", p.xtc_probability));
-    p.xtc_threshold      = finite("xtc_threshold", opt<float>(kw, "xtc_threshold", p.xtc_threshold));
-    p.top_n_sigma        = finite("top_n_sigma", opt<float>(kw, "top_n_sigma", p.top_n_sigma));
-    p.mirostat           = opt<int32_t>(kw, "mirostat", p.mirostat);
-    p.mirostat_tau       = finite("mirostat_tau", opt<float>(kw, "mirostat_tau", p.mirostat_tau));
-    p.mirostat_eta       = finite("mirostat_eta", opt<float>(kw, "mirostat_eta", p.mirostat_eta));
-    p.penalty_repeat     = opt<float>(kw, "repeat_penalty", p.penalty_repeat);
-    p.penalty_freq       = finite("frequency_penalty", opt<float>(kw, "frequency_penalty", p.penalty_freq));
-    p.penalty_present    = finite("presence_penalty", opt<float>(kw, "presence_penalty", p.penalty_present));
-    p.penalty_last_n     = opt<int32_t>(kw, "penalty_last_n", p.penalty_last_n);
-    p.dry_multiplier     = finite("dry_multiplier", opt<float>(kw, "dry_multiplier", p.dry_multiplier));
-    p.dry_base           = finite("dry_base", opt<float>(kw, "dry_base", p.dry_base));
-    p.dry_allowed_length = opt<int32_t>(kw, "dry_allowed_length", p.dry_allowed_length);
-    p.dry_penalty_last_n = opt<int32_t>(kw, "dry_penalty_last_n", p.dry_penalty_last_n);
-    p.min_keep           = opt<int32_t>(kw, "min_keep", p.min_keep);
-    p.n_prev             = opt<int32_t>(kw, "n_prev", p.n_prev);
+    p.temp           = finite("temperature", kwarg<float>(kw, "Sampler", "temperature", p.temp));
+    p.top_k          = kwarg<int32_t>(kw, "Sampler", "top_k", p.top_k);
+    p.top_p          = finite("top_p", kwarg<float>(kw, "Sampler", "top_p", p.top_p));
+    p.min_p          = finite("min_p", kwarg<float>(kw, "Sampler", "min_p", p.min_p));
+    p.typ_p          = finite("typical_p", kwarg<float>(kw, "Sampler", "typical_p", p.typ_p));
+    p.dynatemp_range = finite("dynatemp_range", kwarg<float>(kw, "Sampler", "dynatemp_range", p.dynatemp_range));
+    p.dynatemp_exponent =
+        finite("dynatemp_exponent", kwarg<float>(kw, "Sampler", "dynatemp_exponent", p.dynatemp_exponent));
+    p.xtc_probability = finite("xtc_probability", kwarg<float>(kw, "Sampler", "xtc_probability", p.xtc_probability));
+    p.xtc_threshold   = finite("xtc_threshold", kwarg<float>(kw, "Sampler", "xtc_threshold", p.xtc_threshold));
+    p.top_n_sigma     = finite("top_n_sigma", kwarg<float>(kw, "Sampler", "top_n_sigma", p.top_n_sigma));
+    p.mirostat        = kwarg<int32_t>(kw, "Sampler", "mirostat", p.mirostat);
+    p.mirostat_tau    = finite("mirostat_tau", kwarg<float>(kw, "Sampler", "mirostat_tau", p.mirostat_tau));
+    p.mirostat_eta    = finite("mirostat_eta", kwarg<float>(kw, "Sampler", "mirostat_eta", p.mirostat_eta));
+    p.penalty_repeat  = kwarg<float>(kw, "Sampler", "repeat_penalty", p.penalty_repeat);
+    p.penalty_freq    = finite("frequency_penalty", kwarg<float>(kw, "Sampler", "frequency_penalty", p.penalty_freq));
+    p.penalty_present = finite("presence_penalty", kwarg<float>(kw, "Sampler", "presence_penalty", p.penalty_present));
+    p.penalty_last_n  = kwarg<int32_t>(kw, "Sampler", "penalty_last_n", p.penalty_last_n);
+    p.dry_multiplier  = finite("dry_multiplier", kwarg<float>(kw, "Sampler", "dry_multiplier", p.dry_multiplier));
+    p.dry_base        = finite("dry_base", kwarg<float>(kw, "Sampler", "dry_base", p.dry_base));
+    p.dry_allowed_length = kwarg<int32_t>(kw, "Sampler", "dry_allowed_length", p.dry_allowed_length);
+    p.dry_penalty_last_n = kwarg<int32_t>(kw, "Sampler", "dry_penalty_last_n", p.dry_penalty_last_n);
+    p.min_keep           = kwarg<int32_t>(kw, "Sampler", "min_keep", p.min_keep);
+    p.n_prev             = kwarg<int32_t>(kw, "Sampler", "n_prev", p.n_prev);
     if (kw.contains("dry_sequence_breakers") && !kw["dry_sequence_breakers"].is_none()) {
-        p.dry_sequence_breakers = kw["dry_sequence_breakers"].cast<std::vector<std::string>>();
+        p.dry_sequence_breakers = kwarg<std::vector<std::string>>(kw, "Sampler", "dry_sequence_breakers", {});
     }
     if (p.mirostat < 0 || p.mirostat > 2) {
         throw invalid_request_error("mirostat must be 0 (off), 1 or 2", "mirostat");
@@ -382,13 +371,13 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
                                         "dry_sequence_breakers");
         }
     }
-    if (opt<bool>(kw, "greedy", false)) {
+    if (kwarg<bool>(kw, "Sampler", "greedy", false)) {
         p.temp = 0.0f;
     }
     if (kw.contains("samplers") && !kw["samplers"].is_none()) {
         // llama.cpp's own names and aliases ("top_k", "top-k", "topk", "temp", ...); it logs and skips
         // a name it does not know, which becomes the error here.
-        std::vector<std::string> names = kw["samplers"].cast<std::vector<std::string>>();
+        std::vector<std::string> names = kwarg<std::vector<std::string>>(kw, "Sampler", "samplers", {});
         if (names.size() > kMaxSamplerNames) {
             throw invalid_request_error("samplers: at most " + std::to_string(kMaxSamplerNames) + " names", "samplers");
         }
@@ -437,23 +426,23 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
         throw invalid_request_error("give grammar or json_schema, not both", "grammar");
     }
     if (has_grammar) {
-        g.text = kw["grammar"].cast<std::string>();
+        g.text = kwarg<std::string>(kw, "Sampler", "grammar", "");
         if (g.text == "json") {
             g.text = PYLLAMA_JSON_GBNF;
         }
     } else if (has_schema) {
         g.text = schema_to_grammar(kw["json_schema"]);
     }
-    g.lazy = opt<bool>(kw, "grammar_lazy", false);
+    g.lazy = kwarg<bool>(kw, "Sampler", "grammar_lazy", false);
     if (!g.text.empty()) {
         check_grammar(vocab, g.text, has_schema ? "json_schema" : "grammar");
         p.grammar = common_grammar(has_schema ? COMMON_GRAMMAR_TYPE_OUTPUT_FORMAT : COMMON_GRAMMAR_TYPE_USER, g.text);
         p.grammar_lazy = g.lazy;
-        for (const auto & w : opt<std::vector<std::string>>(kw, "trigger_words", {})) {
+        for (const auto & w : kwarg<std::vector<std::string>>(kw, "Sampler", "trigger_words", {})) {
             p.grammar_triggers.push_back({ COMMON_GRAMMAR_TRIGGER_TYPE_WORD, w });
             g.patterns.push_back(regex_escape(w));
         }
-        for (const auto & pat : opt<std::vector<std::string>>(kw, "trigger_patterns", {})) {
+        for (const auto & pat : kwarg<std::vector<std::string>>(kw, "Sampler", "trigger_patterns", {})) {
             try {
                 std::regex check(pat);
             } catch (const std::regex_error & e) {
@@ -462,7 +451,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
             p.grammar_triggers.push_back({ COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN, pat });
             g.patterns.push_back(pat);
         }
-        for (int64_t t : opt<std::vector<int64_t>>(kw, "trigger_tokens", {})) {
+        for (int64_t t : kwarg<std::vector<int64_t>>(kw, "Sampler", "trigger_tokens", {})) {
             if (t < 0 || t >= n_vocab) {
                 throw std::invalid_argument("trigger token " + std::to_string(t) + " is out of range");
             }
@@ -477,7 +466,7 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
                kw.contains("trigger_tokens")) {
         throw std::invalid_argument("grammar_lazy and triggers need a grammar");
     }
-    for (int64_t t : opt<std::vector<int64_t>>(kw, "preserved_tokens", {})) {
+    for (int64_t t : kwarg<std::vector<int64_t>>(kw, "Sampler", "preserved_tokens", {})) {
         if (t < 0 || t >= n_vocab) {
             throw std::invalid_argument("preserved token " + std::to_string(t) + " is out of range");
         }
