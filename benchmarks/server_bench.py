@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,20 @@ class Level:
     ttft: list[float] = field(default_factory=list)  # every request's first text
 
 
+async def sse_events(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The events of one streamed POST, up to ``data: [DONE]``; RuntimeError for a status other than 200."""
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.strip() == "[DONE]":
+                return
+            yield json.loads(data)
+
+
 async def one_request(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], count: Callable[[str], int]
 ) -> tuple[float, float, int]:
@@ -106,24 +120,15 @@ async def one_request(
     first = None
     text = []
     usage = None
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data.strip() == "[DONE]":
-                break
-            event = json.loads(data)
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                piece = choice.get("text") or ""
-                if piece:
-                    if first is None:
-                        first = now()
-                    text.append(piece)
+    async for event in sse_events(client, f"{url}/v1/completions", body):
+        if event.get("usage"):
+            usage = event["usage"]
+        for choice in event.get("choices") or []:
+            piece = choice.get("text") or ""
+            if piece:
+                if first is None:
+                    first = now()
+                text.append(piece)
     t1 = now()
     n = usage["completion_tokens"] if usage else count("".join(text))
     return t1 - t0, (first or t1) - t0, n
@@ -200,22 +205,13 @@ async def one_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
     first = None
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data.strip() == "[DONE]":
-                break
-            event = json.loads(data)
-            usage = event.get("usage") or usage
-            timings = event.get("timings") or timings
-            for choice in event.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if first is None and (delta.get("content") or delta.get("reasoning_content")):
-                    first = now()
+    async for event in sse_events(client, f"{url}/v1/chat/completions", body):
+        usage = event.get("usage") or usage
+        timings = event.get("timings") or timings
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if first is None and (delta.get("content") or delta.get("reasoning_content")):
+                first = now()
     t1 = now()
     usage = usage or {}
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
