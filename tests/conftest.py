@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny random-weight models, the real Gemma 3 270M, and a subprocess runner."""
+"""Shared fixtures: tiny random-weight models, the real Gemma 3 270M, a subprocess runner and a free port."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,3 +58,10 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
         timeout=timeout,
         env=env,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

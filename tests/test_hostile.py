@@ -18,6 +18,7 @@ import pytest
 
 import pyllama
 
+from conftest import free_port
 from isolated_cases import run_cases
 from tiny_models import WEATHER, template_text
 
@@ -272,30 +273,26 @@ def test_tool_call_ids_of_a_stream_and_a_one_shot_reply_with_the_same_seed_agree
 # --- the server, in a process of its own on 127.0.0.1 ------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Server:
     def __init__(self, model: Path, parallel: int) -> None:
         import subprocess
         import sys
+        import tempfile
         import time
 
         import httpx
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "pyllama.server", str(model), "--port", str(self.port), "--n-ctx", "2048"]
         argv += ["--parallel", str(parallel), "--n-threads", "1", "--log-level", "warning"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise AssertionError(self.log.read().decode(errors="replace"))
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -306,6 +303,7 @@ class _Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.log.close()
 
 
 GREEDY_CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}

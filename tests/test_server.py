@@ -29,6 +29,8 @@ pytest.importorskip("fastapi")
 
 from pyllama.server import create_app  # noqa: E402
 
+from conftest import free_port  # noqa: E402
+
 KEY = "sk-test-key"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 PICK = {
@@ -513,12 +515,6 @@ def test_full_queue_is_503_with_retry_after(single: Running) -> None:
 
 
 # --- the command ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_python_m_pyllama_server_serves_and_shuts_down(tiny_chat_model_path: Path) -> None:

@@ -6,6 +6,7 @@
 #include "chat.h"  // llama.cpp's common/chat.h
 #include "large_stack.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -27,16 +28,23 @@ class ChatResult {
     // than this (which a client can provoke) is not given to them, and comes back as content.
     static constexpr int kMaxOutputDepth = 256;
 
+    // Up to this depth the parse runs on the caller's stack (any thread's holds it); deeper, on a large one.
+    static constexpr int kShallowDepth = 32;
+
     common_chat_msg parse(const std::string & text, bool is_partial) const {
-        int depth = 0;
+        int depth = 0, deepest = 0;
         for (char c : text) {  // an upper bound of the JSON nesting: brackets inside strings count too
             depth += (c == '{' || c == '[') ? 1 : (c == '}' || c == ']') ? -1 : 0;
+            deepest = std::max(deepest, depth);
             if (depth > kMaxOutputDepth) {
                 throw std::invalid_argument(
                     "the output does not parse as this template's format: it nests "
                     "brackets deeper than " +
                     std::to_string(kMaxOutputDepth) + " levels");
             }
+        }
+        if (deepest <= kShallowDepth) {
+            return parse_unbounded(text, is_partial);  // the common case: no thread per streamed piece
         }
         return on_large_stack([&] { return parse_unbounded(text, is_partial); });
     }

@@ -329,9 +329,8 @@ std::unique_ptr<Sampler> make_sampler(Model & model, const py::kwargs & kw) {
     p.dry_penalty_last_n = kwarg<int32_t>(kw, "Sampler", "dry_penalty_last_n", p.dry_penalty_last_n);
     p.min_keep           = kwarg<int32_t>(kw, "Sampler", "min_keep", p.min_keep);
     p.n_prev             = kwarg<int32_t>(kw, "Sampler", "n_prev", p.n_prev);
-    if (kw.contains("dry_sequence_breakers") && !kw["dry_sequence_breakers"].is_none()) {
-        p.dry_sequence_breakers = kwarg<std::vector<std::string>>(kw, "Sampler", "dry_sequence_breakers", {});
-    }
+    p.dry_sequence_breakers =
+        kwarg<std::vector<std::string>>(kw, "Sampler", "dry_sequence_breakers", p.dry_sequence_breakers);
     if (p.mirostat < 0 || p.mirostat > 2) {
         throw invalid_request_error("mirostat must be 0 (off), 1 or 2", "mirostat");
     }
