@@ -11,6 +11,7 @@
 #include "json-schema-to-grammar.h"
 #include "large_stack.h"
 #include "nlohmann/json.hpp"
+#include "render_guard.h"
 
 #include <algorithm>
 #include <cstring>
@@ -60,6 +61,74 @@ constexpr size_t kMaxEnumValues        = 10000;
 constexpr size_t kMaxPatternLength     = 4096;
 constexpr int    kMaxPatternGroupDepth = 256;
 
+// What llama.cpp's regex converter (json-schema-to-grammar.cpp, _visit_pattern) cannot take: it loops
+// for ever on a ']' or '}' that opens nothing, and reads before the start of a sequence for a
+// quantifier with nothing to repeat (at the start of the pattern or of a group). Scanned as it scans.
+static std::string pattern_fault(const std::string & p) {
+    if (p.empty()) {
+        return "a pattern of the schema is empty (it must start with '^' and end with '$')";
+    }
+    if (p.size() < 2 || p.front() != '^' || p.back() != '$') {
+        return {};  // llama.cpp refuses it with its own error
+    }
+    const std::string sub = p.substr(1, p.size() - 2);
+    std::vector<bool> has_item{ false };  // per open group: is there something a quantifier can repeat
+    const size_t      n = sub.size();
+    for (size_t i = 0; i < n;) {
+        const char c = sub[i];
+        if (c == '\\') {
+            i += 2;
+            has_item.back() = true;
+        } else if (c == '(') {
+            if (i + 1 < n && sub[i + 1] == '?' && !(i + 2 < n && sub[i + 2] == ':')) {
+                int depth = 1;  // a lookaround: skipped, leaving nothing to repeat
+                ++i;
+                while (i < n && depth > 0) {
+                    if (sub[i] == '\\' && i + 1 < n) {
+                        i += 2;
+                        continue;
+                    }
+                    depth += sub[i] == '(' ? 1 : sub[i] == ')' ? -1 : 0;
+                    ++i;
+                }
+                continue;
+            }
+            i += (i + 2 < n && sub[i + 1] == '?' && sub[i + 2] == ':') ? 3 : 1;
+            has_item.push_back(false);
+        } else if (c == ')') {
+            ++i;
+            if (has_item.size() > 1) {
+                has_item.pop_back();
+            }
+            has_item.back() = true;
+        } else if (c == '[') {
+            ++i;
+            while (i < n && sub[i] != ']') {
+                i += sub[i] == '\\' ? 2 : 1;
+            }
+            ++i;
+            has_item.back() = true;
+        } else if (c == ']' || c == '}') {
+            return std::string("a pattern of the schema has a '") + c + "' that closes nothing (escape it as '\\" + c +
+                   "')";
+        } else if (c == '*' || c == '+' || c == '?' || c == '{') {
+            if (!has_item.back()) {
+                return std::string("a pattern of the schema has a quantifier ('") + c + "') with nothing to repeat";
+            }
+            if (c == '{') {
+                while (i < n && sub[i] != '}') {
+                    ++i;
+                }
+            }
+            ++i;
+        } else {
+            ++i;  // a literal, '.', '|' (after which a quantifier repeats the '|' itself)
+            has_item.back() = true;
+        }
+    }
+    return {};
+}
+
 void check_schema_bounds(const nlohmann::ordered_json & schema, const char * what) {
     const auto refuse = [what](const std::string & why) {
         throw invalid_request_error(std::string(what) + ": " + why, what);
@@ -95,6 +164,10 @@ void check_schema_bounds(const nlohmann::ordered_json & schema, const char * wha
                 if (p.size() > kMaxPatternLength) {
                     refuse("a pattern of the schema has " + std::to_string(p.size()) + " characters; the limit is " +
                            std::to_string(kMaxPatternLength));
+                }
+                const std::string fault = pattern_fault(p);
+                if (!fault.empty()) {
+                    refuse(fault);
                 }
                 int depth = 0;
                 for (size_t i = 0; i < p.size(); ++i) {
@@ -301,11 +374,49 @@ class ChatTemplate {
         }
         log_capture capture;
         try {
-            tmpls_ = common_chat_templates_init(m.get(), source, bos, eos);
+            // parsing recurses over the source, and finding the template's capabilities renders it
+            tmpls_ = on_large_stack([&] {
+                render_scope guard;
+                try {
+                    return common_chat_templates_init(m.get(), source, bos, eos);
+                } catch (const std::exception &) {
+                    refuse_if_over(guard, "while its capabilities were probed");
+                    throw;
+                }
+            });
+        } catch (const template_error &) {
+            throw;
         } catch (const std::bad_alloc &) {
             throw;  // MemoryError
         } catch (const std::exception & e) {
             throw std::invalid_argument(std::string("the chat template does not parse: ") + e.what());
+        }
+    }
+
+    // The size of what a render is given (it scales the render's time limit).
+    static size_t input_bytes(const common_chat_templates_inputs & in) {
+        size_t n = in.chat_template_kwargs.size() * 16;
+        for (const auto & m : in.messages) {
+            n += m.role.size() + m.content.size() + m.reasoning_content.size() + m.tool_name.size() +
+                 m.tool_call_id.size();
+            for (const auto & part : m.content_parts) {
+                n += part.text.size();
+            }
+            for (const auto & call : m.tool_calls) {
+                n += call.name.size() + call.arguments.size() + call.id.size();
+            }
+        }
+        for (const auto & t : in.tools) {
+            n += t.name.size() + t.description.size() + t.parameters.size();
+        }
+        return n;
+    }
+
+    // A render that went past a limit of the render guard ends as a TemplateError saying which.
+    static void refuse_if_over(const render_scope & guard, const char * when) {
+        const std::string over = guard.exceeded();
+        if (!over.empty()) {
+            throw template_error("the chat template " + over + " " + when + ", and was stopped", "messages");
         }
     }
 
@@ -340,7 +451,16 @@ class ChatTemplate {
     }
 
     bool supports_thinking() const {
-        return legacy_.empty() && common_chat_templates_support_enable_thinking(tmpls_.get());
+        if (!legacy_.empty()) {
+            return false;
+        }
+        render_scope guard;
+        try {
+            return common_chat_templates_support_enable_thinking(tmpls_.get());
+        } catch (const std::exception &) {
+            refuse_if_over(guard, "while its thinking support was probed");
+            throw;
+        }
     }
 
     // Plain chat through llama_chat_apply_template: no tools, no reasoning; a JSON schema or grammar
@@ -395,6 +515,19 @@ class ChatTemplate {
                                       common_reasoning_format      reasoning_format,
                                       const std::string &          named_tool,
                                       bool                         strict) const {
+        render_scope guard(input_bytes(inputs));
+        try {
+            return apply_guarded(std::move(inputs), reasoning_format, named_tool, strict);
+        } catch (const std::exception &) {
+            refuse_if_over(guard, "while rendering these messages");
+            throw;
+        }
+    }
+
+    std::shared_ptr<ChatResult> apply_guarded(common_chat_templates_inputs inputs,
+                                              common_reasoning_format      reasoning_format,
+                                              const std::string &          named_tool,
+                                              bool                         strict) const {
         if (!legacy_.empty()) {
             if (inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE) {
                 throw std::invalid_argument("continue_final_message needs a Jinja chat template, not the built-in '" +
@@ -549,7 +682,8 @@ class ChatTemplate {
     }
 
     std::string render(const common_chat_templates_inputs & in) const {
-        log_capture capture;  // a probe's complaints are not the caller's
+        log_capture  capture;  // a probe's complaints are not the caller's
+        render_scope guard;
         return legacy_.empty() ? common_chat_templates_apply(tmpls_.get(), in).prompt : apply_legacy(in)->params.prompt;
     }
 
@@ -724,6 +858,65 @@ common_chat_templates_inputs make_inputs(const py::object & messages,
 }  // namespace
 
 void register_chat(py::module_ & m) {
+    m.def(
+        "template_limits",
+        [] {
+            const render_limits l = get_render_limits();
+            py::dict            out;
+            out["seconds"]                 = l.seconds;
+            out["memory"]                  = l.bytes;
+            out["stack"]                   = l.stack;
+            out["active"]                  = render_guard_active();
+            out["seconds_per_input_bytes"] = kSecondsPerBytes;
+            return out;
+        },
+        "The limits on one chat-template render: seconds inside Jinja (as many again per\n"
+        "seconds_per_input_bytes of messages and tools), bytes allocated and not yet freed inside it, stack\n"
+        "depth; active is False where the build cannot enforce them (the guard needs Linux and libstdc++).");
+    m.def(
+        "set_template_limits",
+        [](py::object seconds, py::object memory, py::object stack) {
+            render_limits l = get_render_limits();
+            if (!seconds.is_none()) {
+                const double v = seconds.cast<double>();
+                if (!(v > 0)) {
+                    throw invalid_request_error("seconds must be > 0", "seconds");
+                }
+                l.seconds = v;
+            }
+            if (!memory.is_none()) {
+                const auto v = memory.cast<int64_t>();
+                if (v < (int64_t{ 1 } << 20)) {
+                    throw invalid_request_error("memory must be at least 1 MiB (1048576 bytes)", "memory");
+                }
+                l.bytes = static_cast<size_t>(v);
+            }
+            if (!stack.is_none()) {
+                const auto v = stack.cast<int64_t>();
+                if (v < (int64_t{ 64 } << 10) || v > static_cast<int64_t>(kLargeStackBytes)) {
+                    throw invalid_request_error("stack must be from 64 KiB to 256 MiB", "stack");
+                }
+                l.stack = static_cast<size_t>(v);
+            }
+            set_render_limits(l);
+        },
+        py::kw_only(), py::arg("seconds") = py::none(), py::arg("memory") = py::none(), py::arg("stack") = py::none(),
+        "Change the limits on chat-template renders, for every template from now on (None keeps a limit).");
+    m.def(
+        "template_render_peaks",
+        [](bool reset) {
+            const render_cost c = render_peaks();
+            if (reset) {
+                reset_render_peaks();
+            }
+            py::dict out;
+            out["seconds"] = c.seconds;
+            out["memory"]  = c.bytes;
+            out["stack"]   = c.stack;
+            return out;
+        },
+        py::arg("reset") = false,
+        "The most any one render has spent of each limit since the last reset (how much room they leave).");
     py::class_<ChatResult, std::shared_ptr<ChatResult>> res(m, "ChatResult",
                                                             "The prompt and constraints of one ChatTemplate.apply.");
     res.def_property_readonly("prompt", [](const ChatResult & r) { return r.params.prompt; });

@@ -627,7 +627,12 @@ void Scheduler::sample(const std::shared_ptr<Request> & r, const llama_vocab * v
         auto u = ctx_.acquire();
         lp     = logprob_of(u.ctx, ctx_.check_output(r->row_, "logprobs"), vocab, tok, r->opt_.logprobs);
     }
-    r->sampler_->accept(tok, true);
+    try {
+        r->sampler_->accept(tok, true);
+    } catch (const std::invalid_argument & e) {
+        // the token drawn is one the grammar refuses: the grammar allows no token the model has here
+        throw grammar_error(std::string("the grammar cannot be satisfied: ") + e.what());
+    }
     if (!r->opt_.ignore_eos && llama_vocab_is_eog(vocab, tok)) {
         release(r, "stop");
         return;

@@ -37,10 +37,13 @@ from ._core import (
     json_schema_to_grammar,
     kv_cache_types,
     max_devices,
+    set_template_limits,
     supports_gpu_offload,
     supports_mlock,
     supports_mmap,
     system_info,
+    template_limits,
+    template_render_peaks,
 )
 from ._logging import logger, set_log_level
 from .cache import DiskCache, LlamaState, RAMCache, StateCache
@@ -51,6 +54,7 @@ from .errors import (
     GrammarError,
     InvalidRequestError,
     ModelLoadError,
+    RequestTooComplexError,
     TemplateError,
 )
 from .llama import AsyncStream, Llama, Stream
@@ -80,6 +84,7 @@ __all__ = [
     "ModelLoadError",
     "Notifier",
     "RAMCache",
+    "RequestTooComplexError",
     "Sampler",
     "StateCache",
     "Stream",
@@ -93,10 +98,13 @@ __all__ = [
     "logger",
     "max_devices",
     "set_log_level",
+    "set_template_limits",
     "supports_gpu_offload",
     "supports_mlock",
     "supports_mmap",
     "system_info",
+    "template_limits",
+    "template_render_peaks",
     "tools",
     "vet_template",
 ]

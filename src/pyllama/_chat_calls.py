@@ -340,16 +340,23 @@ class ChatCalls(LlamaBase):
         try:
             gen = self._generate(use, tokens, sampler, budget, stops, n_top)
             reply = ReplyStream(result, meta["id_seed"])
-            yield chunk({"role": "assistant", "content": ""})
+            # the role comes with the first token, so that an error of the first step (a grammar no
+            # token satisfies) ends the stream before any chunk, as a server's status
+            role: dict[str, Any] | None = chunk({"role": "assistant", "content": ""})
             # an error of the generation itself reaches the caller; output that does not parse as the
             # template's format is no error: the reply carries it as the one-shot reply does
             for piece in streams.text_pieces(use, gen):
                 if piece is streams.WAIT:
                     yield streams.WAIT
                     continue
+                if role is not None:
+                    yield role
+                    role = None
                 assert isinstance(piece, str)
                 for delta in reply.feed(piece):
                     yield chunk(delta)
+            if role is not None:
+                yield role
             message, rest = reply.finish()  # what the one-shot reply of this text has that was not sent
             for delta in rest:
                 yield chunk(delta)

@@ -20,7 +20,7 @@ from ._fitting import MODEL_OPTIONS, MODELS, default_n_ctx
 from .cache import LlamaState, StateCache, common_prefix
 from .chat import ChatTemplate
 from .errors import ContextLengthError, invalid
-from .streams import HANDLE, OWNER, AsyncStream, Gen, Stream, Use, current_owner, task_id
+from .streams import HANDLE, OWNER, PREPARE_DEADLINE, AsyncStream, Gen, Stream, Use, current_owner, task_id
 
 _L = TypeVar("_L", bound="LlamaBase")
 
@@ -119,7 +119,7 @@ class LlamaBase:
             self._embedding_context()
         self._template = ChatTemplate(self._model, template=chat_template)
         self._state = threading.Lock()  # guards _uses
-        self._uses: dict[object, Use] = {}  # each owner's use in progress
+        self._uses: dict[object, list[Use]] = {}  # each owner's uses in progress, oldest first
         self._seed = seed
         self._rng = random.Random(seed)
         self._cache = cache
@@ -205,22 +205,34 @@ class LlamaBase:
     # --- the shared machinery -----------------------------------------------------------------
 
     def _enter(self, use: Use) -> None:
-        """Register a use. A new call from the owner of a stream that is suspended (the caller broke
-        out of it and kept the iterator) ends that stream: it was abandoned, and would hold its
-        sequence for as long as its max_tokens allow. Calls themselves never wait here: the generation
-        core queues what finds no free sequence."""
+        """Register a use. A new call from an owner whose suspended streams hold every sequence (the
+        caller broke out of them and kept the iterators) ends the oldest of them: it was abandoned, and
+        the new call would wait for it for as long as its max_tokens allow. Calls themselves never wait
+        here: the generation core queues what finds no free sequence."""
         self._check_open()
         with self._state:
-            previous = self._uses.get(use.owner)
-            if previous is not None and not previous.running:
-                previous.abandoned = True
-                previous.cancel()
-            self._uses[use.owner] = use
+            mine = self._uses.setdefault(use.owner, [])
+            suspended = [u for u in mine if not u.running]
+            while suspended and len(suspended) >= self.n_parallel:
+                oldest = suspended.pop(0)
+                oldest.abandoned = True
+                oldest.cancel()
+                mine.remove(oldest)
+            mine.append(use)
 
     def _exit(self, use: Use) -> None:
+        """Unregister a use: its generation stops if it has not ended (a stream closed, or dropped and
+        collected, before its last chunk frees its sequence at once)."""
+        gen = use.generation
+        if gen is not None and not gen.finish_reason:
+            gen.cancel()
         with self._state:
-            if self._uses.get(use.owner) is use:
-                del self._uses[use.owner]
+            mine = self._uses.get(use.owner)
+            if mine is not None:
+                if use in mine:
+                    mine.remove(use)
+                if not mine:
+                    del self._uses[use.owner]
 
     def _generate(
         self,
@@ -232,6 +244,9 @@ class LlamaBase:
         n_top: int,
         ignore_eos: bool = False,
     ) -> Gen:
+        deadline = PREPARE_DEADLINE.get()
+        if deadline is not None:
+            deadline.check()
         self._restore_from_cache(tokens)
         gen = self._engine.submit(
             tokens,
@@ -417,8 +432,17 @@ class LlamaBase:
         task = asyncio.current_task()
         token = OWNER.set(("task", task_id(task)))
         try:
+            deadline = PREPARE_DEADLINE.get()
+            if deadline is not None:
+                deadline.start()
             if kwargs.get("stream"):
-                return AsyncStream(fn(*args, **kwargs))
+                # the template, grammars, schemas and sampler are prepared off the event loop (a server
+                # bounds this wait itself: the first chunk, maybe after a wait for a slot, is not checked)
+                try:
+                    return AsyncStream(await asyncio.to_thread(fn, *args, **kwargs))
+                finally:
+                    if deadline is not None:
+                        deadline.armed = False
             handle = Use(current_owner())
 
             def call() -> Any:

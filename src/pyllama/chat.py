@@ -3,8 +3,10 @@
 llama.cpp's Jinja engine has no recursion limit, no time limit and no memory limit at the pinned
 commit, and even building a template runs template code (to detect its capabilities). A template
 that recurses without bound overflows the stack (a crash no exception can catch); one that loops
-for ever or builds a huge string hangs or exhausts memory. So every template is vetted once, by its
-hash, before it is used in process:
+for ever or builds a huge string hangs or exhausts memory. On Linux builds every render runs under
+the C++ render guard's limits (``pyllama.template_limits()``; src/cpp/render_guard.h), which end such
+a render with TemplateError. As a first filter, and the only one where the guard is off, every
+template is vetted once, by its hash, before it is used in process:
 
 1. a static check: the size, the nesting of blocks and of expressions;
 2. a first build and render in a child process, with limits on CPU time, address space and wall

@@ -318,6 +318,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="largest request body accepted (default 8 MiB)",
     )
+    parser.add_argument(
+        "--prepare-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a request may take to prepare (template, schemas, grammar) before a 400 (default 10)",
+    )
     parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
 
 
@@ -329,8 +336,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         print(f"pyllama: the server needs {e.name}: pip install 'pyllama[server]'", file=sys.stderr)
         return 1
-    if args.parallel < 1 or args.max_queue < 0 or args.max_request_bytes < 1:
-        raise _UsageError("--parallel and --max-request-bytes must be >= 1, --max-queue >= 0")
+    if args.parallel < 1 or args.max_queue < 0 or args.max_request_bytes < 1 or not args.prepare_timeout > 0:
+        raise _UsageError("--parallel and --max-request-bytes must be >= 1, --max-queue >= 0, --prepare-timeout > 0")
     with _load(args, args.model, n_parallel=args.parallel) as llm:
         try:
             serve(
@@ -341,6 +348,7 @@ def _serve(args: argparse.Namespace) -> int:
                 alias=args.alias,
                 max_queue=args.max_queue,
                 max_request_bytes=args.max_request_bytes,
+                prepare_timeout=args.prepare_timeout,
                 log_level=args.log_level,
             )
         except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it

@@ -13,7 +13,8 @@ mistake: it is also a ``ValueError`` and names the request parameter at fault in
     └── InvalidRequestError (ValueError)
         ├── ContextLengthError      the prompt, with max_tokens, does not fit the context
         ├── TemplateError           the chat template refused the messages, or is refused
-        └── GrammarError            a grammar or a JSON schema that does not compile
+        ├── GrammarError            a grammar or a JSON schema that does not compile
+        └── RequestTooComplexError  preparing the request took longer than its time limit (a server's)
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ __all__ = [
     "InvalidRequestError",
     "LlamaError",
     "ModelLoadError",
+    "RequestTooComplexError",
     "TemplateError",
 ]
+
+
+class RequestTooComplexError(InvalidRequestError):
+    """Preparing a request (rendering its template, converting its schemas, compiling its grammar,
+    building its sampler) took longer than the time limit a server sets (``prepare_timeout``)."""
 
 
 def invalid(message: str, param: str | None = None, kind: type[InvalidRequestError] = InvalidRequestError) -> Any:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
 from . import _core
+from .errors import RequestTooComplexError
 
 __all__ = ["AsyncStream", "Stream"]
 
@@ -87,12 +89,39 @@ OWNER: ContextVar[object | None] = ContextVar("pyllama_owner", default=None)
 HANDLE: ContextVar[Use | None] = ContextVar("pyllama_handle", default=None)
 
 
+class Deadline:
+    """A time limit on preparing an async call (rendering, grammars, schemas, the sampler): a server
+    sets one (``PREPARE_DEADLINE``) for each request. The clock starts when the call starts (after any
+    wait for a slot) and is checked once, when its first generation is submitted."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at: float | None = None
+        self.armed = True
+
+    def start(self) -> None:
+        if self.at is None:
+            self.at = time.monotonic() + self.seconds
+
+    def check(self) -> None:
+        if not self.armed:
+            return
+        self.armed = False  # later rounds of the same call (tool rounds) are generation, not preparation
+        if self.at is not None and time.monotonic() > self.at:
+            raise RequestTooComplexError(
+                f"preparing the request (template, grammar, schema, sampler) took longer than {self.seconds:g} s"
+            )
+
+
+PREPARE_DEADLINE: ContextVar[Deadline | None] = ContextVar("pyllama_prepare_deadline", default=None)
+
+
 class Use:
     """One use of a Llama: a call, or a stream from its first chunk to its last.
 
-    ``owner`` is who started it (a thread, or an asyncio task): a new call from the same owner while
-    its stream is suspended means that stream was abandoned (the caller broke out of it), so the new
-    call takes the Llama over instead of waiting for ever.
+    ``owner`` is who started it (a thread's token, or an asyncio task's): a new call from the same
+    owner while its streams hold every sequence means one of them was abandoned (the caller broke out
+    of it), so the new call takes its sequence over instead of waiting for ever.
     """
 
     def __init__(self, owner: object) -> None:
@@ -123,9 +152,24 @@ class Use:
             other.cancel()
 
 
+class _ThreadOwner:
+    """The owner of the uses started by one thread: an object of its own for the thread's life, where a
+    thread id would be reused by a later thread (and end that thread's predecessor's streams)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_THREAD = threading.local()
+
+
 def current_owner() -> object:
     owner = OWNER.get()
-    return owner if owner is not None else threading.get_ident()
+    if owner is not None:
+        return owner
+    mine: _ThreadOwner | None = getattr(_THREAD, "owner", None)
+    if mine is None:
+        mine = _THREAD.owner = _ThreadOwner()
+    return mine
 
 
 class Stream(Iterator[dict[str, Any]]):
@@ -142,7 +186,9 @@ class Stream(Iterator[dict[str, Any]]):
 
     def __next__(self) -> dict[str, Any]:
         if self._use.abandoned:
-            raise StopIteration
+            raise _core.CancelledError(
+                "this stream was abandoned: a later call from the thread or task that started it took its sequence"
+            )
         self._use.running = True
         try:
             return next(self._chunks)

@@ -10,10 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..llama import Llama
-from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, create_app
+from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREPARE_TIMEOUT, create_app
 from .params import APIError
 
-__all__ = ["DEFAULT_MAX_QUEUE", "DEFAULT_MAX_REQUEST_BYTES", "APIError", "create_app", "serve"]
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_PREPARE_TIMEOUT",
+    "APIError",
+    "create_app",
+    "serve",
+]
 
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -27,13 +34,21 @@ def serve(
     alias: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
     log_level: str = "info",
 ) -> None:
     """Serve ``llm`` until SIGINT or SIGTERM. On shutdown the server stops accepting connections and
     lets the requests in progress finish (cancelling those still running after 10 s)."""
     import uvicorn
 
-    app = create_app(llm, api_key=api_key, alias=alias, max_queue=max_queue, max_request_bytes=max_request_bytes)
+    app = create_app(
+        llm,
+        api_key=api_key,
+        alias=alias,
+        max_queue=max_queue,
+        max_request_bytes=max_request_bytes,
+        prepare_timeout=prepare_timeout,
+    )
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )

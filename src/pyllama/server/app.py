@@ -22,17 +22,27 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import _core
-from ..errors import CancelledError, ContextLengthError, GrammarError, InvalidRequestError, TemplateError
+from ..errors import (
+    CancelledError,
+    ContextLengthError,
+    GrammarError,
+    InvalidRequestError,
+    RequestTooComplexError,
+    TemplateError,
+)
 from ..llama import AsyncStream, Llama
+from ..streams import PREPARE_DEADLINE, Deadline
 from . import params
 from .params import APIError
 
-__all__ = ["DEFAULT_MAX_QUEUE", "DEFAULT_MAX_REQUEST_BYTES", "create_app"]
+__all__ = ["DEFAULT_MAX_QUEUE", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_PREPARE_TIMEOUT", "create_app"]
 
 logger = logging.getLogger("pyllama.server")
 
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MIN_TOKENIZE_LIMIT = 65536  # tokens one /tokenize or /detokenize takes at least (else 4x n_ctx_train)
+DEFAULT_PREPARE_TIMEOUT = 10.0  # seconds to render, convert schemas, compile grammars, build the sampler
 RETRY_AFTER_S = 1
 PUBLIC_PATHS = frozenset({"/health"})  # answered without an API key
 
@@ -213,6 +223,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply to be read", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -223,6 +235,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 # TypeError) are 400 naming the field; anything else is the server's fault: 500, details logged.
 _STATUS: tuple[tuple[type[BaseException], int, str, str | None], ...] = (
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (RequestTooComplexError, 400, "invalid_request_error", "request_too_complex"),
     (TemplateError, 400, "invalid_request_error", "template_error"),
     (GrammarError, 400, "invalid_request_error", "invalid_grammar"),
     (InvalidRequestError, 400, "invalid_request_error", None),
@@ -252,19 +265,40 @@ def translate(error: BaseException, fields: Iterable[str]) -> APIError:
             param = None  # a name of the Python API that is no field of this request
         if param is None and isinstance(error, (ContextLengthError, TemplateError)):
             param = "messages" if "messages" in known else "prompt" if "prompt" in known else None
+        if param is None and isinstance(error, GrammarError):  # e.g. a grammar that rejects every token
+            param = next((f for f in ("grammar", "json_schema", "response_format", "tools") if f in known), None)
         return APIError(status, str(error), type=type_, param=param, code=code)
     logger.error("request failed", exc_info=error)
     return APIError(500, "internal error: the server could not complete the request", type="server_error")
 
 
 class _Server:
-    """What the routes share: the Llama, the model's id and the slots."""
+    """What the routes share: the Llama, the model's id, the slots and the time limit on preparing."""
 
-    def __init__(self, llm: Llama, model_id: str, slots: Slots) -> None:
+    def __init__(self, llm: Llama, model_id: str, slots: Slots, prepare_timeout: float) -> None:
         self.llm = llm
         self.model_id = model_id
         self.slots = slots
+        self.prepare_timeout = prepare_timeout
         self.created = int(time.time())
+
+    def deadline(self) -> None:
+        """Bound the preparation of this request (the calls it makes from here inherit the limit)."""
+        PREPARE_DEADLINE.set(Deadline(self.prepare_timeout))
+
+    async def stream(self, fields: Iterable[str], call: Awaitable[Any]) -> AsyncStream:
+        """The AsyncStream of ``achat``/``acomplete(stream=True)``, prepared off the event loop within the
+        time limit: its errors come back as a status before any event. A preparation that overruns is
+        answered at once; its thread finishes in the background (the input bounds keep that short)."""
+        try:
+            chunks = await asyncio.wait_for(call, self.prepare_timeout)
+        except asyncio.TimeoutError:
+            error = RequestTooComplexError(f"preparing the request took longer than {self.prepare_timeout:g} s")
+            raise translate(error, fields) from None
+        except Exception as e:
+            raise translate(e, fields) from e
+        assert isinstance(chunks, AsyncStream)
+        return chunks
 
     async def run(self, request: Request, fields: Iterable[str], work: Callable[[], Awaitable[T]]) -> T | None:
         """``work()`` in a slot (waiting in the queue for one); cancelled, with None returned, when
@@ -397,17 +431,6 @@ class EventStream(Response):
                     self.server.slots.release()
 
 
-async def _stream(server: _Server, fields: Iterable[str], call: Awaitable[Any]) -> AsyncStream:
-    """The AsyncStream of ``achat``/``acomplete(stream=True)``: the request is checked and rendered
-    here, so that its errors come back as a status before any event."""
-    try:
-        chunks = await call
-    except Exception as e:
-        raise translate(e, fields) from e
-    assert isinstance(chunks, AsyncStream)
-    return chunks
-
-
 def _disconnected_response() -> Response:
     return Response(status_code=499)  # nobody reads it: the client went away
 
@@ -422,6 +445,7 @@ def create_app(
     alias: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes).
 
@@ -429,13 +453,17 @@ def create_app(
     (``/health`` excepted). ``alias``: the model id clients see (default: the file's stem).
     At most ``llm.n_parallel`` requests generate at once; up to ``max_queue`` more wait in order,
     and past that the answer is 503 with ``Retry-After``. Bodies over ``max_request_bytes`` are 413.
+    Preparing a request (template, schemas, grammar, sampler) happens off the event loop; one that takes
+    longer than ``prepare_timeout`` seconds is answered 400 (``request_too_complex``).
     """
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     if any(not k for k in keys):
         raise ValueError("an API key must not be empty")
     if max_request_bytes < 1:
         raise ValueError("max_request_bytes must be >= 1")
-    server = _Server(llm, alias or llm.model_name, Slots(llm.n_parallel, max_queue))
+    if not prepare_timeout > 0:
+        raise ValueError("prepare_timeout must be > 0")
+    server = _Server(llm, alias or llm.model_name, Slots(llm.n_parallel, max_queue), prepare_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -501,8 +529,9 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body = await _json_body(request)
         messages, kwargs, stream, include_usage = params.chat_kwargs(body)
+        server.deadline()
         if stream:
-            chunks = await _stream(server, body, llm.achat(messages, stream=True, **kwargs))
+            chunks = await server.stream(body, llm.achat(messages, stream=True, **kwargs))
             return EventStream(server, chunks, include_usage=include_usage, fields=body)
         result = await server.run(request, body, lambda: llm.achat(messages, **kwargs))
         return _disconnected_response() if result is None else JSONBody(named(result))
@@ -511,8 +540,9 @@ def create_app(
     async def completions(request: Request) -> Response:
         body = await _json_body(request)
         prompt, kwargs, stream, include_usage = params.completion_kwargs(body)
+        server.deadline()
         if stream:
-            chunks = await _stream(server, body, llm.acomplete(prompt, stream=True, **kwargs))
+            chunks = await server.stream(body, llm.acomplete(prompt, stream=True, **kwargs))
             return EventStream(server, chunks, include_usage=include_usage, fields=body)
         result = await server.run(request, body, lambda: llm.acomplete(prompt, **kwargs))
         return _disconnected_response() if result is None else JSONBody(named(result))
@@ -541,6 +571,17 @@ def create_app(
 
     # --- llama-server's extras ---
 
+    def token_limit() -> int:
+        return max(4 * int(llm.model.n_ctx_train), MIN_TOKENIZE_LIMIT)
+
+    def too_many(n: int, what: str) -> APIError:
+        return APIError(
+            413,
+            f"{what} {n} tokens; one request takes at most {token_limit()}",
+            param="content" if what == "the content has" else "tokens",
+            code="too_many_tokens",
+        )
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         body = await _json_body(request)
@@ -548,23 +589,32 @@ def create_app(
         add_special = _flag(body, "add_special", False)
         parse_special = _flag(body, "parse_special", True)
         with_pieces = _flag(body, "with_pieces", False)
-        tokens = await asyncio.to_thread(llm.tokenize, content, add_special, parse_special)
-        if not with_pieces:
-            return JSONBody({"tokens": tokens})
-        pieces = [{"id": t, "piece": _piece(llm.model.token_to_piece(t, special=True))} for t in tokens]
-        return JSONBody({"tokens": pieces})
+
+        def work() -> list[Any] | APIError:
+            tokens = llm.tokenize(content, add_special, parse_special)
+            if len(tokens) > token_limit():
+                return too_many(len(tokens), "the content has")
+            if not with_pieces:
+                return tokens
+            return [{"id": t, "piece": _piece(llm.model.token_to_piece(t, special=True))} for t in tokens]
+
+        result = await server.run(request, body, lambda: asyncio.to_thread(work))
+        if result is None:
+            return _disconnected_response()
+        if isinstance(result, APIError):
+            raise result
+        return JSONBody({"tokens": result})
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         body = await _json_body(request)
         raw = params.array("tokens", body.get("tokens"))
+        if len(raw) > token_limit():
+            raise too_many(len(raw), "tokens has")
         tokens = [params.integer(0, params.TOKEN_MAX)(f"tokens[{i}]", t) for i, t in enumerate(raw)]
         special = _flag(body, "special", True)
-        try:
-            content = await asyncio.to_thread(llm.detokenize, tokens, special)
-        except Exception as e:
-            raise translate(e, body) from e
-        return JSONBody({"content": content})
+        content = await server.run(request, body, lambda: asyncio.to_thread(llm.detokenize, tokens, special))
+        return _disconnected_response() if content is None else JSONBody({"content": content})
 
     @app.post("/apply-template")
     async def apply_template(request: Request) -> Response:
@@ -589,7 +639,12 @@ def create_app(
             if body.get(name) is not None:
                 kwargs[name] = check(name, body[name])
         try:
-            result = await asyncio.to_thread(llm.chat_template.apply, messages, **kwargs)
+            result = await asyncio.wait_for(
+                asyncio.to_thread(llm.chat_template.apply, messages, **kwargs), server.prepare_timeout
+            )
+        except asyncio.TimeoutError:
+            error = RequestTooComplexError(f"rendering took longer than {server.prepare_timeout:g} s")
+            raise translate(error, body) from None
         except Exception as e:
             raise translate(e, body) from e
         return JSONBody({"prompt": result.prompt})
