@@ -18,7 +18,7 @@ from live_server import LiveServer
 
 from conftest import run_python
 
-BUDGET_S = 20.0  # per fuzz test
+BUDGET_S = 10.0  # per fuzz test (a new seed each run)
 
 # --- generators (shared by the library fuzz, which runs them in a child process) -------------------
 

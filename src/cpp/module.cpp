@@ -43,6 +43,10 @@ PYBIND11_MODULE(_core, m) {
                   "A chat template was refused, or refused to render these messages.", false);
     static PyObject * grammar_type =
         make_type("GrammarError", py::handle(invalid_type), "A grammar or JSON schema that does not compile.", false);
+    make_type("RequestTooComplexError", py::handle(invalid_type),
+              "Preparing a request (its template, schemas, grammar, sampler) took longer than the time limit a "
+              "server sets (prepare_timeout).",
+              false);
 
     // One translator for the glue's exceptions. Messages often quote llama.cpp's log or the input
     // (a state's bytes, a file's metadata), which need not be UTF-8: decode them leniently, so that

@@ -66,10 +66,24 @@ token_logprob logprob_of(llama_context * ctx, int32_t j, const llama_vocab * voc
     return lp;
 }
 
+// Each generated token is checked against every stop string, over the last max_stop_ bytes.
+constexpr size_t kMaxStops     = 128;
+constexpr size_t kMaxStopBytes = 4096;
+
 generated_text::generated_text(const std::vector<std::string> & stop) : stop_(stop) {
+    if (stop_.size() > kMaxStops) {
+        throw invalid_request_error(
+            "stop: " + std::to_string(stop_.size()) + " stop strings; the limit is " + std::to_string(kMaxStops),
+            "stop");
+    }
     for (const auto & s : stop_) {
         if (s.empty()) {
             throw invalid_request_error("stop strings must not be empty", "stop");
+        }
+        if (s.size() > kMaxStopBytes) {
+            throw invalid_request_error("stop: a stop string has " + std::to_string(s.size()) +
+                                            " bytes; the limit is " + std::to_string(kMaxStopBytes),
+                                        "stop");
         }
         max_stop_ = std::max(max_stop_, s.size());
     }

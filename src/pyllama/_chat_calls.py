@@ -113,8 +113,8 @@ class ChatCalls(LlamaBase):
                 use = Use(current_owner())
                 return Stream(self._tool_rounds_stream(use, list(messages), toolbox, max_tool_rounds, kwargs), use)
             return self._tool_rounds(list(messages), toolbox, max_tool_rounds, kwargs, parse_as)
-        if n < 1:
-            raise invalid("n must be >= 1", "n")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _oa.MAX_CHOICES:
+            raise invalid(f"n must be an int from 1 to {_oa.MAX_CHOICES}", "n")
         if n > 1:
             if stream:
                 raise invalid("stream=True takes n=1", "n")

@@ -41,8 +41,8 @@ class CompletionCalls(LlamaBase):
         """
         many = not isinstance(prompt, str) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts: list[Any] = list(prompt) if many else [prompt]
-        if n < 1:
-            raise invalid("n must be >= 1", "n")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _oa.MAX_CHOICES:
+            raise invalid(f"n must be an int from 1 to {_oa.MAX_CHOICES}", "n")
         if len(prompts) == 1 and n == 1:
             return self._complete_one(prompts[0], seed=seed, stream=stream, **kwargs)
         if stream:

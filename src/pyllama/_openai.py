@@ -67,6 +67,9 @@ def check_sampling(sampling: dict[str, Any]) -> None:
         raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
 
 
+MAX_CHOICES = 128  # n, as OpenAI allows
+
+
 def stop_list(stop: str | Sequence[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     for i, s in enumerate(stops):

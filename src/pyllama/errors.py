@@ -28,6 +28,7 @@ from ._core import (
     InvalidRequestError,
     LlamaError,
     ModelLoadError,
+    RequestTooComplexError,
     TemplateError,
 )
 
@@ -41,11 +42,6 @@ __all__ = [
     "RequestTooComplexError",
     "TemplateError",
 ]
-
-
-class RequestTooComplexError(InvalidRequestError):
-    """Preparing a request (rendering its template, converting its schemas, compiling its grammar,
-    building its sampler) took longer than the time limit a server sets (``prepare_timeout``)."""
 
 
 def invalid(message: str, param: str | None = None, kind: type[InvalidRequestError] = InvalidRequestError) -> Any:
