@@ -310,6 +310,42 @@ def test_gemma_greedy_complete_equals_the_argmax_loop(gemma_path: Path) -> None:
     assert out["choices"][0]["text"] == llm_text(gemma_path, loop[len(tokens) :])
 
 
+def _greedy_with_margins(llm: pyllama.Llama, prompt: list[int], n: int) -> tuple[list[str], list[float], int]:
+    """The greedy tokens of a completion, the top-2 logprob margin at each, and the prompt tokens reused."""
+    out = llm.complete(prompt, max_tokens=n, ignore_eos=True, logprobs=2, temperature=0.0)
+    lp = out["choices"][0]["logprobs"]
+    margins = []
+    for top in lp["top_logprobs"]:
+        best = sorted(top.values(), reverse=True)
+        margins.append(best[0] - best[1] if len(best) > 1 else float("inf"))
+    return lp["tokens"], margins, out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("swa_full", [True, False])
+def test_gemma_reuses_a_prefix_only_where_its_sliding_window_is_whole(gemma_path: Path, swa_full: bool) -> None:
+    """Gemma 3's sliding-window layers (512 positions) keep every position with swa_full (llama.cpp's
+    default), and without it only what their cache holds (512 + n_ubatch cells). After an 800-token
+    prompt, a prompt sharing its first 500 tokens reuses them with swa_full, and is evaluated afresh
+    without (the cells its window reaches back to are gone); either way its greedy tokens are a fresh
+    Llama's, up to the first near-tie (top-2 margin under 1e-3)."""
+    words = " ".join(f"item{i}" for i in range(800))
+    settings: dict[str, Any] = {"n_ctx": 1024, "n_batch": 64, "n_ubatch": 64, "n_threads": 2, "swa_full": swa_full}
+    with pyllama.Llama(gemma_path, **settings) as llm:
+        first = llm.tokenize("List: " + words)[:800]
+        assert len(first) == 800 and llm.model.n_swa == 512
+        second = first[:500] + llm.tokenize(" and now the sky is", add_special=False)
+        llm.complete(first, max_tokens=4, temperature=0.0)
+        got, _, reused = _greedy_with_margins(llm, second, 12)
+    with pyllama.Llama(gemma_path, **settings) as fresh:
+        want, margins, _ = _greedy_with_margins(fresh, second, 12)
+    assert reused == (500 if swa_full else 0)
+    for g, w, margin in zip(got, want, margins, strict=True):
+        if margin < 1e-3:
+            break
+        assert g == w
+
+
 def llm_text(path: Path, tokens: list[int]) -> str:
     model = pyllama.Model(str(path), vocab_only=True)
     return str(model.detokenize(tokens))

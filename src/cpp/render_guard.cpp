@@ -4,6 +4,7 @@
 #include "render_guard.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -47,6 +48,14 @@ struct account {
 
 thread_local account * current = nullptr;
 
+// Scopes alive in any thread: while none is, every wrapper returns after one relaxed load of this,
+// without touching thread-local storage (a call of __tls_get_addr in a loaded module).
+std::atomic<int> scopes_alive{ 0 };
+
+inline account * active_account() {
+    return scopes_alive.load(std::memory_order_relaxed) == 0 ? nullptr : current;
+}
+
 std::mutex    limits_mtx;
 render_limits limits_now;
 render_cost   peaks;
@@ -66,7 +75,7 @@ double seconds_in(const account & a) {
 
 // Every allocation inside Jinja comes here first.
 inline void charge(size_t n) {
-    account * a = current;
+    account * a = active_account();
     if (a == nullptr || a->depth == 0) {
         return;
     }
@@ -101,7 +110,7 @@ inline void charge(size_t n) {
 // Every deallocation inside Jinja: what it frees no longer counts (memory allocated before the render
 // and freed in it, or grown inside libstdc++, is credited without having been charged: never below 0).
 inline void credit(size_t n) {
-    account * a = current;
+    account * a = active_account();
     if (a == nullptr || a->depth == 0) {
         return;
     }
@@ -162,6 +171,7 @@ render_scope::render_scope(size_t input_bytes) : state_(current), owner_(current
         a->stack_low = lowest_stack_address();
         state_       = a;
         current      = a;
+        scopes_alive.fetch_add(1, std::memory_order_relaxed);
     }
 }
 
@@ -171,6 +181,7 @@ render_scope::~render_scope() {
     }
     auto * a = static_cast<account *>(state_);
     current  = nullptr;
+    scopes_alive.fetch_sub(1, std::memory_order_relaxed);
     {
         std::lock_guard<std::mutex> lock(limits_mtx);
         peaks.seconds = std::max(peaks.seconds, a->spent);
@@ -243,7 +254,7 @@ extern "C" {
 jinja::value __real__ZN5jinja9statement7executeERNS_7contextE(jinja::statement * self, jinja::context & ctx);
 
 jinja::value __wrap__ZN5jinja9statement7executeERNS_7contextE(jinja::statement * self, jinja::context & ctx) {
-    if (pyllama::current == nullptr) {
+    if (pyllama::active_account() == nullptr) {
         return __real__ZN5jinja9statement7executeERNS_7contextE(self, ctx);
     }
     pyllama::jinja_enter(static_cast<char *>(__builtin_frame_address(0)));
@@ -281,7 +292,7 @@ void __real__ZdlPvSt11align_val_t(void * p, std::align_val_t al) noexcept;
 void __real__ZdlPvmSt11align_val_t(void * p, size_t n, std::align_val_t al) noexcept;
 
 void __wrap__ZdlPv(void * p) noexcept {
-    if (p != nullptr && pyllama::current != nullptr) {
+    if (p != nullptr && pyllama::active_account() != nullptr) {
         pyllama::credit(malloc_usable_size(p));
     }
     __real__ZdlPv(p);
@@ -293,7 +304,7 @@ void __wrap__ZdlPvm(void * p, size_t n) noexcept {
 }
 
 void __wrap__ZdaPv(void * p) noexcept {
-    if (p != nullptr && pyllama::current != nullptr) {
+    if (p != nullptr && pyllama::active_account() != nullptr) {
         pyllama::credit(malloc_usable_size(p));
     }
     __real__ZdaPv(p);
@@ -305,7 +316,7 @@ void __wrap__ZdaPvm(void * p, size_t n) noexcept {
 }
 
 void __wrap__ZdlPvSt11align_val_t(void * p, std::align_val_t al) noexcept {
-    if (p != nullptr && pyllama::current != nullptr) {
+    if (p != nullptr && pyllama::active_account() != nullptr) {
         pyllama::credit(malloc_usable_size(p));
     }
     __real__ZdlPvSt11align_val_t(p, al);

@@ -331,6 +331,7 @@ Scheduler::Scheduler(Context & ctx, int32_t n_parallel, bool threaded) : ctx_(ct
     }
     n_ctx_seq_ = llama_n_ctx_seq(u.ctx);
     n_batch_   = std::max<uint32_t>(1, llama_n_batch(u.ctx));
+    n_swa_     = std::max<int32_t>(0, llama_model_n_swa(ctx_.model()));
     slots_.resize(n_parallel);
     if (threaded_) {
         worker_ = std::thread([this] { loop(); });
@@ -497,6 +498,16 @@ void Scheduler::admit() {
                 // a recurrent model cannot cut its state at a position: start over
                 llama_memory_seq_rm(mem, best, -1, -1);
                 lcp = 0;
+            } else if (lcp > 0 && n_swa_ > 0) {
+                // Sliding-window layers keep only the last n_swa positions unless the context has
+                // swa_full (llama.cpp's default): the next token must still see every position its
+                // window reaches back to, or its attention differs from a fresh evaluation's.
+                const llama_pos pos_min = llama_memory_seq_pos_min(mem, best);
+                const llama_pos needed  = std::max<llama_pos>(0, static_cast<llama_pos>(lcp) - n_swa_);
+                if (pos_min < 0 || pos_min > needed) {
+                    llama_memory_seq_rm(mem, best, -1, -1);
+                    lcp = 0;
+                }
             }
         }
         slots_[best].busy = true;

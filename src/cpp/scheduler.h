@@ -218,6 +218,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     const bool                            threaded_;
     size_t                                n_ctx_seq_ = 0;
     size_t                                n_batch_   = 1;
+    int32_t                               n_swa_     = 0;  // the model's sliding window, 0 for none
     std::vector<slot>                     slots_;
     std::mutex                            step_mtx_;  // held by whoever steps, and by the sequence calls
     std::mutex                            mtx_;       // the queue and the active list
