@@ -172,6 +172,62 @@ def test_a_request_takes_the_lowest_free_sequence_unless_another_saves_64_tokens
         engine.close()
 
 
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_a_prefix_another_sequence_holds_is_copied_not_evaluated(model: pyllama.Model, kv_unified: bool) -> None:
+    """A prompt sharing 120 tokens with what a busy sequence holds takes a free sequence and gets those
+    tokens' KV copied into it (llama_memory_seq_cp: the whole stream, then cut; or shared cells with
+    kv_unified) instead of evaluating them. It reuses exactly 120; its greedy tokens are those of a solo
+    run, which a copy one token too long or too short would change; and the sequence copied from goes
+    on as it would alone."""
+    words = " ".join(f"w{i}" for i in range(80))
+    long = list(model.tokenize(words))
+    tail = list(model.tokenize(" and then something else", add_special=False))
+    assert len(long) > 150 and tail[0] != long[120]
+    with pyllama.Context(model, n_ctx=3072, n_seq_max=3, n_threads=1, kv_unified=kv_unified) as ctx:
+        engine = pyllama.Engine(ctx, 3)
+        a = engine.submit(long, greedy(model), max_tokens=40, ignore_eos=True)  # sequence 0
+        next(a)  # its prompt is in sequence 0, and it goes on generating
+        d_prompt = long[:120] + tail
+        d = engine.submit(d_prompt, greedy(model), max_tokens=8, ignore_eos=True)
+        d.run()
+        a.run()
+        assert d.n_reused == 120
+        engine.close()
+    solo_d, margins_d = solo_run(model, d_prompt, 8)
+    assert agree_until_near_tie(d.completion_tokens, solo_d, margins_d)
+    solo_a, margins_a = solo_run(model, long, 40)
+    assert agree_until_near_tie(a.completion_tokens, solo_a, margins_a)
+
+
+def test_requests_that_come_together_with_one_prefix_evaluate_it_once(model: pyllama.Model) -> None:
+    """Two requests queued together whose prompts share a long prefix: the second waits while the
+    first evaluates it, then copies it (n_reused is the whole common prefix), and a third request with
+    another prompt does not wait behind them. Each one's greedy tokens are its solo run's. (An inline
+    engine, stepped by the caller, makes the order of admissions and steps deterministic.)"""
+    words = " ".join(f"w{i}" for i in range(80))
+    shared = list(model.tokenize(words))
+    one = shared + list(model.tokenize(" first question", add_special=False))
+    two = shared + list(model.tokenize(" second question", add_special=False))
+    other = list(model.tokenize("Something unrelated"))
+    common = next(i for i, (x, y) in enumerate(zip(one, two, strict=False)) if x != y)
+    assert common >= len(shared)
+    with pyllama.Context(model, n_ctx=3072, n_seq_max=3, n_threads=1) as ctx:
+        engine = pyllama.Engine(ctx, 3, threaded=False)
+        a = engine.submit(one, greedy(model), max_tokens=6, ignore_eos=True)
+        b = engine.submit(two, greedy(model), max_tokens=6, ignore_eos=True)
+        c = engine.submit(other, greedy(model), max_tokens=6, ignore_eos=True)
+        c.run()
+        assert c.n_reused == 0
+        b.run()
+        a.run()
+        assert a.n_reused == 0
+        assert b.n_reused == common
+        engine.close()
+    for req, prompt in ((a, one), (b, two), (c, other)):
+        solo, margins = solo_run(model, prompt, 6)
+        assert agree_until_near_tie(req.completion_tokens, solo, margins)
+
+
 def test_engine_errors(model: pyllama.Model) -> None:
     with pyllama.Context(model, n_ctx=512, n_seq_max=2, n_threads=1) as ctx:
         with pytest.raises(ValueError, match="n_seq_max"):

@@ -449,11 +449,19 @@ void Scheduler::interrupt_if_alone(const Request * r) {
     }
 }
 
+static size_t common_prefix(const std::vector<llama_token> & a, const std::vector<llama_token> & b) {
+    size_t n = 0;
+    while (n < a.size() && n < b.size() && a[n] == b[n]) {
+        ++n;
+    }
+    return n;
+}
+
 void Scheduler::admit() {
-    while (!queue_.empty()) {
-        auto req = queue_.front();
+    for (auto it = queue_.begin(); it != queue_.end();) {
+        auto req = *it;
         if (req->cancelled_.load()) {
-            queue_.pop_front();
+            it = queue_.erase(it);
             req->end("cancelled");
             continue;
         }
@@ -466,11 +474,7 @@ void Scheduler::admit() {
             if (slots_[s].busy) {
                 continue;
             }
-            const auto & t = slots_[s].tokens;
-            size_t       n = 0;
-            while (n < t.size() && n < req->prompt_.size() && t[n] == req->prompt_[n]) {
-                ++n;
-            }
+            const size_t n = common_prefix(slots_[s].tokens, req->prompt_);
             if (lowest < 0) {
                 lowest     = static_cast<int32_t>(s);
                 lcp_lowest = n;
@@ -487,13 +491,56 @@ void Scheduler::admit() {
         if (best < 0) {
             return;  // every sequence is busy
         }
-        queue_.pop_front();
+        // A longer prefix held by another sequence, busy or free, is copied into the chosen one rather
+        // than evaluated again (the lowest free sequence takes it: no gap). A copy between per-sequence
+        // streams takes the whole stream (llama.cpp copies the buffers at the next decode), and the
+        // tail past the prefix is then cut.
+        int32_t src     = -1;
+        size_t  lcp_src = 0;
+        for (size_t s = 0; s < slots_.size(); ++s) {
+            const size_t n = static_cast<int32_t>(s) == best ? 0 : common_prefix(slots_[s].tokens, req->prompt_);
+            if (n > lcp_src) {
+                src     = static_cast<int32_t>(s);
+                lcp_src = n;
+            }
+        }
+        // A request that is evaluating a longer common prefix right now (requests that came together
+        // with one system prompt) will hold it in a step or a few: this one waits for it, then forks,
+        // so that the prefix is evaluated once. Requests behind it that do not wait go first.
+        const size_t have = std::max(lcp, lcp_src);
+        bool         wait = false;
+        for (const auto & r : active_) {
+            if (!r->sampling_ && r->evaluated_ < r->prompt_.size()) {
+                const size_t shared = common_prefix(r->prompt_, req->prompt_);
+                if (shared >= have + kReuseWorthAGap && r->evaluated_ < shared) {
+                    wait = true;
+                    break;
+                }
+            }
+        }
+        if (wait) {
+            ++it;
+            continue;
+        }
+        it          = queue_.erase(it);
+        bool forked = false;
+        if (src >= 0 && lcp_src >= lcp + kReuseWorthAGap) {
+            best   = lowest;
+            lcp    = lcp_src;
+            forked = true;
+        }
         if (lcp == req->prompt_.size()) {
             --lcp;  // the last prompt token is evaluated again, for its logits
         }
         {
             auto           u   = ctx_.acquire();
             llama_memory_t mem = llama_get_memory(u.ctx);
+            if (forked) {
+                llama_memory_seq_rm(mem, best, -1, -1);
+                llama_memory_seq_cp(mem, src, best, -1, -1);
+                slots_[best].tokens.assign(slots_[src].tokens.begin(), slots_[src].tokens.begin() + lcp);
+                slots_[best].copying = true;
+            }
             if (!llama_memory_seq_rm(mem, best, static_cast<llama_pos>(lcp), -1)) {
                 // a recurrent model cannot cut its state at a position: start over
                 llama_memory_seq_rm(mem, best, -1, -1);
@@ -596,6 +643,11 @@ void Scheduler::step() {
     std::string reason;
     const auto  rc = ctx_.decode_nogil(b, false, reason);
     alone_.store(nullptr);
+    if (rc >= 0) {  // the decode began with llama.cpp's pending copies: forked sequences hold their data
+        for (auto & s : slots_) {
+            s.copying = false;
+        }
+    }
     if (rc != 0) {
         // the decode was rolled back: put the sequences' token lists back as they were
         bool any_cancelled = false;
@@ -693,8 +745,20 @@ void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & 
         }
         active_.erase(it);
     }
-    slots_[r->seq_].busy = false;
-    r->row_              = -1;
+    auto & slot = slots_[r->seq_];
+    slot.busy   = false;
+    if (slot.copying) {
+        // ended before any decode: the copy of its prefix is still pending, so it holds nothing yet
+        slot.copying = false;
+        slot.tokens.clear();
+        try {
+            auto u = ctx_.acquire();
+            llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, -1, -1);
+        } catch (const std::exception &) {
+            // a closed context: nothing to forget
+        }
+    }
+    r->row_ = -1;
     r->end(r->cancelled_.load() ? "cancelled" : reason, error);
 }
 
@@ -709,6 +773,7 @@ void Scheduler::fail_all(std::exception_ptr why) {
     }
     for (auto & s : slots_) {
         s.tokens.clear();
+        s.copying = false;
     }
     try {
         auto u = ctx_.acquire();
@@ -787,7 +852,7 @@ void Scheduler::adopt(int32_t seq, std::vector<llama_token> tokens) {
 bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state) {
     std::lock_guard<std::mutex> step_lock(step_mtx_);
     purge_cancelled();
-    if (seq < 0 || static_cast<size_t>(seq) >= slots_.size() || slots_[seq].busy) {
+    if (seq < 0 || static_cast<size_t>(seq) >= slots_.size() || slots_[seq].busy || slots_[seq].copying) {
         return false;
     }
     tokens = slots_[seq].tokens;

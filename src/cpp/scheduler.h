@@ -200,7 +200,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   private:
     struct slot {
         std::vector<llama_token> tokens;  // what its sequence holds
-        bool                     busy = false;
+        bool                     busy    = false;
+        bool                     copying = false;  // forked: llama.cpp copies its buffers at the next decode
     };
 
     void loop();
