@@ -228,6 +228,70 @@ def test_requests_that_come_together_with_one_prefix_evaluate_it_once(model: pyl
         assert agree_until_near_tie(req.completion_tokens, solo, margins)
 
 
+@pytest.mark.parametrize(("n_parallel", "kv_unified"), [(1, False), (2, True)], ids=["one", "two-unified"])
+def test_a_prefix_given_up_is_kept_in_ram_and_loaded_back(
+    model: pyllama.Model, n_parallel: int, kv_unified: bool
+) -> None:
+    """The host cache (llama-server's --cache-ram): a sequence that gives up a long prefix to an
+    unrelated prompt keeps its state in RAM; a later prompt sharing 130 tokens of it loads it back and
+    evaluates only the rest. It reuses exactly 130 and its greedy tokens are its solo run's, which a
+    state one token too long or too short would change; the unrelated prompt went by unchanged."""
+    long = list(model.tokenize(" ".join(f"w{i}" for i in range(80))))
+    other = list(model.tokenize(" ".join(f"z{i}" for i in range(40))))
+    tail = list(model.tokenize(" and then something else", add_special=False))
+    assert len(long) > 150 and len(other) > 70 and tail[0] != long[130]
+    again = long[:130] + tail
+    with pyllama.Context(
+        model, n_ctx=1024 * n_parallel, n_seq_max=n_parallel, n_threads=1, kv_unified=kv_unified
+    ) as ctx:
+        engine = pyllama.Engine(ctx, n_parallel, threaded=False)
+        engine.set_host_cache(64 << 20)
+        first = engine.submit(long, greedy(model), max_tokens=4, ignore_eos=True)
+        first.run()
+        b = engine.submit(other, greedy(model), max_tokens=6, ignore_eos=True)
+        b.run()  # takes the lowest sequence: `long` goes to RAM
+        stats = engine.host_cache()
+        assert stats["n_saved"] == 1 and stats["entries"] == 1 and 0 < stats["bytes"] <= 64 << 20
+        assert all(engine.tokens(s)[: len(long)] != long for s in range(n_parallel))  # no sequence holds it
+        c = engine.submit(again, greedy(model), max_tokens=8, ignore_eos=True)
+        c.run()
+        assert c.n_reused == 130
+        assert engine.host_cache()["n_loaded"] == 1
+        engine.close()
+    for req, prompt, n in ((b, other, 6), (c, again, 8)):
+        solo, margins = solo_run(model, prompt, n)
+        assert agree_until_near_tie(req.completion_tokens, solo, margins)
+
+
+def test_the_host_cache_keeps_to_its_budget(model: pyllama.Model) -> None:
+    """With room for one state, the least recently used goes; with a budget of 0 nothing is kept. What
+    is dropped is evaluated again (n_reused 0), with the solo run's tokens."""
+    prompts = [list(model.tokenize(" ".join(f"{c}{i}" for i in range(40)))) for c in "xyz"]
+    with pyllama.Context(model, n_ctx=1024, n_threads=1) as ctx:
+        engine = pyllama.Engine(ctx, 1, threaded=False)
+        engine.set_host_cache(1 << 30)
+        engine.submit(prompts[0], greedy(model), max_tokens=1).run()
+        engine.submit(prompts[1], greedy(model), max_tokens=1).run()
+        one = engine.host_cache()["bytes"]  # the state of prompts[0]
+        assert one > 0
+        engine.set_host_cache(one + one // 2)  # room for one state of this size
+        engine.submit(prompts[2], greedy(model), max_tokens=1).run()  # saves prompts[1], drops prompts[0]
+        stats = engine.host_cache()
+        assert stats["entries"] == 1 and stats["bytes"] <= one + one // 2
+        back = engine.submit(prompts[0] + [prompts[0][5]], greedy(model), max_tokens=4, ignore_eos=True)
+        back.run()
+        assert back.n_reused == 0
+        engine.set_host_cache(0)
+        assert engine.host_cache()["entries"] == 0 and engine.host_cache()["bytes"] == 0
+        engine.submit(prompts[1], greedy(model), max_tokens=1).run()
+        assert engine.host_cache()["entries"] == 0
+        with pytest.raises(ValueError):
+            engine.set_host_cache(-1)
+        engine.close()
+    solo, margins = solo_run(model, prompts[0] + [prompts[0][5]], 4)
+    assert agree_until_near_tie(back.completion_tokens, solo, margins)
+
+
 def test_engine_errors(model: pyllama.Model) -> None:
     with pyllama.Context(model, n_ctx=512, n_seq_max=2, n_threads=1) as ctx:
         with pytest.raises(ValueError, match="n_seq_max"):
@@ -381,7 +445,7 @@ def test_cancelling_an_async_engine_stream_frees_its_sequence(tiny_chat_model_pa
         asyncio.run(main())
 
 
-def test_llama_with_n_parallel(tiny_chat_model_path: Path) -> None:
+def test_llama_with_n_parallel(tiny_chat_model_path: Path, tmp_path: Path) -> None:
     prompts = [f"Thread {i} asks" for i in range(8)]
     truth = solo_chats(tiny_chat_model_path, prompts)
     results: dict[str, str] = {}
@@ -413,10 +477,10 @@ def test_llama_with_n_parallel(tiny_chat_model_path: Path) -> None:
             assert results[p] == text or margin < 1e-3
         with pytest.raises(ValueError, match="context holds 512"):
             llm.complete("word " * 600)
-        with pytest.raises(ValueError, match="n_parallel=1"):
-            llm.save_state()
-    with pytest.raises(ValueError, match="cache needs n_parallel=1"):
-        pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_parallel=2, cache=pyllama.RAMCache())
+        with pytest.raises(pyllama.InvalidRequestError):
+            llm.save_state()  # which slot?
+    with pytest.raises(ValueError, match="DiskCache needs n_parallel=1"):
+        pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_parallel=2, cache=pyllama.DiskCache(tmp_path))
 
 
 @pytest.mark.parametrize("n_parallel", [1, 3])

@@ -25,8 +25,8 @@ def llm(tiny_chat_model_path: Path) -> Any:
         yield llm
 
 
-def _turn(n: int) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": f"conversation {n}: " + "tell me more " * 12}]
+def _turn(n: int, words: int = 12) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"conversation {n}: " + "tell me more " * words}]
 
 
 # --- shared models --------------------------------------------------------------------------
@@ -106,42 +106,59 @@ def test_state_of_other_settings_is_refused(llm: Any, tiny_chat_model_path: Path
 
 @pytest.mark.parametrize("kind", ["ram", "disk"])
 def test_cache_serves_alternating_conversations(kind: str, tiny_chat_model_path: Path, tmp_path: Path) -> None:
-    def make_cache() -> pyllama.StateCache:
+    """Two conversations alternating on one sequence: with a cache, going back to the first loads its
+    state (every prompt token but the last reused, one evaluated), and the reply is the uncached one.
+    A RAMCache (the core's host cache) keeps what the sequence gives up; a DiskCache stores each call's
+    state in a file, which a new cache over the directory finds after a restart."""
+
+    def make_cache() -> pyllama.StateCache | pyllama.RAMCache:
         return pyllama.RAMCache() if kind == "ram" else pyllama.DiskCache(tmp_path / "states")
 
-    a, b = _turn(4), _turn(5)
+    a, b = _turn(4, 30), _turn(5, 30)
     with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as plain:
         plain.chat(a, max_tokens=4, **GREEDY)
         plain.chat(b, max_tokens=4, **GREEDY)
         uncached = plain.chat(a, max_tokens=6, **GREEDY)
     cache = make_cache()
     with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, cache=cache) as llm:
+        assert llm.cache is cache
         llm.chat(a, max_tokens=4, **GREEDY)
         llm.chat(b, max_tokens=4, **GREEDY)
-        assert len(cache) == 2
+        assert len(cache) == (1 if kind == "ram" else 2)  # RAM: a, which the sequence gave up to b
         llm.context.perf_reset()
         cached = llm.chat(a, max_tokens=6, **GREEDY)
         n_p_eval = llm.context.perf()["n_p_eval"]
+        assert len(cache) == 2  # RAM: and now b
     usage = cached["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
     assert uncached["usage"]["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"] // 2
     assert n_p_eval == 1  # only the last prompt token, for its logits
     assert cached["choices"][0]["message"] == uncached["choices"][0]["message"]
+    if kind == "ram":
+        assert isinstance(cache, pyllama.RAMCache)
+        assert cache.n_loaded == 1 and len(cache) == 0 and cache.size_bytes == 0  # the Llama closed
     if kind == "disk":  # a restart: a new cache object over the same directory
         with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, cache=make_cache()) as again:
             out = again.chat(b, max_tokens=4, **GREEDY)
         assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"] - 1
 
 
-def test_ram_cache_capacity_evicts_oldest() -> None:
-    cache = pyllama.RAMCache(capacity_bytes=250)
-    for i in range(4):
-        cache.store(pyllama.LlamaState((i, i + 1), bytes(100), "fp"))
-    assert len(cache) == 2 and cache.size_bytes == 200
-    assert cache.lookup([0, 1, 2], "fp") is None  # the first two were evicted
-    found = cache.lookup([3, 4, 9], "fp")
-    assert found is not None and found[1] == 2
-    assert cache.lookup([3, 4], "other") is None
+def test_ram_cache_options(tiny_chat_model_path: Path) -> None:
+    """cache_ram=N is cache=RAMCache(N); a RAMCache serves every sequence of n_parallel > 1, a
+    DiskCache one only; bad values are typed errors."""
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, cache_ram=1 << 20) as llm:
+        assert isinstance(llm.cache, pyllama.RAMCache) and llm.cache.capacity_bytes == 1 << 20
+        assert llm._engine.host_cache()["budget"] == 1 << 20
+        llm.set_cache(None)
+        assert llm.cache is None and llm._engine.host_cache()["budget"] == 0
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1, n_parallel=2, cache=pyllama.RAMCache()) as llm:
+        assert llm._engine.host_cache()["budget"] == 2 << 30
+    with pytest.raises(pyllama.InvalidRequestError):
+        pyllama.Llama(tiny_chat_model_path, n_ctx=512, cache_ram=-1)
+    with pytest.raises(pyllama.InvalidRequestError):
+        pyllama.Llama(tiny_chat_model_path, n_ctx=512, cache_ram=1, cache=pyllama.RAMCache())
+    with pytest.raises(ValueError):
+        pyllama.RAMCache(0)
 
 
 # --- context guard and truncation -----------------------------------------------------------

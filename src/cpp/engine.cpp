@@ -101,6 +101,13 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         },
         py::arg("seq") = 0, "The tokens a sequence's KV memory holds, in order.");
     eng.def(
+        "busy",
+        [](Scheduler & e, int32_t seq) {
+            py::gil_scoped_release nogil;
+            return e.busy(seq);
+        },
+        py::arg("seq"), "A request is using the sequence now.");
+    eng.def(
         "reset",
         [](Scheduler & e, int32_t seq) {
             py::gil_scoped_release nogil;
@@ -150,6 +157,42 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         },
         py::arg("tokens"), py::arg("state"), py::arg("seq") = 0,
         "Load a snapshot() into a sequence (LlamaError while a request uses it, or when the state does not fit).");
+    eng.def(
+        "set_host_cache",
+        [](Scheduler & e, int64_t budget) {
+            if (budget < 0) {
+                throw std::invalid_argument("the host cache budget must be >= 0 bytes");
+            }
+            py::gil_scoped_release nogil;
+            e.set_host_cache(static_cast<size_t>(budget));
+        },
+        py::arg("budget"),
+        "Keep the states of prefixes the sequences give up in RAM, within budget bytes (llama-server's\n"
+        "--cache-ram), and load them back when a prompt starts with one; 0 turns it off and drops them.");
+    eng.def(
+        "host_cache",
+        [](Scheduler & e) {
+            Scheduler::host_cache_stats st;
+            {
+                py::gil_scoped_release nogil;
+                st = e.host_cache();
+            }
+            py::dict d;
+            d["budget"]   = st.budget;
+            d["bytes"]    = st.bytes;
+            d["entries"]  = st.entries;
+            d["n_saved"]  = st.n_saved;
+            d["n_loaded"] = st.n_loaded;
+            return d;
+        },
+        "The host cache: budget and bytes held, entries, states saved and loaded so far.");
+    eng.def(
+        "clear_host_cache",
+        [](Scheduler & e) {
+            py::gil_scoped_release nogil;
+            e.clear_host_cache();
+        },
+        "Drop every state the host cache holds.");
     eng.def_property_readonly("n_parallel", &Scheduler::n_parallel);
     eng.def_property_readonly("threaded", &Scheduler::threaded, "Steps run on a worker thread (else inline).");
     eng.def_property_readonly("n_ctx_seq", &Scheduler::n_ctx_seq, "The tokens one sequence holds.");

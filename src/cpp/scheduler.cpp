@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 
 #ifndef _WIN32
 #include <fcntl.h>
@@ -504,10 +505,20 @@ void Scheduler::admit() {
                 lcp_src = n;
             }
         }
+        // The host cache may hold still more of it: a prefix some sequence gave up earlier.
+        auto   hit      = host_.end();
+        size_t lcp_host = 0;
+        for (auto h = host_.begin(); h != host_.end(); ++h) {
+            const size_t n = common_prefix(h->tokens, req->prompt_);
+            if (n > lcp_host) {
+                hit      = h;
+                lcp_host = n;
+            }
+        }
         // A request that is evaluating a longer common prefix right now (requests that came together
         // with one system prompt) will hold it in a step or a few: this one waits for it, then forks,
         // so that the prefix is evaluated once. Requests behind it that do not wait go first.
-        const size_t have = std::max(lcp, lcp_src);
+        const size_t have = std::max({ lcp, lcp_src, lcp_host });
         bool         wait = false;
         for (const auto & r : active_) {
             if (!r->sampling_ && r->evaluated_ < r->prompt_.size()) {
@@ -523,12 +534,22 @@ void Scheduler::admit() {
             continue;
         }
         it          = queue_.erase(it);
-        bool forked = false;
+        bool forked = false, loaded = false;
         if (src >= 0 && lcp_src >= lcp + kReuseWorthAGap) {
-            best   = lowest;
-            lcp    = lcp_src;
             forked = true;
         }
+        if (hit != host_.end() && lcp_host >= (forked ? lcp_src : lcp) + kReuseWorthAGap) {
+            forked = false;
+            loaded = true;
+        }
+        const int32_t dst = forked || loaded ? lowest : best;
+        // what the destination gives up goes to the host cache first
+        if (host_budget_ > 0 && !slots_[dst].copying &&
+            slots_[dst].tokens.size() >= (dst == best && !forked && !loaded ? lcp : 0) + kReuseWorthAGap) {
+            host_save(dst);
+        }
+        best = dst;
+        lcp  = forked ? lcp_src : loaded ? lcp_host : lcp;
         if (lcp == req->prompt_.size()) {
             --lcp;  // the last prompt token is evaluated again, for its logits
         }
@@ -540,6 +561,20 @@ void Scheduler::admit() {
                 llama_memory_seq_cp(mem, src, best, -1, -1);
                 slots_[best].tokens.assign(slots_[src].tokens.begin(), slots_[src].tokens.begin() + lcp);
                 slots_[best].copying = true;
+            } else if (loaded) {
+                // llama.cpp clears the sequence first; 0 when the state does not fit (no room)
+                if (llama_state_seq_set_data(u.ctx, hit->state.data(), hit->state.size(), best) == hit->state.size() &&
+                    llama_memory_seq_pos_max(mem, best) + 1 == static_cast<llama_pos>(hit->tokens.size())) {
+                    slots_[best].tokens = hit->tokens;
+                    host_.splice(host_.end(), host_, hit);  // the most recently used now
+                    ++host_loaded_;
+                } else {
+                    llama_memory_seq_rm(mem, best, -1, -1);
+                    slots_[best].tokens.clear();
+                    host_bytes_ -= hit->state.size();
+                    host_.erase(hit);
+                    lcp = 0;
+                }
             }
             if (!llama_memory_seq_rm(mem, best, static_cast<llama_pos>(lcp), -1)) {
                 // a recurrent model cannot cut its state at a position: start over
@@ -809,13 +844,24 @@ void Scheduler::check_idle(int32_t seq, const char * what) {
     }
 }
 
-std::vector<llama_token> Scheduler::tokens(int32_t seq) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+void Scheduler::check_idle_range(int32_t seq) const {
     if (seq < 0 || static_cast<size_t>(seq) >= slots_.size()) {
         throw std::invalid_argument("sequence " + std::to_string(seq) + " is outside 0.." +
                                     std::to_string(slots_.size() - 1));
     }
+}
+
+std::vector<llama_token> Scheduler::tokens(int32_t seq) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    check_idle_range(seq);
     return slots_[seq].tokens;
+}
+
+bool Scheduler::busy(int32_t seq) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    check_idle_range(seq);
+    purge_cancelled();
+    return slots_[seq].busy;
 }
 
 void Scheduler::reset(int32_t seq) {
@@ -886,6 +932,79 @@ void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, co
                                     std::to_string(tokens.size()) + " tokens given (the sequence was cleared)");
     }
     slots_[seq].tokens = tokens;
+}
+
+// --- the host cache ----------------------------------------------------------------------------------
+
+void Scheduler::host_trim(size_t room) {
+    while (!host_.empty() && host_bytes_ + room > host_budget_) {
+        host_bytes_ -= host_.front().state.size();
+        host_.pop_front();
+    }
+}
+
+void Scheduler::host_save(int32_t seq) {
+    const auto & tokens = slots_[seq].tokens;
+    for (size_t s = 0; s < slots_.size(); ++s) {
+        if (static_cast<int32_t>(s) != seq && common_prefix(slots_[s].tokens, tokens) == tokens.size() &&
+            !slots_[s].copying) {
+            return;  // another sequence still holds all of it
+        }
+    }
+    for (auto h = host_.begin(); h != host_.end(); ++h) {
+        if (common_prefix(h->tokens, tokens) == tokens.size()) {
+            host_.splice(host_.end(), host_, h);  // already kept: now the most recently used
+            return;
+        }
+    }
+    host_entry e;
+    {
+        auto         u = ctx_.acquire();
+        const size_t n = llama_state_seq_get_size(u.ctx, seq);
+        if (n == 0 || n > host_budget_) {
+            return;
+        }
+        // entries this one supersedes (prefixes of it) go first, then the least recently used
+        for (auto h = host_.begin(); h != host_.end();) {
+            if (common_prefix(h->tokens, tokens) == h->tokens.size()) {
+                host_bytes_ -= h->state.size();
+                h = host_.erase(h);
+            } else {
+                ++h;
+            }
+        }
+        host_trim(n);
+        try {
+            e.state.resize(n);
+        } catch (const std::bad_alloc &) {
+            return;  // the budget is more than the machine has: this prefix is evaluated again later
+        }
+        e.state.resize(llama_state_seq_get_data(u.ctx, e.state.data(), e.state.size(), seq));
+    }
+    if (e.state.empty()) {
+        return;
+    }
+    e.tokens = tokens;
+    host_bytes_ += e.state.size();
+    host_.push_back(std::move(e));
+    ++host_saved_;
+}
+
+void Scheduler::set_host_cache(size_t budget) {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    host_budget_ = budget;
+    host_trim(0);
+}
+
+Scheduler::host_cache_stats Scheduler::host_cache() {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    return { host_budget_, host_bytes_, host_.size(), host_saved_, host_loaded_ };
+}
+
+void Scheduler::clear_host_cache() {
+    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    host_.clear();
+    host_bytes_ = 0;
 }
 
 }  // namespace pyllama

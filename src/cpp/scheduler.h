@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -186,10 +187,22 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     // The sequences, for states and caches. Each takes the step lock; a sequence a request is
     // using is refused (reset and adopt raise, snapshot returns false).
     std::vector<llama_token> tokens(int32_t seq);
+    bool                     busy(int32_t seq);   // a request is using it
     void                     reset(int32_t seq);  // seq < 0: every sequence
     void                     adopt(int32_t seq, std::vector<llama_token> tokens);
     bool                     snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state);
     void restore(int32_t seq, const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state);
+
+    // The host-memory prompt cache (llama-server's --cache-ram): when a sequence gives up a prefix
+    // of kReuseWorthAGap tokens or more that no other sequence holds, its state is kept in RAM, within
+    // `budget` bytes (least recently used dropped first), and loaded back into a sequence when a
+    // prompt starts with more of it than any sequence holds. 0 bytes: off (what it holds is dropped).
+    struct host_cache_stats {
+        size_t budget = 0, bytes = 0, entries = 0, n_saved = 0, n_loaded = 0;
+    };
+    void             set_host_cache(size_t budget);
+    host_cache_stats host_cache();
+    void             clear_host_cache();
 
     Context & context() { return ctx_; }
     bool      threaded() const { return threaded_; }
@@ -204,6 +217,14 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
         bool                     copying = false;  // forked: llama.cpp copies its buffers at the next decode
     };
 
+    struct host_entry {
+        std::vector<llama_token> tokens;
+        std::vector<uint8_t>     state;  // llama_state_seq_get_data of a sequence holding `tokens`
+    };
+
+    void host_save(int32_t seq);  // with the step lock held
+    void host_trim(size_t room);  // drops the least recently used until `room` more bytes fit
+
     void loop();
     bool has_work();  // admits what it can; true when a step has something to do
     void step();
@@ -214,6 +235,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     void fail_all(std::exception_ptr why);
     void purge_cancelled();  // with the step lock held
     void check_idle(int32_t seq, const char * what);
+    void check_idle_range(int32_t seq) const;  // invalid_argument outside 0..n_parallel-1
 
     Context &                             ctx_;
     const bool                            threaded_;
@@ -221,6 +243,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     size_t                                n_batch_   = 1;
     int32_t                               n_swa_     = 0;  // the model's sliding window, 0 for none
     std::vector<slot>                     slots_;
+    std::list<host_entry>                 host_;  // least recently used first (the step lock)
+    size_t                                host_budget_ = 0, host_bytes_ = 0, host_saved_ = 0, host_loaded_ = 0;
     std::mutex                            step_mtx_;  // held by whoever steps, and by the sequence calls
     std::mutex                            mtx_;       // the queue and the active list
     std::condition_variable               cv_;

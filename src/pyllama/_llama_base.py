@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from . import _core
 from ._fitting import MODEL_OPTIONS, MODELS, default_n_ctx
-from .cache import LlamaState, StateCache, common_prefix
+from .cache import LlamaState, RAMCache, StateCache, common_prefix
 from .chat import ChatTemplate
 from .errors import ContextLengthError, invalid
 from .streams import HANDLE, OWNER, PREPARE_DEADLINE, AsyncStream, Gen, Stream, Use, current_owner, task_id
@@ -42,7 +42,8 @@ class LlamaBase:
         chat_template: str | None = None,
         embedding: bool = False,
         pooling_type: str | None = None,
-        cache: StateCache | None = None,
+        cache: StateCache | RAMCache | None = None,
+        cache_ram: int | None = None,
         verbose: bool = False,
         use_mmap: bool | None = None,
         use_mlock: bool = False,
@@ -99,9 +100,16 @@ class LlamaBase:
                     "each step decodes one token of every sequence in one batch",
                     "n_parallel",
                 )
-            if n_parallel > 1:
+            if cache_ram is not None:
+                if isinstance(cache_ram, bool) or not isinstance(cache_ram, int) or cache_ram < 0:
+                    raise invalid("cache_ram must be an int >= 0 (bytes)", "cache_ram")
                 if cache is not None:
-                    raise ValueError("cache needs n_parallel=1 (each parallel sequence keeps its own prefix)")
+                    raise invalid("give cache or cache_ram, not both", "cache_ram")
+                if cache_ram > 0:
+                    cache = RAMCache(cache_ram)
+            if n_parallel > 1:
+                if isinstance(cache, StateCache):
+                    raise ValueError("a DiskCache needs n_parallel=1 (a RAMCache serves every sequence)")
                 ctx_kwargs.setdefault("n_seq_max", n_parallel)
             self._ctx_kwargs = ctx_kwargs
             self._ctx = _core.Context(self._model, **ctx_kwargs)
@@ -122,7 +130,8 @@ class LlamaBase:
         self._uses: dict[object, list[Use]] = {}  # each owner's uses in progress, oldest first
         self._seed = seed
         self._rng = random.Random(seed)
-        self._cache = cache
+        self._cache: StateCache | RAMCache | None = None
+        self.set_cache(cache)
         self.model_name = Path(self.model_path).stem
         # which model and context a saved state belongs to
         self.fingerprint = hashlib.sha256(
@@ -174,6 +183,7 @@ class LlamaBase:
                 return
             self._closed = True
         self._engine.close()
+        self._engine.clear_host_cache()
         with self._embed_lock:
             if self._embed_ctx is not None:
                 self._embed_ctx.close()
@@ -284,13 +294,6 @@ class LlamaBase:
 
     # --- states and the prompt cache ---------------------------------------------------------
 
-    def _snapshot(self) -> LlamaState:
-        taken = self._engine.snapshot(0)
-        if taken is None:
-            raise _core.LlamaError("the context is in use by a generation")
-        tokens, data = taken
-        return LlamaState(tuple(tokens), data, self.fingerprint)
-
     def _restore(self, state: LlamaState) -> None:
         if state.fingerprint != self.fingerprint:
             raise ValueError("this state belongs to another model or context settings")
@@ -300,8 +303,8 @@ class LlamaBase:
             raise ValueError(f"the state could not be loaded: {e}") from e
 
     def _restore_from_cache(self, tokens: list[int]) -> None:
-        if self._cache is None:
-            return
+        if not isinstance(self._cache, StateCache):
+            return  # none, or the core's RAMCache, which needs nothing here
         found = self._cache.lookup(tokens, self.fingerprint)
         if found is None:
             return
@@ -313,7 +316,7 @@ class LlamaBase:
                 pass  # in use, or a state that does not fit: the prompt is evaluated instead
 
     def _store_in_cache(self) -> None:
-        if self._cache is None:
+        if not isinstance(self._cache, StateCache):
             return
         taken = self._engine.snapshot(0)
         if taken is None or not taken[0]:
@@ -323,42 +326,78 @@ class LlamaBase:
         except (_core.LlamaError, OSError):
             pass  # a cache that cannot take the state only costs a later re-evaluation
 
-    def save_state(self, path: str | os.PathLike[str] | None = None) -> LlamaState:
-        """The tokens the context holds and their KV memory, as a ``LlamaState`` (also written to
+    def _slot(self, slot: int | None) -> int:
+        if slot is None:
+            if self.n_parallel > 1:
+                raise invalid(f"name the slot (0 to {self.n_parallel - 1}): this Llama has {self.n_parallel}", "slot")
+            return 0
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.n_parallel:
+            raise invalid(f"slot must be an int from 0 to {self.n_parallel - 1}", "slot")
+        return slot
+
+    def save_state(self, path: str | os.PathLike[str] | None = None, *, slot: int | None = None) -> LlamaState:
+        """The tokens a sequence holds and their KV memory, as a ``LlamaState`` (also written to
         ``path`` when given). ``load_state`` puts it back, here or in a new Llama with the same model
-        and context settings, so that a prompt starting with those tokens evaluates only the rest."""
-        if self.n_parallel > 1:
-            raise ValueError("save_state needs n_parallel=1")
+        and context settings, so that a prompt starting with those tokens evaluates only the rest.
+        ``slot`` names the sequence (required with ``n_parallel`` > 1); one a generation is using
+        raises ``LlamaError``."""
+        seq = self._slot(slot)
         use = Use(current_owner())
-        self._enter(use)
+        if self.n_parallel == 1:
+            self._enter(use)  # this thread's suspended stream gives the sequence back
         try:
-            state = self._snapshot()
+            taken = self._engine.snapshot(seq)
         finally:
-            self._exit(use)
+            if self.n_parallel == 1:
+                self._exit(use)
+        if taken is None:
+            raise _core.LlamaError(f"sequence {seq} is in use by a generation")
+        state = LlamaState(tuple(taken[0]), taken[1], self.fingerprint)
         if path is not None:
             state.save(path)
         return state
 
-    def load_state(self, state: LlamaState | str | os.PathLike[str]) -> None:
-        """Restore a state from ``save_state`` (or the path it was saved to). Raises ValueError for a
-        state of another model or context settings, and leaves the context empty then."""
-        if self.n_parallel > 1:
-            raise ValueError("load_state needs n_parallel=1")
+    def load_state(self, state: LlamaState | str | os.PathLike[str], *, slot: int | None = None) -> None:
+        """Restore a state from ``save_state`` (or the path it was saved to) into a sequence
+        (``slot``, required with ``n_parallel`` > 1). Raises ValueError for a state of another model or
+        context settings, and leaves the sequence empty then; ``LlamaError`` while a generation uses
+        the sequence."""
+        seq = self._slot(slot)
         if not isinstance(state, LlamaState):
             state = LlamaState.load(state)
+        if state.fingerprint != self.fingerprint:
+            raise ValueError("this state belongs to another model or context settings")
         use = Use(current_owner())
-        self._enter(use)
+        if self.n_parallel == 1:
+            self._enter(use)
         try:
-            self._restore(state)
+            if self._engine.busy(seq):
+                raise _core.LlamaError(f"sequence {seq} is in use by a generation")
+            try:
+                self._engine.restore(list(state.tokens), state.data, seq)
+            except (_core.LlamaError, ValueError) as e:  # a state that does not fit this context
+                raise ValueError(f"the state could not be loaded: {e}") from e
         finally:
-            self._exit(use)
+            if self.n_parallel == 1:
+                self._exit(use)
 
-    def set_cache(self, cache: StateCache | None) -> None:
-        """Use ``cache`` (a ``RAMCache`` or ``DiskCache``) for prompt states from now on; None stops."""
+    def set_cache(self, cache: StateCache | RAMCache | None) -> None:
+        """Use ``cache`` for prompt states from now on: a ``RAMCache`` (the core's host-memory cache,
+        every sequence) or a ``DiskCache`` (files, ``n_parallel=1``); None stops (a RAMCache's states
+        are dropped)."""
+        if isinstance(cache, StateCache) and self.n_parallel > 1:
+            raise ValueError("a DiskCache needs n_parallel=1 (a RAMCache serves every sequence)")
+        if cache is not None and not isinstance(cache, (StateCache, RAMCache)):
+            raise TypeError("cache must be a pyllama.RAMCache, a pyllama.DiskCache (a StateCache) or None")
+        if isinstance(self._cache, RAMCache):
+            self._cache._detach(self._engine)
+        self._engine.set_host_cache(0)
+        if isinstance(cache, RAMCache):
+            cache._attach(self._engine)
         self._cache = cache
 
     @property
-    def cache(self) -> StateCache | None:
+    def cache(self) -> StateCache | RAMCache | None:
         return self._cache
 
     def _embedding_context(self) -> _core.Context:

@@ -1,9 +1,9 @@
 """Prompt-state caches: the KV memory of earlier prompts, kept so that a later prompt sharing a prefix
 with one of them evaluates only what follows that prefix.
 
-``Llama`` already reuses whatever its context holds; a cache adds the states of *other* prompts, which
-serves conversations that alternate on one ``Llama`` (``RAMCache``), and survives restarts
-(``DiskCache``). Use ``Llama(..., cache=RAMCache())`` or ``llm.set_cache(...)``.
+``Llama`` already reuses whatever its sequences hold. ``RAMCache`` is the generation core's host-memory
+cache of the prefixes they give up (every sequence); ``DiskCache`` keeps states in files, which survive
+restarts (one sequence). Use ``Llama(..., cache=...)`` or ``llm.set_cache(...)``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import hashlib
 import os
 import struct
 import threading
-from collections import OrderedDict
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["DiskCache", "LlamaState", "RAMCache", "StateCache"]
 
@@ -104,54 +105,66 @@ class StateCache:
         raise NotImplementedError
 
 
-class RAMCache(StateCache):
-    """States in memory, least recently used evicted first once they take more than ``capacity_bytes``."""
+class RAMCache:
+    """The generation core's host-memory prompt cache, as llama-server's ``--cache-ram`` keeps it.
+
+    When a sequence gives up a prefix of 64 tokens or more that no other sequence holds (its slot
+    is taken by a prompt that shares less of it), the prefix's KV state is kept in RAM. A later prompt
+    that starts with more of it than any sequence holds loads it back and evaluates only the rest.
+    This works for every sequence of a ``Llama``, ``n_parallel`` > 1 included. The least recently used
+    states are dropped once they take more than ``capacity_bytes``.
+
+    ``Llama(..., cache=RAMCache(n))`` is ``Llama(..., cache_ram=n)``. Given to several ``Llama``s,
+    each keeps its own states within ``capacity_bytes``; ``len()``, ``size_bytes`` and ``clear()``
+    cover them all.
+    """
 
     def __init__(self, capacity_bytes: int = 2 << 30) -> None:
-        if capacity_bytes <= 0:
-            raise ValueError("capacity_bytes must be > 0")
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be an int > 0")
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[str, tuple[int, ...]], LlamaState] = OrderedDict()
-        self._lock = threading.Lock()
+        self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _attach(self, engine: Any) -> None:
+        engine.set_host_cache(self.capacity_bytes)
+        self._engines.add(engine)
+
+    def _detach(self, engine: Any) -> None:
+        self._engines.discard(engine)
+
+    def _stats(self) -> list[dict[str, int]]:
+        out = []
+        for engine in list(self._engines):
+            try:
+                out.append(engine.host_cache())
+            except Exception:  # a closed Llama: it holds nothing
+                continue
+        return out
 
     @property
     def size_bytes(self) -> int:
-        return sum(len(s) for s in self._entries.values())
+        """The bytes of the states held now."""
+        return sum(s["bytes"] for s in self._stats())
 
-    def lookup(self, tokens: Sequence[int], fingerprint: str) -> tuple[LlamaState, int] | None:
-        with self._lock:
-            best: tuple[LlamaState, int] | None = None
-            for (fp, key), state in self._entries.items():
-                if fp != fingerprint:
-                    continue
-                n = common_prefix(key, tokens)
-                if n > 0 and (best is None or n > best[1]):
-                    best = (state, n)
-            if best is not None:
-                self._entries.move_to_end((fingerprint, best[0].tokens))
-            return best
+    @property
+    def n_saved(self) -> int:
+        """States saved so far."""
+        return sum(s["n_saved"] for s in self._stats())
 
-    def store(self, state: LlamaState) -> None:
-        if len(state) > self.capacity_bytes:
-            return
-        with self._lock:
-            key = (state.fingerprint, state.tokens)
-            self._entries.pop(key, None)
-            # a state whose tokens are a prefix of the new one's is superseded by it
-            for k in [k for k in self._entries if k[0] == key[0] and k[1] == key[1][: len(k[1])]]:
-                del self._entries[k]
-            self._entries[key] = state
-            total = self.size_bytes
-            while total > self.capacity_bytes and self._entries:
-                _, old = self._entries.popitem(last=False)
-                total -= len(old)
+    @property
+    def n_loaded(self) -> int:
+        """States loaded back into a sequence so far."""
+        return sum(s["n_loaded"] for s in self._stats())
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        for engine in list(self._engines):
+            try:
+                engine.clear_host_cache()
+            except Exception:  # a closed Llama: nothing to clear
+                continue
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(s["entries"] for s in self._stats())
 
 
 class DiskCache(StateCache):

@@ -325,6 +325,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds a request may take to prepare (template, schemas, grammar) before a 400 (default 10)",
     )
+    parser.add_argument(
+        "--cache-ram",
+        type=int,
+        default=8192,
+        metavar="MIB",
+        help="RAM for the states of prompt prefixes the slots give up, as llama-server's (default 8192; 0: off)",
+    )
+    parser.add_argument(
+        "--slot-save-path",
+        metavar="DIR",
+        help="a directory for POST /slots/{id}?action=save|restore (default: those actions are off)",
+    )
     parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
 
 
@@ -336,9 +348,17 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         print(f"pyllama: the server needs {e.name}: pip install 'pyllama[server]'", file=sys.stderr)
         return 1
-    if args.parallel < 1 or args.max_queue < 0 or args.max_request_bytes < 1 or not args.prepare_timeout > 0:
-        raise _UsageError("--parallel and --max-request-bytes must be >= 1, --max-queue >= 0, --prepare-timeout > 0")
-    with _load(args, args.model, n_parallel=args.parallel) as llm:
+    if (
+        args.parallel < 1
+        or args.max_queue < 0
+        or args.max_request_bytes < 1
+        or not args.prepare_timeout > 0
+        or args.cache_ram < 0
+    ):
+        raise _UsageError(
+            "--parallel and --max-request-bytes must be >= 1, --max-queue and --cache-ram >= 0, --prepare-timeout > 0"
+        )
+    with _load(args, args.model, n_parallel=args.parallel, cache_ram=args.cache_ram << 20) as llm:
         try:
             serve(
                 llm,
@@ -349,6 +369,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 max_request_bytes=args.max_request_bytes,
                 prepare_timeout=args.prepare_timeout,
+                slot_save_path=args.slot_save_path,
                 log_level=args.log_level,
             )
         except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it

@@ -518,7 +518,7 @@ class Llama:
         return self.native.fingerprint
 
     @property
-    def cache(self) -> StateCache | None:
+    def cache(self) -> StateCache | RAMCache | None:
         return self.native.cache
 
     @property
@@ -549,7 +549,7 @@ class Llama:
         """pyllama's ``load_state``."""
         self.native.load_state(state)
 
-    def set_cache(self, cache: StateCache | None) -> None:
+    def set_cache(self, cache: StateCache | RAMCache | None) -> None:
         """Keep prompt states in ``cache`` (a ``LlamaRAMCache``/``LlamaDiskCache`` or pyllama's)."""
         self.native.set_cache(cache)
 

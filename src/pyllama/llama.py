@@ -39,17 +39,19 @@ class Llama(ChatCalls, CompletionCalls, EmbeddingCalls):
 
     ``Llama(model_path, *, n_ctx=None, n_gpu_layers=-1, n_threads=None, n_batch=2048, n_ubatch=512,
     flash_attn=None, seed=None, chat_template=None, embedding=False, pooling_type=None, cache=None,
-    verbose=False, use_mmap=None, use_mlock=False, main_gpu=0, split_mode="layer", tensor_split=None,
-    kv_overrides=None, progress=None, **context_params)``
+    cache_ram=None, verbose=False, use_mmap=None, use_mlock=False, main_gpu=0, split_mode="layer",
+    tensor_split=None, kv_overrides=None, progress=None, n_parallel=1, **context_params)``
 
     ``n_ctx=0`` takes the model's training context; the default (None) is llama.cpp's: the training
     context, reduced to fit free memory (never below 4096 tokens); any other value is used as given.
     ``n_gpu_layers=-1`` offloads every layer where a GPU backend exists.
     ``chat_template`` overrides the model's template (Jinja source, "chatml" or a built-in name).
-    ``cache`` (a ``pyllama.RAMCache`` or ``pyllama.DiskCache``) keeps prompt states beyond the one
-    the context holds. Two Llamas over the same file with the same load options share one loaded
-    model. Calls on one Llama are serialised; ``close()`` (or ``with``) frees the context, and the
-    model once no other Llama uses it.
+    ``cache_ram`` (bytes; like llama-server's ``--cache-ram``) keeps the prefixes that the sequences
+    give up in RAM and loads them back for a prompt that starts with one; ``cache`` takes a
+    ``pyllama.RAMCache`` (the same) or a ``pyllama.DiskCache`` (states in files, ``n_parallel=1``).
+    Two Llamas over the same file with the same load options share one loaded model. Calls on one
+    Llama are serialised; ``close()`` (or ``with``) frees the context, and the model once no other
+    Llama uses it.
     """
 
     @classmethod

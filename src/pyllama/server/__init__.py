@@ -7,6 +7,7 @@ Needs the ``server`` extra: ``pip install 'pyllama[server]'``. See docs/server.m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from ..llama import Llama
@@ -35,6 +36,7 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
+    slot_save_path: str | os.PathLike[str] | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve ``llm`` until SIGINT or SIGTERM. On shutdown the server stops accepting connections and
@@ -48,6 +50,7 @@ def serve(
         max_queue=max_queue,
         max_request_bytes=max_request_bytes,
         prepare_timeout=prepare_timeout,
+        slot_save_path=slot_save_path,
     )
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S

@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -446,6 +447,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
+    slot_save_path: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes).
 
@@ -455,6 +457,7 @@ def create_app(
     and past that the answer is 503 with ``Retry-After``. Bodies over ``max_request_bytes`` are 413.
     Preparing a request (template, schemas, grammar, sampler) happens off the event loop; one that takes
     longer than ``prepare_timeout`` seconds is answered 400 (``request_too_complex``).
+    ``slot_save_path``: the directory of ``POST /slots/{id}?action=save|restore`` (else 501).
     """
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     if any(not k for k in keys):
@@ -649,6 +652,9 @@ def create_app(
             raise translate(e, body) from e
         return JSONBody({"prompt": result.prompt})
 
+    from .slots import add_slot_routes  # it uses this module's helpers
+
+    add_slot_routes(app, llm, slot_save_path)
     return app
 
 
