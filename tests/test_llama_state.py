@@ -161,6 +161,39 @@ def test_ram_cache_options(tiny_chat_model_path: Path) -> None:
         pyllama.RAMCache(0)
 
 
+def test_a_slots_state_moves_to_another_slot(tiny_chat_model_path: Path, tmp_path: Path) -> None:
+    """With n_parallel=2, save_state(slot=) takes the sequence a prompt went to, load_state(slot=)
+    puts it into the other one (through a file), and the same prompt then reuses all of it but the
+    last token with the reply it had when evaluated afresh. A busy slot is LlamaError; a slot that
+    does not exist or is not named is InvalidRequestError."""
+    prompt = "A long shared prompt: " + "alpha beta gamma delta " * 30
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=1024, n_threads=1, n_parallel=2) as llm:
+        fresh = llm.complete(prompt, max_tokens=6, **GREEDY)
+        held = [s for s in range(2) if llm._engine.tokens(s)]
+        assert len(held) == 1
+        src, dst = held[0], 1 - held[0]
+        state = llm.save_state(tmp_path / "slot.bin", slot=src)
+        assert state.n_tokens == len(llm._engine.tokens(src))
+        llm._engine.reset()
+        llm.load_state(tmp_path / "slot.bin", slot=dst)
+        assert list(llm._engine.tokens(dst)) == list(state.tokens) and not llm._engine.tokens(src)
+        again = llm.complete(prompt, max_tokens=6, **GREEDY)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+        assert again["choices"][0]["text"] == fresh["choices"][0]["text"]
+        with pytest.raises(pyllama.InvalidRequestError):
+            llm.save_state()
+        with pytest.raises(pyllama.InvalidRequestError):
+            llm.load_state(state, slot=2)
+        stream = llm.complete("Keep going", max_tokens=400, stream=True, ignore_eos=True)
+        next(iter(stream))
+        busy = next(s for s in range(2) if llm._engine.busy(s))
+        with pytest.raises(pyllama.LlamaError):
+            llm.save_state(slot=busy)
+        with pytest.raises(pyllama.LlamaError):
+            llm.load_state(state, slot=busy)
+        stream.close()
+
+
 # --- context guard and truncation -----------------------------------------------------------
 
 

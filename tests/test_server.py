@@ -395,6 +395,55 @@ def test_a_template_refusing_the_messages_is_400(tiny_chat_model_path: Path) -> 
             running.stop()
 
 
+def test_slots_save_restore_and_erase(served: Running, tiny_chat_model_path: Path, tmp_path: Path) -> None:
+    """llama-server's slot actions: without --slot-save-path they are 501; with it, a slot's prompt is
+    saved to a file, erased, restored into the other slot, and the same prompt then reuses all of it
+    but the last token, with the reply it had when evaluated afresh. File names that leave the
+    directory, a missing file, a file of other context settings, a bad slot or action are errors."""
+    assert_error(post(served, "/slots/0?action=save", {"filename": "x.bin"}), 501)
+    slots_dir = tmp_path / "slots"
+    prompt = "A long shared prompt: " + "alpha beta gamma delta " * 30
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=1024, n_threads=1, n_parallel=2) as llm:
+        running = Running(create_app(llm, slot_save_path=slots_dir))
+        try:
+            body = {"model": "m", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+            fresh = post(running, "/v1/completions", body).json()
+            listed = httpx.get(running.url + "/slots").json()
+            assert [s["id"] for s in listed] == [0, 1] and not any(s["is_processing"] for s in listed)
+            src = next(s["id"] for s in listed if s["n_tokens"] > 0)
+            n_held = listed[src]["n_tokens"]
+            saved = post(running, f"/slots/{src}?action=save", {"filename": "p.bin"}).json()
+            assert saved["n_saved"] == n_held and saved["n_written"] == (slots_dir / "p.bin").stat().st_size
+            assert post(running, f"/slots/{src}?action=erase", None).json() == {"id_slot": src, "n_erased": n_held}
+            assert httpx.get(running.url + "/slots").json()[src]["n_tokens"] == 0
+            restored = post(running, f"/slots/{1 - src}?action=restore", {"filename": "p.bin"}).json()
+            assert restored["n_restored"] == n_held and restored["id_slot"] == 1 - src
+            again = post(running, "/v1/completions", body).json()
+            usage = again["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+            assert again["choices"][0]["text"] == fresh["choices"][0]["text"]
+
+            outside = tmp_path / "secret.bin"
+            outside.write_bytes(b"x")
+            (slots_dir / "link.bin").symlink_to(outside)
+            for name in ("../secret.bin", "a/b.bin", "..", "", "x\\y", "bad\x00name", "link.bin", 7):
+                assert_error(post(running, "/slots/0?action=restore", {"filename": name}), 400, "filename")
+            assert_error(post(running, "/slots/0?action=save", {}), 400, "filename")
+            assert_error(post(running, "/slots/0?action=restore", {"filename": "none.bin"}), 404, "filename")
+            (slots_dir / "junk.bin").write_bytes(b"not a state")
+            assert_error(post(running, "/slots/0?action=restore", {"filename": "junk.bin"}), 400, "filename")
+            with pyllama.Llama(tiny_chat_model_path, n_ctx=512, n_threads=1) as other:
+                other.complete("Hello there", max_tokens=1)
+                other.save_state(slots_dir / "other.bin")
+            assert_error(post(running, "/slots/0?action=restore", {"filename": "other.bin"}), 400, "filename")
+            assert_error(post(running, "/slots/2?action=save", {"filename": "p.bin"}), 400, "id_slot")
+            assert_error(post(running, "/slots/x?action=save", {"filename": "p.bin"}), 400, "id_slot")
+            assert_error(post(running, "/slots/0?action=fly", {"filename": "p.bin"}), 400, "action")
+            assert outside.read_bytes() == b"x"  # never touched
+        finally:
+            running.stop()
+
+
 def test_huge_body_is_413(served: Running) -> None:
     huge = {"messages": [{"role": "user", "content": "x" * (300 * 1024)}]}
     error = assert_error(post(served, "/v1/chat/completions", huge), 413)
