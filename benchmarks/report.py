@@ -141,7 +141,12 @@ def prompt_rows(pr: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
             "last": med([max(r) for r in phase["ttft"]]),
         }
 
-    got = {n: {ph: figures(pr[n].get(ph, {})) for ph in ("cold", "warm", "single")} for n in PROMPT_SERVERS if n in pr}
+    phases = ("cold", "warm", "single", "users")
+    got = {n: {ph: figures(pr[n].get(ph, {})) for ph in phases} for n in PROMPT_SERVERS if n in pr}
+    for n in got:
+        users = pr[n].get("users", {})
+        if users.get("ttft"):
+            got[n]["users"]["mean_ttft"] = med([sum(r) / len(r) for r in users["ttft"]])
     k = pr["slots"]
     lines = [
         ("cold", "wall", f"{k} chats, cold: wall time, sending all to the last one done"),
@@ -152,6 +157,16 @@ def prompt_rows(pr: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
         ("single", "wall", "one long prompt, cold: wall time"),
         ("single", "ttft", "one long prompt, cold: time to first token"),
     ]
+    if pr.get("users"):
+        u = pr["users"]
+        lines += [
+            (
+                "users",
+                "mean_ttft",
+                f"{u['n']} users, {u['wave']} at a time every {u['interval_s']:g} s: mean time to first token",
+            ),
+            ("users", "wall", f"{u['n']} users, {u['wave']} at a time: wall time, first wave to last reply"),
+        ]
     times = []
     for phase, key, what in lines:
         ls = got.get("llama-server", {}).get(phase, {}).get(key)
@@ -177,10 +192,27 @@ def prompt_rows(pr: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
         ("prompt tokens reused from a cache, warm rounds", "warm", "cached_tokens", "span"),
         ("prompt tokens of the long prompt", "single", "prompt_tokens", "span"),
         ("prompt tokens reused, long prompt (most)", "single", "cached_tokens", "max"),
+        ("prompt tokens reused, users (fewest-most)", "users", "cached_tokens", "span"),
         ("completion tokens of each reply", "cold", "completion_tokens", "span"),
     ):
         counts.append([what] + [tokens(n, phase, key, how) for n in PROMPT_SERVERS])
     return times, counts
+
+
+def solo_agreement(pr: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per server: how many cold chat replies equal the solo run of the same body, of how many. A
+    server that kept generating past the solo run's end (``ignore_eos``) agrees when it starts with it."""
+    solo = pr.get("solo")
+    if not solo:
+        return {}
+    out = {}
+    for n in PROMPT_SERVERS:
+        rounds = pr.get(n, {}).get("cold", {}).get("text")
+        if not rounds:
+            continue
+        pairs = [(got, want) for r, w in zip(rounds, solo, strict=False) for got, want in zip(r, w, strict=False)]
+        out[n] = (sum(1 for got, want in pairs if got == want or (want and got.startswith(want))), len(pairs))
+    return out
 
 
 def write(res: dict[str, Any], doc: Path = DOC) -> Path:
@@ -440,10 +472,36 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
                 "decode steps to do; that matters most in the warm round, which is mostly decoding.",
                 "",
             )
+        agree = solo_agreement(pr)
+        if agree:
+            d(
+                "Each cold chat's reply against its solo run (the same request alone, on a `Llama` of one",
+                "sequence that evaluates the whole prompt afresh, in the benchmark's process):",
+                "",
+            )
+            d.table(["", "replies equal to the solo run"], [[n, f"{a} of {t}"] for n, (a, t) in agree.items()])
         for n in PROMPT_SERVERS:
             if n in pr and pr[n].get("argv"):
                 d(f"- {n}: {show(pr[n]['argv'])}")
         d("")
+        ls_py = {n: pr[n] for n in PROMPT_SERVERS if n in pr}
+        if len(ls_py) == 2:
+            cold = [med(ls_py[n].get("cold", {}).get("wall") or [0.0]) for n in PROMPT_SERVERS]
+            if all(cold):
+                r = cold[1] / cold[0]
+                targets.append(
+                    [f"{pr['slots']} chats, cold: pyllama's wall ≤ 0.2x llama-server's", f"{r:.2f}x", verdict(r <= 0.2)]
+                )
+            ttft = [ls_py[n].get("users", {}).get("ttft") for n in PROMPT_SERVERS]
+            if all(ttft):
+                m = [med([sum(x) / len(x) for x in t]) for t in ttft if t]
+                r = m[1] / m[0]
+                targets.append(
+                    ["users in waves: pyllama's mean TTFT ≤ 0.3x llama-server's", f"{r:.2f}x", verdict(r <= 0.3)]
+                )
+        if "pyllama" in agree:
+            a, t = agree["pyllama"]
+            targets.append(["each cold chat's reply equal to its solo run (pyllama)", f"{a} of {t}", verdict(a == t)])
 
     rss = peak_rss_rows(res)
     if rss:

@@ -444,9 +444,12 @@ def bench_prompt(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     def count(text: str) -> int:
         return len(vocab.tokenize(text, add_special=False, parse_special=False))
 
-    # Repetition r uses variants 2r (the concurrent chats) and 2r + 1 (the single long prompt).
-    prompts = [system_prompt(v, target, count) for v in range(2 * cfg["reps"])]
+    # Repetition r uses variants 3r (the concurrent chats), 3r + 1 (the single long prompt) and 3r + 2
+    # (the users arriving in waves).
+    prompts = [system_prompt(v, target, count) for v in range(3 * cfg["reps"])]
     questions = [PROMPT_QUESTIONS[i % len(PROMPT_QUESTIONS)] for i in range(slots)]
+    n_users, wave, interval = cfg["users"], cfg["users_wave"], cfg["users_interval"]
+    user_questions = [f"User {i + 1} asks: {PROMPT_QUESTIONS[i % len(PROMPT_QUESTIONS)]}" for i in range(n_users)]
     commands = server_commands(cfg, n_ctx, lcp=False)
     logs = refs.WORK / "logs" / "prompt"
 
@@ -469,9 +472,11 @@ def bench_prompt(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         "reps": cfg["reps"],
         "cold": "restart",
         "target_tokens": target,
-        "system_tokens": [n for _, n in prompts[0::2]],
-        "single_tokens": [n for _, n in prompts[1::2]],
+        "system_tokens": [n for _, n in prompts[0::3]],
+        "single_tokens": [n for _, n in prompts[1::3]],
+        "users_tokens": [n for _, n in prompts[2::3]],
         "questions": questions,
+        "users": {"n": n_users, "wave": wave, "interval_s": interval},
         "body": {k: v for k, v in chat_bodies("", questions[:1], max_tokens)[0].items() if k != "messages"},
         "warmup": warmup,
     }
@@ -479,11 +484,34 @@ def bench_prompt(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         make_server,
         list(commands),
         cfg["reps"],
-        lambda rep: chat_bodies(prompts[2 * rep][0], questions, max_tokens),
-        lambda rep: chat_bodies(prompts[2 * rep + 1][0], questions[:1], max_tokens)[0],
+        lambda rep: chat_bodies(prompts[3 * rep][0], questions, max_tokens),
+        lambda rep: chat_bodies(prompts[3 * rep + 1][0], questions[:1], max_tokens)[0],
         warmup,
+        users=lambda rep: chat_bodies(prompts[3 * rep + 2][0], user_questions, max_tokens),
+        wave=wave,
+        interval=interval,
     )
+    rounds = [chat_bodies(prompts[3 * rep][0], questions, max_tokens) for rep in range(cfg["reps"])]
+    out["solo"] = solo_replies(cfg, rounds)
     res["prompt"] = out
+
+
+def solo_replies(cfg: dict[str, Any], rounds: list[list[dict[str, Any]]]) -> list[list[str]]:
+    """The truth for the concurrent chats: each body's greedy reply alone, on a Llama of one sequence
+    that evaluates its whole prompt afresh (reset before each; no cache), in this process."""
+    import pyllama
+
+    out = []
+    with pyllama.Llama(str(cfg["gemma"]), n_ctx=cfg["prompt_n_ctx"] // cfg["slots"], n_threads=cfg["threads"]) as llm:
+        for bodies in rounds:
+            texts = []
+            for body in bodies:
+                llm.reset()
+                reply = llm.chat(body["messages"], max_tokens=body["max_tokens"], temperature=0.0)
+                texts.append(reply["choices"][0]["message"]["content"] or "")
+            out.append(texts)
+    log(f"prompt: solo replies of {sum(len(r) for r in rounds)} chats computed")
+    return out
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -519,6 +547,8 @@ def main() -> int:
     ap.add_argument("--levels", default="1,4,8,16", help="concurrent clients for the server section")
     ap.add_argument("--slots", type=int, default=8, help="parallel slots of each server")
     ap.add_argument("--prompt-tokens", type=int, default=1452, help="system prompt tokens of the prompt-heavy section")
+    ap.add_argument("--users", type=int, default=32, help="users of the prompt-heavy section's wave load")
+    ap.add_argument("--users-interval", type=float, default=1.0, help="seconds between its waves of 4 users")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="leave llama-cpp-python out")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the reference tools and venv")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from the results")
@@ -550,6 +580,9 @@ def main() -> int:
         "prompt_n_ctx": 16384,
         "prompt_tokens": args.prompt_tokens,
         "prompt_max_tokens": 16,
+        "users": args.users,
+        "users_wave": 4,
+        "users_interval": args.users_interval,
         "rounds": args.rounds,
     }
     cfg["threads"] = args.threads or default_threads(cfg["tiny"])

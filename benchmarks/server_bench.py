@@ -205,6 +205,7 @@ async def one_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
     first = None
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
+    text: list[str] = []
     async for event in sse_events(client, f"{url}/v1/chat/completions", body):
         usage = event.get("usage") or usage
         timings = event.get("timings") or timings
@@ -212,6 +213,7 @@ async def one_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
             delta = choice.get("delta") or {}
             if first is None and (delta.get("content") or delta.get("reasoning_content")):
                 first = now()
+            text.append(delta.get("content") or "")
     t1 = now()
     usage = usage or {}
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
@@ -223,6 +225,7 @@ async def one_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
         "cached_tokens": cached,
+        "text": "".join(text),
     }
 
 
@@ -237,7 +240,26 @@ async def chat_round(url: str, bodies: list[dict[str, Any]]) -> tuple[float, lis
     return wall, list(replies)
 
 
-ROUND_KEYS = ("ttft", "latency", "prompt_tokens", "completion_tokens", "cached_tokens")
+async def users_round(
+    url: str, bodies: list[dict[str, Any]], wave: int, interval: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """Sends the bodies ``wave`` at a time, a wave every ``interval`` seconds (each request's time to
+    first token counts from its own sending); the wall time from the first wave to the last reply."""
+    n = len(bodies)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+        t0 = now()
+
+        async def user(i: int, body: dict[str, Any]) -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, t0 + (i // wave) * interval - now()))
+            return await one_chat(client, url, body)
+
+        replies = await asyncio.gather(*(user(i, b) for i, b in enumerate(bodies)))
+        wall = now() - t0
+    return wall, list(replies)
+
+
+ROUND_KEYS = ("ttft", "latency", "prompt_tokens", "completion_tokens", "cached_tokens", "text")
 
 
 def record_round(phase: dict[str, Any], wall: float, replies: list[dict[str, Any]]) -> None:
@@ -245,7 +267,7 @@ def record_round(phase: dict[str, Any], wall: float, replies: list[dict[str, Any
     one list (in the order the requests were sent) per round."""
     phase.setdefault("wall", []).append(wall)
     for key in ROUND_KEYS:
-        phase.setdefault(key, []).append([r[key] for r in replies])
+        phase.setdefault(key, []).append([r.get(key) for r in replies])
 
 
 async def warm_up(url: str, body: dict[str, Any]) -> None:
@@ -269,6 +291,9 @@ def bench_prompt(
     chats: Callable[[int], list[dict[str, Any]]],
     single: Callable[[int], dict[str, Any]],
     warmup: dict[str, Any],
+    users: Callable[[int], list[dict[str, Any]]] | None = None,
+    wave: int = 4,
+    interval: float = 1.0,
 ) -> dict[str, Any]:
     """Cold and warm rounds of concurrent chats, and one long prompt, on freshly started servers.
 
@@ -278,11 +303,13 @@ def bench_prompt(
     starts, pyllama does not; this evens that out): its prompt must share no first token with the
     measured ones. ``chats(rep)`` gives the concurrent round, sent twice: cold, then at once the
     identical warm round (each slot may hold its prefix); ``single(rep)`` the one long prompt. The
-    servers alternate measurement by measurement (``alternate``), one up at a time.
+    servers alternate measurement by measurement (``alternate``), one up at a time. ``users(rep)``,
+    when given, is a third measurement: many users arriving ``wave`` at a time, every ``interval`` s.
     """
-    out: dict[str, Any] = {n: {"cold": {}, "warm": {}, "single": {}, "peak_rss_mib": None} for n in names}
+    out: dict[str, Any] = {n: {"cold": {}, "warm": {}, "single": {}, "users": {}, "peak_rss_mib": None} for n in names}
+    phases = ("chats", "single") if users is None else ("chats", "single", "users")
     for rep in range(reps):
-        for phase in ("chats", "single"):
+        for phase in phases:
             for name in alternate(names, rep):
                 server = make_server(name, f"{phase}-{rep + 1}")
                 try:
@@ -293,6 +320,12 @@ def bench_prompt(
                         record_round(out[name]["cold"], *asyncio.run(chat_round(server.url, bodies)))
                         record_round(out[name]["warm"], *asyncio.run(chat_round(server.url, bodies)))
                         what = f"cold {out[name]['cold']['wall'][-1]:.2f} s, warm {out[name]['warm']['wall'][-1]:.2f} s"
+                    elif phase == "users":
+                        assert users is not None
+                        got = asyncio.run(users_round(server.url, users(rep), wave, interval))
+                        record_round(out[name]["users"], *got)
+                        ttft = out[name]["users"]["ttft"][-1]
+                        what = f"mean TTFT {sum(ttft) / len(ttft):.2f} s, wall {out[name]['users']['wall'][-1]:.2f} s"
                     else:
                         record_round(out[name]["single"], *asyncio.run(chat_round(server.url, [single(rep)])))
                         what = f"{out[name]['single']['wall'][-1]:.2f} s"

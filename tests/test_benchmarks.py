@@ -247,6 +247,34 @@ def test_report_prompt_section(tmp_path: Path) -> None:
     assert "did not generate the same number of tokens" in text
 
 
+def test_report_prompt_section_users_solo_and_targets(tmp_path: Path) -> None:
+    """The users' waves: the median over repetitions of each round's mean first-token time, its ratio
+    and target; the cold replies against the solo runs; the burst's wall-time target."""
+    res = prompt_results(tmp_path)
+    pr = res["prompt"]
+    pr["users"] = {"n": 4, "wave": 2, "interval_s": 1.0}
+
+    def users(ttft: list[list[float]], cached: int) -> dict:
+        return {"wall": [10.0] * len(ttft), "ttft": ttft, "cached_tokens": [[cached] * len(t) for t in ttft]}
+
+    # llama-server: round means 8, 10, 12 -> median 10; pyllama: 2, 2.5, 3 -> median 2.5 (0.25x: met)
+    pr["llama-server"]["users"] = users([[6, 10, 6, 10], [10, 10, 10, 10], [12, 12, 12, 12]], 0)
+    pr["pyllama"]["users"] = users([[1, 3, 1, 3], [2.5, 2.5, 2.5, 2.5], [3, 3, 3, 3]], 1450)
+    pr["solo"] = [["a", "b"], ["c", "d"], ["e", "f"]]
+    pr["pyllama"]["cold"]["text"] = [["a", "b"], ["c", "d"], ["e", "x"]]
+    pr["llama-server"]["cold"]["text"] = [["a", "b"], ["c", "d"], ["e", "f and more"]]
+    doc = tmp_path / "benchmarks.md"
+    report.write(res, doc)
+    text = doc.read_text()
+    assert "| 4 users, 2 at a time every 1 s: mean time to first token | 10.00 | 2.50 | 4.000 |" in text
+    assert "| prompt tokens reused, users (fewest-most) | 0 | 1,450 |" in text
+    assert "| pyllama | 5 of 6 |" in text and "| llama-server | 6 of 6 |" in text
+    assert "| users in waves: pyllama's mean TTFT ≤ 0.3x llama-server's | 0.25x |" in text
+    assert "| each cold chat's reply equal to its solo run (pyllama) | 5 of 6 |" in text
+    # cold walls 6.5 and 5.2: 0.80x, not the 0.2x asked for
+    assert "| 2 chats, cold: pyllama's wall ≤ 0.2x llama-server's | 0.80x |" in text
+
+
 def test_report_prompt_section_with_one_server_and_without_the_section(tmp_path: Path) -> None:
     res = prompt_results(tmp_path)
     del res["prompt"]["pyllama"]

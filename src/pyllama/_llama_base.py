@@ -381,6 +381,19 @@ class LlamaBase:
             if self.n_parallel == 1:
                 self._exit(use)
 
+    def reset(self, slot: int | None = None) -> None:
+        """Forget what the sequences hold (``slot``: that one only), so that the next prompt is
+        evaluated afresh; ``LlamaError`` while a generation uses one of them. The caches keep theirs."""
+        seq = -1 if slot is None else self._slot(slot)
+        use = Use(current_owner())
+        if self.n_parallel == 1:
+            self._enter(use)
+        try:
+            self._engine.reset(seq)
+        finally:
+            if self.n_parallel == 1:
+                self._exit(use)
+
     def set_cache(self, cache: StateCache | RAMCache | None) -> None:
         """Use ``cache`` for prompt states from now on: a ``RAMCache`` (the core's host-memory cache,
         every sequence) or a ``DiskCache`` (files, ``n_parallel=1``); None stops (a RAMCache's states

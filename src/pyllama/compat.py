@@ -590,7 +590,7 @@ class Llama:
 
     def reset(self) -> None:
         """Forget the tokens the context holds: the next call evaluates its whole prompt."""
-        self.load_state(LlamaState((), b"", self.fingerprint))
+        self.native.reset()
 
     def set_seed(self, seed: int) -> None:
         """The seed of the following calls that give none (LLAMA_DEFAULT_SEED: a random one each call)."""
