@@ -278,6 +278,14 @@ def test_the_host_cache_keeps_to_its_budget(model: pyllama.Model) -> None:
         engine.submit(prompts[2], greedy(model), max_tokens=1).run()  # saves prompts[1], drops prompts[0]
         stats = engine.host_cache()
         assert stats["entries"] == 1 and stats["bytes"] <= one + one // 2
+        # prompts[1] comes back while the sequence holds prompts[2]: the state to load stays, and
+        # prompts[2], which does not fit beside it, is not kept
+        hit_prompt = prompts[1] + [prompts[1][5]]
+        hit = engine.submit(hit_prompt, greedy(model), max_tokens=4, ignore_eos=True)
+        hit.run()
+        assert hit.n_reused == len(prompts[1])
+        stats = engine.host_cache()
+        assert stats["n_loaded"] == 1 and stats["entries"] == 1 and stats["bytes"] <= one + one // 2
         back = engine.submit(prompts[0] + [prompts[0][5]], greedy(model), max_tokens=4, ignore_eos=True)
         back.run()
         assert back.n_reused == 0
@@ -288,8 +296,9 @@ def test_the_host_cache_keeps_to_its_budget(model: pyllama.Model) -> None:
         with pytest.raises(ValueError):
             engine.set_host_cache(-1)
         engine.close()
-    solo, margins = solo_run(model, prompts[0] + [prompts[0][5]], 4)
-    assert agree_until_near_tie(back.completion_tokens, solo, margins)
+    for req, prompt in ((back, prompts[0] + [prompts[0][5]]), (hit, hit_prompt)):
+        solo, margins = solo_run(model, prompt, 4)
+        assert agree_until_near_tie(req.completion_tokens, solo, margins)
 
 
 def test_engine_errors(model: pyllama.Model) -> None:

@@ -5,6 +5,7 @@ low-level objects, numpy, or the same request without the feature."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -184,14 +185,28 @@ def test_a_slots_state_moves_to_another_slot(tiny_chat_model_path: Path, tmp_pat
             llm.save_state()
         with pytest.raises(pyllama.InvalidRequestError):
             llm.load_state(state, slot=2)
-        stream = llm.complete("Keep going", max_tokens=400, stream=True, ignore_eos=True)
-        next(iter(stream))
-        busy = next(s for s in range(2) if llm._engine.busy(s))
-        with pytest.raises(pyllama.LlamaError):
-            llm.save_state(slot=busy)
-        with pytest.raises(pyllama.LlamaError):
-            llm.load_state(state, slot=busy)
-        stream.close()
+        for _ in range(5):  # a generation that is still running after both calls was running during them
+            stream = llm.complete("Keep going", max_tokens=400, stream=True, ignore_eos=True)
+            next(iter(stream))
+            busy = next(s for s in range(2) if llm._engine.busy(s))
+            raised = []
+            for call in (
+                functools.partial(llm.save_state, slot=busy),
+                functools.partial(llm.load_state, state, slot=busy),
+            ):
+                try:
+                    call()
+                except pyllama.LlamaError:
+                    raised.append(True)
+                else:
+                    raised.append(False)
+            still_busy = llm._engine.busy(busy)
+            stream.close()
+            if still_busy:
+                assert raised == [True, True]
+                break
+        else:
+            pytest.fail("the generation never outlasted the two calls")
 
 
 # --- context guard and truncation -----------------------------------------------------------

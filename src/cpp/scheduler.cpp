@@ -542,11 +542,11 @@ void Scheduler::admit() {
             forked = false;
             loaded = true;
         }
-        const int32_t dst = forked || loaded ? lowest : best;
-        // what the destination gives up goes to the host cache first
-        if (host_budget_ > 0 && !slots_[dst].copying &&
-            slots_[dst].tokens.size() >= (dst == best && !forked && !loaded ? lcp : 0) + kReuseWorthAGap) {
-            host_save(dst);
+        const int32_t dst  = forked || loaded ? lowest : best;
+        const size_t  kept = forked || loaded ? 0 : lcp;
+        // what the destination gives up goes to the host cache first (never dropping the state to load)
+        if (host_budget_ > 0 && !slots_[dst].copying && slots_[dst].tokens.size() >= kept + kReuseWorthAGap) {
+            host_save(dst, hit);
         }
         best = dst;
         lcp  = forked ? lcp_src : loaded ? lcp_host : lcp;
@@ -936,14 +936,18 @@ void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, co
 
 // --- the host cache ----------------------------------------------------------------------------------
 
-void Scheduler::host_trim(size_t room) {
-    while (!host_.empty() && host_bytes_ + room > host_budget_) {
-        host_bytes_ -= host_.front().state.size();
-        host_.pop_front();
+void Scheduler::host_trim(size_t room, std::list<host_entry>::const_iterator keep) {
+    for (auto h = host_.begin(); h != host_.end() && host_bytes_ + room > host_budget_;) {
+        if (h == keep) {
+            ++h;
+            continue;
+        }
+        host_bytes_ -= h->state.size();
+        h = host_.erase(h);
     }
 }
 
-void Scheduler::host_save(int32_t seq) {
+void Scheduler::host_save(int32_t seq, std::list<host_entry>::const_iterator keep) {
     const auto & tokens = slots_[seq].tokens;
     for (size_t s = 0; s < slots_.size(); ++s) {
         if (static_cast<int32_t>(s) != seq && common_prefix(slots_[s].tokens, tokens) == tokens.size() &&
@@ -966,14 +970,17 @@ void Scheduler::host_save(int32_t seq) {
         }
         // entries this one supersedes (prefixes of it) go first, then the least recently used
         for (auto h = host_.begin(); h != host_.end();) {
-            if (common_prefix(h->tokens, tokens) == h->tokens.size()) {
+            if (h != keep && common_prefix(h->tokens, tokens) == h->tokens.size()) {
                 host_bytes_ -= h->state.size();
                 h = host_.erase(h);
             } else {
                 ++h;
             }
         }
-        host_trim(n);
+        host_trim(n, keep);
+        if (host_bytes_ + n > host_budget_) {
+            return;  // only the state about to be loaded is left, and both do not fit
+        }
         try {
             e.state.resize(n);
         } catch (const std::bad_alloc &) {
@@ -993,7 +1000,7 @@ void Scheduler::host_save(int32_t seq) {
 void Scheduler::set_host_cache(size_t budget) {
     std::lock_guard<std::mutex> step_lock(step_mtx_);
     host_budget_ = budget;
-    host_trim(0);
+    host_trim(0, host_.end());
 }
 
 Scheduler::host_cache_stats Scheduler::host_cache() {

@@ -222,8 +222,10 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
         std::vector<uint8_t>     state;  // llama_state_seq_get_data of a sequence holding `tokens`
     };
 
-    void host_save(int32_t seq);  // with the step lock held
-    void host_trim(size_t room);  // drops the least recently used until `room` more bytes fit
+    // With the step lock held; `keep` (an entry about to be loaded, or end()) is never dropped.
+    void host_save(int32_t seq, std::list<host_entry>::const_iterator keep);
+    // Drops the least recently used entries but `keep` until `room` more bytes fit the budget.
+    void host_trim(size_t room, std::list<host_entry>::const_iterator keep);
 
     void loop();
     bool has_work();  // admits what it can; true when a step has something to do

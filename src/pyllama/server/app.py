@@ -214,6 +214,21 @@ async def _disconnected(receive: Receive) -> None:
             return
 
 
+async def _while_connected(request: Request, work: Awaitable[T]) -> asyncio.Future[T] | None:
+    """Runs ``work`` until it ends, or until the client goes away (then it is cancelled): the
+    finished task, or None."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    return None if task.cancelled() else task
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -312,16 +327,8 @@ class _Server:
             finally:
                 self.slots.release()
 
-        task = asyncio.ensure_future(job())
-        watch = asyncio.ensure_future(_disconnected(request.receive))
-        try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, watch, return_exceptions=True)
-        if task.cancelled():
+        task = await _while_connected(request, job())
+        if task is None:
             return None
         error = task.exception()
         if error is not None:

@@ -23,7 +23,7 @@ from .. import _core
 from ..cache import LlamaState
 from ..llama import Llama
 from . import params
-from .app import JSONBody, _disconnected, _disconnected_response, _json_body
+from .app import JSONBody, _disconnected_response, _json_body, _while_connected, translate
 from .params import APIError
 
 __all__ = ["add_slot_routes", "check_filename"]
@@ -154,24 +154,12 @@ def add_slot_routes(app: FastAPI, llm: Llama, save_path: str | os.PathLike[str] 
                     return result
                 await asyncio.sleep(POLL_S)
 
-        task = asyncio.ensure_future(until_done())
-        watch = asyncio.ensure_future(_disconnected(request.receive))
-        try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, watch, return_exceptions=True)
-        if task.cancelled():
+        task = await _while_connected(request, until_done())
+        if task is None:
             return _disconnected_response()
         error = task.exception()
+        if isinstance(error, OSError):
+            raise APIError(500, f"the slot file could not be written or read: {error.strerror}", type="server_error")
         if error is not None:
-            if isinstance(error, APIError):
-                raise error
-            if isinstance(error, OSError):
-                raise APIError(
-                    500, f"the slot file could not be written or read: {error.strerror}", type="server_error"
-                )
-            raise error
+            raise translate(error, ("id_slot", "filename"))
         return JSONBody(task.result())
