@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import gc
 import os
+import random
 import select
 import sys
 import threading
@@ -512,3 +513,56 @@ def test_n_choices_and_prompt_lists(tiny_chat_model_path: Path, n_parallel: int)
         assert [c["text"] for c in many["choices"]] == expected
         with pytest.raises(ValueError, match="n=1"):
             llm.chat(ask, n=2, stream=True)
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_a_long_random_mix_keeps_memory_and_tokens_in_step(model: pyllama.Model, kv_unified: bool) -> None:
+    """Waves of requests (a seeded random mix: three shared prefixes and unrelated prompts, prompts
+    that repeat, some cancelled after their first token) through four sequences with a small host
+    cache. After every wave each sequence's KV memory holds exactly the positions of the tokens the
+    core says it holds (a copied or loaded prefix one token too long or too short, or cells left
+    behind, breaks this), the memory never runs out (at most 4 x 288 positions ever needed), the
+    host cache keeps to its budget, and every request that ran to its end gave its solo run's tokens."""
+    rng = random.Random(15)
+    prefixes = [
+        list(model.tokenize(" ".join(f"{c}{i}" for i in range(n)))) for c, n in (("p", 60), ("q", 45), ("r", 30))
+    ]
+    tails = [list(model.tokenize(f" question {i} about it", add_special=False)) for i in range(6)]
+    unrelated = [list(model.tokenize(f"Something else entirely, number {i}")) for i in range(4)]
+    pool = [p + t for p in prefixes for t in tails] + unrelated
+    assert max(len(p) for p in pool) + 24 <= 288
+    truth: dict[tuple[tuple[int, ...], int], tuple[list[int], list[float]]] = {}
+    budget = 3 << 20
+    with pyllama.Context(model, n_ctx=4 * 288, n_seq_max=4, n_threads=1, kv_unified=kv_unified) as ctx:
+        engine = pyllama.Engine(ctx, 4, threaded=False)
+        engine.set_host_cache(budget)
+        n_requests = 0
+        for _ in range(14):
+            wave = []
+            for _ in range(rng.randint(1, 6)):
+                prompt = rng.choice(pool)
+                n = rng.randint(1, 24)
+                wave.append((prompt, n, engine.submit(prompt, greedy(model), max_tokens=n, ignore_eos=True)))
+            for _, _, req in wave:
+                if rng.random() < 0.2:
+                    next(iter(req))
+                    req.cancel()
+            for prompt, n, req in wave:
+                req.run()
+                n_requests += 1
+                assert req.finish_reason in ("length", "cancelled")
+                if req.finish_reason == "length":
+                    key = (tuple(prompt), n)
+                    if key not in truth:
+                        truth[key] = solo_run(model, prompt, n)
+                    assert agree_until_near_tie(req.completion_tokens, *truth[key]), (prompt, n)
+            assert engine.n_active == 0
+            for s in range(4):
+                held = engine.tokens(s)
+                assert ctx.seq_pos_max(s) == len(held) - 1, (s, len(held))
+                if held:
+                    assert ctx.seq_pos_min(s) == 0
+            stats = engine.host_cache()
+            assert stats["bytes"] <= budget
+        assert stats["n_saved"] > 0 and stats["n_loaded"] > 0 and n_requests > 40
+        engine.close()

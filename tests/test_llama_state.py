@@ -411,6 +411,37 @@ def test_gemma_reuses_a_prefix_only_where_its_sliding_window_is_whole(gemma_path
         assert g == w
 
 
+@pytest.mark.real_model
+def test_gemma_loads_a_prefix_back_from_ram_where_its_sliding_window_is_whole(gemma_path: Path) -> None:
+    """The host cache on Gemma 3 without swa_full: an 800-token prompt given up to another prompt is
+    kept in RAM (its sliding-window cache holds the last 512 + n_ubatch positions). The same prompt
+    with a new ending loads it back and reuses all 800 tokens (the window of the next token is whole);
+    a prompt sharing only its first 500 tokens is evaluated afresh (the cells its window reaches back
+    to are gone). Greedy tokens are a fresh Llama's up to the first near-tie either way."""
+    words = " ".join(f"item{i}" for i in range(800))
+    settings: dict[str, Any] = {"n_ctx": 1024, "n_batch": 64, "n_ubatch": 64, "n_threads": 2, "swa_full": False}
+    with pyllama.Llama(gemma_path, cache_ram=256 << 20, **settings) as llm:
+        first = llm.tokenize("List: " + words)[:800]
+        longer = first + llm.tokenize(" and now the sky is", add_special=False)
+        shorter = first[:500] + llm.tokenize(" and now the sky is", add_special=False)
+        llm.complete(first, max_tokens=2, temperature=0.0)
+        llm.complete("Something else entirely, " * 20, max_tokens=2, temperature=0.0)
+        assert llm.cache is not None and llm.cache.n_saved == 1
+        got_longer, _, reused_longer = _greedy_with_margins(llm, longer, 8)
+        assert llm.cache.n_loaded == 1
+        llm.complete("Something else entirely, " * 20, max_tokens=2, temperature=0.0)
+        got_shorter, _, reused_shorter = _greedy_with_margins(llm, shorter, 8)
+    assert (reused_longer, reused_shorter) == (800, 0)
+    with pyllama.Llama(gemma_path, **settings) as fresh:
+        for got, prompt in ((got_longer, longer), (got_shorter, shorter)):
+            fresh.reset()
+            want, margins, _ = _greedy_with_margins(fresh, prompt, 8)
+            for g, w, margin in zip(got, want, margins, strict=True):
+                if margin < 1e-3:
+                    break
+                assert g == w
+
+
 def llm_text(path: Path, tokens: list[int]) -> str:
     model = pyllama.Model(str(path), vocab_only=True)
     return str(model.detokenize(tokens))

@@ -585,7 +585,8 @@ void Scheduler::admit() {
                 // swa_full (llama.cpp's default): the next token must still see every position its
                 // window reaches back to, or its attention differs from a fresh evaluation's.
                 const llama_pos pos_min = llama_memory_seq_pos_min(mem, best);
-                const llama_pos needed  = std::max<llama_pos>(0, static_cast<llama_pos>(lcp) - n_swa_);
+                // (position p sees p - n_swa + 1 .. p; llama.cpp's chunked and symmetric windows see less)
+                const llama_pos needed  = std::max<llama_pos>(0, static_cast<llama_pos>(lcp) - n_swa_ + 1);
                 if (pos_min < 0 || pos_min > needed) {
                     llama_memory_seq_rm(mem, best, -1, -1);
                     lcp = 0;
