@@ -496,20 +496,36 @@ def bench_prompt(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     res["prompt"] = out
 
 
-def solo_replies(cfg: dict[str, Any], rounds: list[list[dict[str, Any]]]) -> list[list[str]]:
+def solo_replies(cfg: dict[str, Any], rounds: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
     """The truth for the concurrent chats: each body's greedy reply alone, on a Llama of one sequence
-    that evaluates its whole prompt afresh (reset before each; no cache), in this process."""
+    that evaluates its whole prompt afresh (reset before each; no cache), in this process; with each
+    token's text and the margin between its two best logprobs (a batched run may part at a near-tie)."""
     import pyllama
 
     out = []
     with pyllama.Llama(str(cfg["gemma"]), n_ctx=cfg["prompt_n_ctx"] // cfg["slots"], n_threads=cfg["threads"]) as llm:
         for bodies in rounds:
-            texts = []
+            replies = []
             for body in bodies:
                 llm.reset()
-                reply = llm.chat(body["messages"], max_tokens=body["max_tokens"], temperature=0.0)
-                texts.append(reply["choices"][0]["message"]["content"] or "")
-            out.append(texts)
+                reply = llm.chat(
+                    body["messages"], max_tokens=body["max_tokens"], temperature=0.0, logprobs=True, top_logprobs=2
+                )
+                content = (reply["choices"][0].get("logprobs") or {}).get("content") or []
+                margins = [
+                    c["top_logprobs"][0]["logprob"] - c["top_logprobs"][1]["logprob"]
+                    if len(c["top_logprobs"]) > 1
+                    else float("inf")
+                    for c in content
+                ]
+                replies.append(
+                    {
+                        "text": reply["choices"][0]["message"]["content"] or "",
+                        "pieces": [c["token"] for c in content],
+                        "margins": margins,
+                    }
+                )
+            out.append(replies)
     log(f"prompt: solo replies of {sum(len(r) for r in rounds)} chats computed")
     return out
 

@@ -111,6 +111,184 @@ def write_tiny_llama(
     return path
 
 
+def _finish(writer: gguf.GGUFWriter) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_encoder_blocks(
+    writer: gguf.GGUFWriter,
+    rng: np.random.Generator,
+    prefix: str,
+    *,
+    n_layer: int,
+    n_embd: int,
+    n_ff: int,
+    k_bias: bool,
+) -> None:
+    """Pre-norm transformer blocks with LayerNorm and biased linears, as clip.cpp's ``build_vit`` reads them.
+
+    Tensors are ``{prefix}.blk.{i}.{ln1,attn_q,attn_k,attn_v,attn_out,ln2,ffn_up,ffn_down}.{weight,bias}``.
+    Whisper has no bias on its key projection, so ``k_bias=False`` leaves ``attn_k.bias`` out.
+    """
+    if n_ff == n_embd:
+        # clip.cpp swaps ffn_up and ffn_down back when ffn_down.weight has ne[0] == n_embd (legacy files).
+        raise ValueError("n_ff must differ from n_embd")
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool = True) -> None:
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32))
+        if bias:
+            writer.add_tensor(f"{name}.bias", (0.02 * rng.standard_normal(n_out)).astype(np.float32))
+
+    def layer_norm(name: str) -> None:
+        writer.add_tensor(f"{name}.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"{name}.bias", np.zeros(n_embd, dtype=np.float32))
+
+    for i in range(n_layer):
+        blk = f"{prefix}.blk.{i}"
+        layer_norm(f"{blk}.ln1")
+        linear(f"{blk}.attn_q", n_embd, n_embd)
+        linear(f"{blk}.attn_k", n_embd, n_embd, bias=k_bias)
+        linear(f"{blk}.attn_v", n_embd, n_embd)
+        linear(f"{blk}.attn_out", n_embd, n_embd)
+        layer_norm(f"{blk}.ln2")
+        linear(f"{blk}.ffn_up", n_ff, n_embd)
+        linear(f"{blk}.ffn_down", n_embd, n_ff)
+    layer_norm(f"{prefix}.post_ln")
+
+
+def write_tiny_mmproj_vision(
+    path: Path | str,
+    *,
+    text_n_embd: int = 64,
+    image_size: int = 224,
+    patch_size: int = 14,
+    n_merge: int = 4,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    seed: int = 0,
+    name: str = "tiny-gemma3-mmproj",
+) -> Path:
+    """Write a random-weight Gemma 3 vision projector (``clip.projector_type = gemma3``); returns its path.
+
+    A SigLIP encoder over ``(image_size / patch_size)**2`` patches, an average pool of ``n_merge`` x ``n_merge``
+    patches, an RMS norm (``mm.soft_emb_norm``) and a projection (``mm.input_projection``) to ``text_n_embd``, which
+    must equal the text model's ``n_embd``. Each image becomes ``(image_size // patch_size // n_merge) ** 2``
+    embeddings, 16 with the defaults; libmtmd wraps them in the text ``<start_of_image>`` ... ``<end_of_image>``.
+    """
+    n_side = image_size // patch_size
+    if image_size % patch_size or n_side % n_merge:
+        raise ValueError("image_size must be a multiple of patch_size, and image_size // patch_size of n_merge")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
+    writer.add_vision_projection_dim(text_n_embd)
+    writer.add_vision_image_size(image_size)
+    writer.add_vision_patch_size(patch_size)
+    writer.add_vision_embedding_length(n_embd)
+    writer.add_vision_feed_forward_length(n_ff)
+    writer.add_vision_block_count(n_layer)
+    writer.add_vision_head_count(n_head)
+    writer.add_vision_attention_layernorm_eps(1e-6)
+    writer.add_vision_use_gelu(True)
+    writer.add_vision_image_mean([0.5, 0.5, 0.5])
+    writer.add_vision_image_std([0.5, 0.5, 0.5])
+    if n_merge != 4:  # clip.cpp's default for gemma3, which the converter leaves out
+        writer.add_vision_projector_scale_factor(n_merge)
+
+    fan_in = 3 * patch_size * patch_size
+    patch = rng.standard_normal((n_embd, 3, patch_size, patch_size)) / np.sqrt(fan_in)  # ggml ne: [p, p, 3, n_embd]
+    writer.add_tensor("v.patch_embd.weight", patch.astype(np.float32))
+    writer.add_tensor("v.patch_embd.bias", (0.02 * rng.standard_normal(n_embd)).astype(np.float32))
+    pos = 0.02 * rng.standard_normal((n_side * n_side, n_embd))
+    writer.add_tensor("v.position_embd.weight", pos.astype(np.float32))
+    _add_encoder_blocks(writer, rng, "v", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, k_bias=True)
+    # Gemma3RMSNorm scales by (1 + w); the converter stores 1 + w, so ones is the identity.
+    writer.add_tensor("mm.soft_emb_norm.weight", np.ones(n_embd, dtype=np.float32))
+    # Stored untransposed, numpy (n_embd, text_n_embd), i.e. ggml ne [text_n_embd, n_embd]; F16 as the converter does.
+    proj = rng.standard_normal((n_embd, text_n_embd)) / np.sqrt(n_embd)
+    writer.add_tensor("mm.input_projection.weight", proj.astype(np.float16))
+    _finish(writer)
+    return path
+
+
+def write_tiny_mmproj_audio(
+    path: Path | str,
+    *,
+    text_n_embd: int = 64,
+    n_mel_bins: int = 80,
+    stack_factor: int = 4,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    n_proj_ff: int = 128,
+    seed: int = 0,
+    name: str = "tiny-ultravox-mmproj",
+) -> Path:
+    """Write a random-weight Ultravox audio projector (``clip.projector_type = ultravox``); returns its path.
+
+    A Whisper encoder (two conv1d, the second with stride 2, then transformer blocks over 1500 positions) on each
+    30 s chunk of 3000 mel frames, frames stacked by ``stack_factor``, then RMS norm, SwiGLU to ``n_proj_ff``,
+    RMS norm and a projection to ``text_n_embd``, which must equal the text model's ``n_embd``. Each 30 s chunk
+    becomes ``1500 // stack_factor`` embeddings (375 with the default 4); ``stack_factor`` must divide 1500,
+    since clip.cpp counts ``3000 / stack_factor / 2`` tokens while its graph pads 1500 up to a multiple (with
+    Ultravox's real 8 it aborts: "expected output 187 tokens, got 188").
+    libmtmd adds no marker text around Ultravox audio.
+    """
+    if 1500 % stack_factor:
+        raise ValueError("stack_factor must divide 1500")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_clip_has_audio_encoder(True)
+    writer.add_clip_projector_type(gguf.VisionProjectorType.ULTRAVOX)
+    writer.add_audio_projection_dim(text_n_embd)
+    writer.add_audio_embedding_length(n_embd)
+    writer.add_audio_feed_forward_length(n_ff)
+    writer.add_audio_block_count(n_layer)
+    writer.add_audio_head_count(n_head)
+    writer.add_audio_num_mel_bins(n_mel_bins)
+    writer.add_audio_attention_layernorm_eps(1e-5)
+    writer.add_audio_stack_factor(stack_factor)
+
+    def conv(n_out: int, n_in: int) -> np.ndarray:  # torch Conv1d (out, in, kernel), ggml ne [3, in, out]; F16
+        return (rng.standard_normal((n_out, n_in, 3)) / np.sqrt(3 * n_in)).astype(np.float16)
+
+    def conv_bias(n: int) -> np.ndarray:  # (n, 1), ggml ne [1, n], to broadcast over the frames
+        return (0.02 * rng.standard_normal((n, 1))).astype(np.float32)
+
+    writer.add_tensor("a.conv1d.1.weight", conv(n_embd, n_mel_bins))
+    writer.add_tensor("a.conv1d.1.bias", conv_bias(n_embd))
+    writer.add_tensor("a.conv1d.2.weight", conv(n_embd, n_embd))
+    writer.add_tensor("a.conv1d.2.bias", conv_bias(n_embd))
+    writer.add_tensor("a.position_embd.weight", (0.02 * rng.standard_normal((1500, n_embd))).astype(np.float32))
+    _add_encoder_blocks(writer, rng, "a", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, k_bias=False)
+
+    n_stacked = n_embd * stack_factor
+    writer.add_tensor("mm.a.norm_pre.weight", np.ones(n_stacked, dtype=np.float32))
+    # SwiGLU: the first output half is the value, the second goes through silu.
+    mlp1 = rng.standard_normal((2 * n_proj_ff, n_stacked)) / np.sqrt(n_stacked)
+    writer.add_tensor("mm.a.mlp.1.weight", mlp1.astype(np.float32))
+    writer.add_tensor("mm.a.norm_mid.weight", np.ones(n_proj_ff, dtype=np.float32))
+    mlp2 = rng.standard_normal((text_n_embd, n_proj_ff)) / np.sqrt(n_proj_ff)
+    writer.add_tensor("mm.a.mlp.2.weight", mlp2.astype(np.float32))
+    _finish(writer)
+    return path
+
+
 def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:
     """Greedy-free generation from the rendered prompt with a Sampler built from the chat result."""
     sampler = pyllama.Sampler(model, chat=result, seed=seed, temperature=1.0)

@@ -11,6 +11,7 @@
 #include "ggml-backend.h"
 #include "llama.h"
 #include "log.h"
+#include "mtmd-helper.h"
 
 #include <atomic>
 #include <chrono>
@@ -215,6 +216,7 @@ void backend_ensure_init() {
         // ggml's abort path would otherwise try to attach gdb to print a backtrace.
         setenv("GGML_NO_BACKTRACE", "1", 0);
         llama_log_set(log_callback, nullptr);
+        mtmd_helper_log_set(log_callback, nullptr);  // libmtmd and clip log through their own setter
         sync_common_verbosity(g_log_min_level.load());
         llama_backend_init();
     });

@@ -347,7 +347,7 @@ int32_t Context::n_vocab() const {
     return llama_vocab_n_tokens(llama_model_get_vocab(model_.get()));
 }
 
-void Context::validate(const Batch & b, bool encode) const {
+void Context::validate(const Batch & b, bool encode, bool non_causal) const {
     const size_t n = b.size();
     if (n == 0) {
         throw std::invalid_argument("the batch is empty");
@@ -363,7 +363,7 @@ void Context::validate(const Batch & b, bool encode) const {
                                     std::to_string(n_batch) +
                                     ": split it, or create the Context with a larger n_batch");
     }
-    if ((encode || !causal_) && n > n_ubatch) {
+    if ((encode || !causal_ || non_causal) && n > n_ubatch) {
         throw std::invalid_argument("the batch has " + std::to_string(n) + " tokens but n_ubatch is " +
                                     std::to_string(n_ubatch) + " and " +
                                     (encode ? "an encoder" : "non-causal attention") +
@@ -423,7 +423,7 @@ void Context::decode(const Batch & b, bool encode) {
     raise_decode_error(rc, reason, encode);
 }
 
-int32_t Context::decode_nogil(const Batch & b, bool encode, std::string & reason) {
+int32_t Context::decode_nogil(const Batch & b, bool encode, std::string & reason, bool non_causal) {
     // The llama_batch view; seq_id pointers into the batch's own vectors.
     std::vector<int32_t>        n_seq_id(b.size());
     std::vector<llama_seq_id *> seq_ptrs(b.size());
@@ -443,8 +443,21 @@ int32_t Context::decode_nogil(const Batch & b, bool encode, std::string & reason
     int32_t rc = 0;
     {
         auto u = acquire();
-        validate(b, encode);
+        validate(b, encode, non_causal);
         abort_.store(false);  // cancel() stops the decode in progress, not one that has not started
+        const bool switch_causal = non_causal && causal_;
+        if (switch_causal) {
+            llama_set_causal_attn(ctx_, false);
+        }
+        struct causal_back {
+            llama_context * ctx;
+            bool            on;
+            ~causal_back() {
+                if (on) {
+                    llama_set_causal_attn(ctx, true);
+                }
+            }
+        } back{ ctx_, switch_causal };
 
         // Where each sequence of the batch ends in the KV memory now, to roll back a failure.
         std::map<llama_seq_id, llama_pos> pos_before;
@@ -811,6 +824,17 @@ alive. One thread at a time: concurrent calls are serialised.
             llama_set_embeddings(self.acquire().ctx, on);
         },
         py::arg("embeddings"));
+    cls.def(
+        "set_causal_attn",
+        [](Context & self, bool on) {
+            py::gil_scoped_release nogil;
+            auto                   u = self.acquire();
+            llama_set_causal_attn(u.ctx, on);
+            self.causal_ = on;
+        },
+        py::arg("causal"),
+        "Causal (each token sees those before it) or non-causal attention for the decodes that follow: "
+        "Gemma 3 decodes an image's embeddings non-causally. A non-causal batch must fit one n_ubatch.");
 
     cls.def(
         "decode", [](Context & self, const Batch & b) { self.decode(b, false); }, py::arg("batch"),

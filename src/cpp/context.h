@@ -41,7 +41,8 @@ class Context {
 
     // The same without the GIL (the caller released it): returns llama.cpp's code (0 on success,
     // 2 when cancelled) and the reason of a failure; raise_decode_error() turns it into an exception.
-    int32_t     decode_nogil(const Batch & batch, bool encode, std::string & reason);
+    // `non_causal`: this batch only is decoded with non-causal attention (a Gemma 3 image's embeddings).
+    int32_t     decode_nogil(const Batch & batch, bool encode, std::string & reason, bool non_causal = false);
     static void raise_decode_error(int32_t rc, const std::string & reason, bool encode);
 
     // Loads a state from llama_state_seq_get_data into sequence dst (call without the GIL);
@@ -79,7 +80,7 @@ class Context {
     int32_t              n_outputs_ = 0;
 
     static bool abort_callback(void * data);
-    void        validate(const Batch & batch, bool encode) const;
+    void        validate(const Batch & batch, bool encode, bool non_causal = false) const;
 
     friend void register_context(py::module_ & m);
 };

@@ -107,4 +107,5 @@ PYBIND11_MODULE(_core, m) {
     pyllama::register_chat(m);
     pyllama::register_grammar(m);
     pyllama::register_engine(m);
+    pyllama::register_projector(m);
 }

@@ -131,5 +131,6 @@ void register_sampler(py::module_ & m);
 void register_chat(py::module_ & m);
 void register_grammar(py::module_ & m);
 void register_engine(py::module_ & m);
+void register_projector(py::module_ & m);
 
 }  // namespace pyllama

@@ -1,0 +1,204 @@
+"""Images and audio through llama.cpp's libmtmd (pyllama.Projector): a tiny random-weight text model with
+a matching tiny Gemma 3 vision projector and Ultravox audio projector (tests/tiny_models.py), and
+llama.cpp's own media (tools/mtmd/test-1.jpeg, test-2.mp3). The truth is llama.cpp's llama-mtmd-cli,
+built from the same sources with the same flags into the build tree (PYLLAMA_TEST_TOOLS); the greedy
+loops here pick tokens by numpy's argmax of the logits."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pyllama
+
+from tiny_models import LLAMA_CPP, write_tiny_llama, write_tiny_mmproj_audio, write_tiny_mmproj_vision
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = LLAMA_CPP / "tools" / "mtmd" / "test-1.jpeg"
+AUDIO = LLAMA_CPP / "tools" / "mtmd" / "test-2.mp3"
+MARKER = pyllama.Projector.default_marker()
+
+
+def chatml(content: str) -> str:
+    """What llama-mtmd-cli renders for one user message with --chat-template chatml."""
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("mm")
+    return {
+        "text": write_tiny_llama(d / "text.gguf", n_embd=64, name="tiny-mm"),
+        "vision": write_tiny_mmproj_vision(d / "vision.gguf", text_n_embd=64),
+        "audio": write_tiny_mmproj_audio(d / "audio.gguf", text_n_embd=64),
+        "other": write_tiny_mmproj_vision(d / "vision96.gguf", text_n_embd=96),
+    }
+
+
+@pytest.fixture(scope="module")
+def model(files: dict[str, Path]) -> Any:
+    with pyllama.Model(str(files["text"])) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def mtmd_cli() -> Path:
+    tools = sorted(ROOT.glob("build/*/test-tools/llama-mtmd-cli"))
+    if not tools:  # pragma: no cover
+        pytest.skip("llama-mtmd-cli is not in the build tree (built unless -DPYLLAMA_TEST_TOOLS=OFF)")
+    return tools[-1]
+
+
+def greedy(model: pyllama.Model, proj: pyllama.Projector, chunks: list[pyllama.Chunk], n: int) -> list[int]:
+    """n greedy tokens after the chunks, by numpy's argmax, one decode at a time."""
+    with pyllama.Context(model, n_ctx=1024, n_threads=2) as ctx:
+        n_past = proj.eval(ctx, chunks)
+        out: list[int] = []
+        for _ in range(n):
+            tok = int(np.argmax(ctx.logits()))
+            out.append(tok)
+            if model.token_is_eog(tok):
+                break
+            ctx.decode(pyllama.Batch.from_tokens([tok], pos0=n_past))
+            n_past += 1
+        return out
+
+
+def cli_text(cli: Path, files: dict[str, Path], projector: str, flag: str, media: Path, n: int) -> str:
+    """llama-mtmd-cli's greedy reply (what it prints between its opening newline and closing ones)."""
+    run = subprocess.run(
+        [
+            str(cli),
+            *("-m", str(files["text"]), "--mmproj", str(files[projector]), flag, str(media)),
+            *("-p", "Describe this.", "-n", str(n), "--temp", "0", "-t", "2", "--chat-template", "chatml"),
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    out = run.stdout.decode()
+    assert out.startswith("\n") and out.endswith("\n\n"), out
+    return out[1:-2]
+
+
+@pytest.mark.parametrize(("projector", "flag", "media"), [("vision", "--image", IMAGE), ("audio", "--audio", AUDIO)])
+def test_greedy_tokens_after_media_equal_llama_mtmd_cli(
+    files: dict[str, Path], model: pyllama.Model, mtmd_cli: Path, projector: str, flag: str, media: Path
+) -> None:
+    """The media is decoded, tokenised into chunks, encoded and evaluated as llama-mtmd-cli does it: the
+    greedy reply is the same text; without the media it is another one."""
+    with pyllama.Projector(model, str(files[projector]), n_threads=2) as proj:
+        m = proj.media_from_file(str(media))
+        chunks = proj.tokenize(chatml(MARKER + "Describe this."), [m])
+        kinds = [c.type for c in chunks]
+        assert kinds.count("image" if projector == "vision" else "audio") == 1
+        tokens = greedy(model, proj, chunks, 10)
+        without = greedy(model, proj, proj.tokenize(chatml("Describe this.")), 10)
+    text = str(model.detokenize(tokens))
+    assert text.strip() and text.lstrip() == cli_text(mtmd_cli, files, projector, flag, media, 10).lstrip()
+    assert tokens != without
+
+
+def test_chunks_media_and_embeddings(files: dict[str, Path], model: pyllama.Model) -> None:
+    """Chunks say what they are; a media's id is the same for the same bytes; an image's embeddings are
+    (n_tokens, n_embd), the same each time, and what eval() decodes (the logits after them equal those
+    after decoding the embeddings by hand, as a batch of embeddings with non-causal attention)."""
+    with pyllama.Projector(model, str(files["vision"]), n_threads=2) as proj:
+        assert proj.supports_vision and not proj.supports_audio and proj.audio_sample_rate is None
+        assert proj.n_embd == model.n_embd
+        data = IMAGE.read_bytes()
+        a, b = proj.media(data), proj.media_from_file(str(IMAGE))
+        assert (a.kind, a.nx, a.ny, a.n_samples) == ("image", 640, 488, 0) and a.id == b.id
+        chunks = proj.tokenize(chatml(MARKER + "Describe this."), [a])
+        text0, image, text1 = chunks
+        assert (text0.type, image.type, text1.type) == ("text", "image", "text")
+        assert image.id == a.id and text0.id is None and image.tokens is None
+        # the text before the marker, then Gemma 3's image opener (tokenised on its own, as mtmd does)
+        head = list(model.tokenize("<|im_start|>user\n")) + list(model.tokenize("<start_of_image>", add_special=False))
+        assert text0.tokens == head
+        n0 = proj.n_encoded
+        emb = proj.encode(image)
+        assert emb.shape == (image.n_tokens, model.n_embd) and emb.dtype == np.float32
+        assert np.array_equal(emb, proj.encode(image)) and proj.n_encoded == n0 + 2
+        with pyllama.Context(model, n_ctx=512, n_threads=2) as ctx:
+            assert proj.eval(ctx, chunks) == sum(c.n_tokens for c in chunks)
+            want = ctx.logits().copy()
+        with pyllama.Context(model, n_ctx=512, n_threads=2) as ctx:
+            ctx.decode(pyllama.Batch.from_tokens(text0.tokens))
+            n = len(text0.tokens)
+            ctx.set_causal_attn(False)
+            ctx.decode(pyllama.Batch.from_embeddings(emb, pos0=n, logits_last=False))
+            ctx.set_causal_attn(True)
+            n += image.n_tokens
+            ctx.decode(pyllama.Batch.from_tokens(text1.tokens, pos0=n))
+            np.testing.assert_allclose(ctx.logits(), want, rtol=1e-4, atol=1e-4)
+    with pyllama.Projector(model, str(files["audio"]), n_threads=2) as proj:
+        assert proj.supports_audio and not proj.supports_vision and proj.audio_sample_rate == 16000
+        clip = proj.media_from_file(str(AUDIO))
+        assert clip.kind == "audio" and clip.n_samples > 16000 and (clip.nx, clip.ny) == (0, 0)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (its one IDAT holds a single row)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+
+
+def test_bad_media_and_projectors_are_refused(files: dict[str, Path], model: pyllama.Model, tmp_path: Path) -> None:
+    """Not an image, a truncated JPEG, a decompression bomb (a PNG header of 60,000 x 60,000), audio for
+    a vision projector, a projector for a model of another width, a file that is not a projector, markers
+    and media that do not match: each a typed error, and the projector still works afterwards."""
+    with pyllama.Projector(model, str(files["vision"]), n_threads=2) as proj:
+        with pytest.raises(ValueError):
+            proj.media(b"this is not an image at all, just some text")
+        with pytest.raises(ValueError):
+            proj.media(b"")
+        with pytest.raises(ValueError):
+            proj.media(IMAGE.read_bytes()[:2000])
+        for width, height in ((60_000, 60_000), (12_000, 12_000)):  # refused before anything is decoded
+            with pytest.raises(ValueError):
+                proj.media(png_header(width, height))
+        with pytest.raises(ValueError):
+            proj.media(AUDIO.read_bytes())  # no audio encoder
+        with pytest.raises(ValueError):
+            proj.media(base64.b64decode(base64.b64encode(b"GIF89a" + b"\0" * 5)))
+        with pytest.raises(FileNotFoundError):
+            proj.media_from_file(str(tmp_path / "missing.jpg"))
+        with pytest.raises(ValueError):
+            proj.media(IMAGE.read_bytes(), max_pixels=1000)
+        image = proj.media(IMAGE.read_bytes())
+        with pytest.raises(pyllama.InvalidRequestError):
+            proj.tokenize(chatml("no marker"), [image])
+        with pytest.raises(pyllama.InvalidRequestError):
+            proj.tokenize(chatml(MARKER + MARKER), [image])
+        with pytest.raises(ValueError):
+            proj.encode(proj.tokenize(chatml("text only"))[0])
+        many = proj.tokenize(chatml(MARKER * 20 + "Describe these."), [image] * 20)  # 20 x 16 media tokens
+        with pyllama.Context(model, n_ctx=256, n_threads=2) as small:  # more media than the context holds
+            assert sum(c.n_tokens for c in many) > small.n_ctx
+            with pytest.raises(pyllama.LlamaError):
+                proj.eval(small, many)
+            assert small.seq_pos_max(0) == -1  # cut back to where it started
+            chunks = proj.tokenize(chatml(MARKER + "Describe this."), [image])
+            assert proj.eval(small, chunks) == sum(c.n_tokens for c in chunks)
+    with pytest.raises(pyllama.ModelLoadError):
+        pyllama.Projector(model, str(files["other"]))  # 96 wide, the model 64
+    with pytest.raises(pyllama.ModelLoadError):
+        pyllama.Projector(model, str(files["text"]))  # a model, not a projector
+    with pytest.raises(FileNotFoundError):
+        pyllama.Projector(model, str(tmp_path / "missing.gguf"))
+    not_gguf = tmp_path / "junk.gguf"
+    not_gguf.write_bytes(b"junk" * 100)
+    with pytest.raises(pyllama.ModelLoadError):
+        pyllama.Projector(model, str(not_gguf))
