@@ -145,14 +145,26 @@ def test_chunks_media_and_embeddings(files: dict[str, Path], model: pyllama.Mode
         assert clip.kind == "audio" and clip.n_samples > 16000 and (clip.nx, clip.ny) == (0, 0)
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels (its one IDAT holds a single row)."""
+def png_image(width: int, height: int) -> bytes:
+    """A real PNG of width x height pixels, a colour gradient."""
+    rows = b"".join(
+        b"\0" + bytes(v for x in range(width) for v in (x * 255 // width, y * 255 // height, 128))
+        for y in range(height)
+    )
+    return _png(width, height, zlib.compress(rows))
 
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (its one IDAT holds a single row)."""
+    return _png(width, height, zlib.compress(b"\0" * 8))
 
 
 def test_bad_media_and_projectors_are_refused(files: dict[str, Path], model: pyllama.Model, tmp_path: Path) -> None:
@@ -202,3 +214,84 @@ def test_bad_media_and_projectors_are_refused(files: dict[str, Path], model: pyl
     not_gguf.write_bytes(b"junk" * 100)
     with pytest.raises(pyllama.ModelLoadError):
         pyllama.Projector(model, str(not_gguf))
+
+
+# --- through the generation core (pyllama.Engine) ------------------------------------------------
+
+
+def engine_greedy(
+    engine: pyllama.Engine, model: pyllama.Model, proj: pyllama.Projector, chunks: list[pyllama.Chunk], n: int
+) -> pyllama.EngineRequest:
+    return engine.submit(chunks, pyllama.Sampler(model, temperature=0.0), max_tokens=n, ignore_eos=True, projector=proj)
+
+
+def loop_greedy(model: pyllama.Model, proj: pyllama.Projector, chunks: list[pyllama.Chunk], n: int) -> list[int]:
+    """n greedy tokens after the chunks, ignoring end of generation (as ignore_eos does)."""
+    with pyllama.Context(model, n_ctx=1024, n_threads=2) as ctx:
+        n_past = proj.eval(ctx, chunks)
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(np.argmax(ctx.logits())))
+            ctx.decode(pyllama.Batch.from_tokens([out[-1]], pos0=n_past))
+            n_past += 1
+        return out
+
+
+@pytest.mark.parametrize("n_parallel", [1, 3])
+def test_the_engine_takes_media_in_prompts(files: dict[str, Path], model: pyllama.Model, n_parallel: int) -> None:
+    """Prompts with an image (in the middle, and at the very end, where the first token is sampled
+    from the image's last position) and with audio, next to a text-only prompt, through one engine
+    (together when n_parallel=3): each request's greedy tokens are those of the low-level loop alone,
+    and its prompt tokens count each media chunk's tokens."""
+    with (
+        pyllama.Projector(model, str(files["vision"]), n_threads=2) as vision,
+        pyllama.Projector(model, str(files["audio"]), n_threads=2) as audio,
+    ):
+        image = vision.media_from_file(str(IMAGE))
+        clip = audio.media_from_file(str(AUDIO))
+        prompts = [
+            (vision, vision.tokenize(chatml(MARKER + "Describe this."), [image])),
+            (vision, vision.tokenize("An image: " + MARKER, [image])),  # ends with the image
+            (audio, audio.tokenize(chatml("Listen: " + MARKER), [clip])),
+            (vision, vision.tokenize(chatml("Only text here."))),
+        ]
+        truth = [loop_greedy(model, p, chunks, 8) for p, chunks in prompts]
+        with pyllama.Context(model, n_ctx=1024 * n_parallel, n_seq_max=n_parallel, n_threads=2) as ctx:
+            engine = pyllama.Engine(ctx, n_parallel)
+            reqs = [engine_greedy(engine, model, p, chunks, 8) for p, chunks in prompts]
+            for r in reqs:
+                r.run()
+            engine.close()
+        for r, (_, chunks), want in zip(reqs, prompts, truth, strict=True):
+            assert r.finish_reason == "length"
+            assert r.n_prompt == sum(c.n_tokens for c in chunks)
+            assert r.completion_tokens == want
+
+
+def test_a_media_chunk_in_a_reused_prefix_is_not_encoded_again(files: dict[str, Path], model: pyllama.Model) -> None:
+    """A second turn about the same image reuses the first turn's prefix, image included: the image is
+    not encoded again, and the reply is the one of evaluating the whole second prompt afresh. Another
+    image at the same place is encoded (its id differs), and the prefix stops where the images part."""
+    with pyllama.Projector(model, str(files["vision"]), n_threads=2) as proj:
+        image = proj.media_from_file(str(IMAGE))
+        second_image = proj.media(png_image(32, 24))
+        first = chatml(MARKER + "Describe this.")
+        second = first + "It is a picture.<|im_end|>\n" + chatml("And the colours?")
+        with pyllama.Context(model, n_ctx=1024, n_threads=2) as ctx:
+            engine = pyllama.Engine(ctx, 1)
+            a = engine_greedy(engine, model, proj, proj.tokenize(first, [image]), 4)
+            a.run()
+            n0 = proj.n_encoded
+            chunks = proj.tokenize(second, [image])
+            b = engine_greedy(engine, model, proj, chunks, 6)
+            b.run()
+            assert proj.n_encoded == n0  # the image came from the sequence, not from the encoder
+            head = chunks[0].n_tokens + chunks[1].n_tokens
+            assert b.n_reused >= head
+            swapped = proj.tokenize(second, [second_image])
+            c = engine_greedy(engine, model, proj, swapped, 6)
+            c.run()
+            assert proj.n_encoded == n0 + 1 and c.n_reused == swapped[0].n_tokens
+            engine.close()
+        assert b.completion_tokens == loop_greedy(model, proj, chunks, 6)
+        assert c.completion_tokens == loop_greedy(model, proj, swapped, 6)

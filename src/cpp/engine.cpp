@@ -62,14 +62,30 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
             py::keep_alive<1, 2>());
     eng.def(
         "submit",
-        [](Scheduler & e, std::vector<llama_token> prompt, std::shared_ptr<Sampler> sampler, int32_t max_tokens,
-           std::vector<std::string> stop, int32_t logprobs, bool ignore_eos, std::shared_ptr<Notifier> notifier) {
+        [](Scheduler & e, const py::object & prompt_in, std::shared_ptr<Sampler> sampler, int32_t max_tokens,
+           std::vector<std::string> stop, int32_t logprobs, bool ignore_eos, std::shared_ptr<Notifier> notifier,
+           std::shared_ptr<Projector> projector) {
             if (sampler->model() != e.context().model()) {
                 throw std::invalid_argument("the Sampler was built for another model than the Context's");
             }
+            if (projector && projector->model() != e.context().model()) {
+                throw std::invalid_argument("the Projector is for another model than the Context's");
+            }
+            // token ids, or the chunks of Projector.tokenize (text and media)
+            std::vector<llama_token> prompt;
+            std::vector<media_span>  media;
+            const bool chunks = py::isinstance<py::sequence>(prompt_in) && !py::isinstance<py::str>(prompt_in) &&
+                                py::len(prompt_in) > 0 && py::isinstance<Chunk>(prompt_in[py::int_(0)]);
+            if (chunks) {
+                prompt_from_chunks(prompt_in.cast<std::vector<Chunk>>(), projector, prompt, media);
+            } else {
+                prompt = prompt_in.cast<std::vector<llama_token>>();
+            }
             const llama_vocab * vocab = llama_model_get_vocab(e.context().model());
             for (llama_token t : prompt) {
-                Model::check_token(vocab, t, "prompt");
+                if (!(chunks && is_media_token(t))) {
+                    Model::check_token(vocab, t, "prompt");
+                }
             }
             generation_options opt;
             opt.max_tokens = max_tokens;
@@ -77,12 +93,16 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
             opt.logprobs   = logprobs;
             opt.ignore_eos = ignore_eos;
             py::gil_scoped_release nogil;
-            return e.submit(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier));
+            return e.submit(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
+                            std::move(media));
         },
         py::arg("prompt"), py::arg("sampler"), py::kw_only(), py::arg("max_tokens") = -1,
         py::arg("stop") = std::vector<std::string>(), py::arg("logprobs") = -1, py::arg("ignore_eos") = false,
-        py::arg("notifier") = py::none(),
-        "Queue a generation from prompt tokens; returns an EngineRequest: iterate it for text pieces, or call\n"
+        py::arg("notifier") = py::none(), py::arg("projector") = py::none(),
+        "Queue a generation from prompt tokens, or from the chunks of projector.tokenize() (text and media:\n"
+        "each media chunk is encoded and decoded in a step of its own; n_prompt counts its tokens, and a\n"
+        "prefix reused from a sequence is not encoded again); returns an EngineRequest: iterate it for text pieces, or "
+        "call\n"
         "run(). max_tokens < 0 runs until the sequence is full; stop strings end it and are not part of the\n"
         "text; logprobs >= 0 records each token's log-probability and that many alternatives. With a Notifier\n"
         "(threaded engines), its descriptor becomes readable whenever the request has new text or has ended.");
@@ -119,7 +139,9 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         [](Scheduler & e, std::vector<llama_token> tokens, int32_t seq) {
             const llama_vocab * vocab = llama_model_get_vocab(e.context().model());
             for (llama_token t : tokens) {
-                Model::check_token(vocab, t);
+                if (!is_media_token(t)) {  // a sequence that holds media
+                    Model::check_token(vocab, t);
+                }
             }
             py::gil_scoped_release nogil;
             e.adopt(seq, std::move(tokens));
@@ -150,7 +172,9 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
             std::vector<uint8_t> bytes(data.begin(), data.end());
             const llama_vocab *  vocab = llama_model_get_vocab(e.context().model());
             for (llama_token t : tokens) {
-                Model::check_token(vocab, t);
+                if (!is_media_token(t)) {  // a sequence that holds media
+                    Model::check_token(vocab, t);
+                }
             }
             py::gil_scoped_release nogil;
             e.restore(seq, tokens, bytes);

@@ -278,13 +278,13 @@ std::vector<float> Projector::encode(const Chunk & chunk) {
     return out;
 }
 
-void Projector::decode_media(Context &                  ctx,
-                             const Chunk &              chunk,
-                             const std::vector<float> & embd,
-                             llama_pos                  n_past,
-                             llama_seq_id               seq_id,
-                             int32_t                    n_batch,
-                             bool                       logits_last) {
+int32_t Projector::decode_media(Context &                  ctx,
+                                const Chunk &              chunk,
+                                const std::vector<float> & embd,
+                                llama_pos                  n_past,
+                                llama_seq_id               seq_id,
+                                int32_t                    n_batch,
+                                bool                       logits_last) {
     const size_t n = chunk.n_tokens();
     if (embd.size() != n * static_cast<size_t>(n_embd_)) {
         throw std::invalid_argument("the embeddings do not match the chunk");
@@ -308,7 +308,11 @@ void Projector::decode_media(Context &                  ctx,
         std::string reason;
         const auto  rc = ctx.decode_nogil(b, false, reason, non_causal);
         Context::raise_decode_error(rc, reason, false);
+        if (start + len == n) {
+            return logits_last ? static_cast<int32_t>(len) - 1 : -1;
+        }
     }
+    return -1;
 }
 
 llama_pos Projector::eval(Context &                  ctx,
@@ -414,7 +418,7 @@ becomes n_tokens embeddings.
             return "<Chunk " + self.type_name() + ", " + std::to_string(self.n_tokens()) + " tokens>";
         });
 
-    py::class_<Projector> cls(m, "Projector", R"doc(
+    py::class_<Projector, std::shared_ptr<Projector>> cls(m, "Projector", R"doc(
 A multimodal projector (an "mmproj" GGUF file) for a Model: llama.cpp's libmtmd, which turns images and
 audio into embeddings the model takes in place of tokens.
 
@@ -439,7 +443,7 @@ ModelLoadError for a file that is not a projector or belongs to a model of anoth
                     }
                     return v;
                 };
-                return std::make_unique<Projector>(model, path, use_gpu, opt(n_threads, "n_threads"),
+                return std::make_shared<Projector>(model, path, use_gpu, opt(n_threads, "n_threads"),
                                                    opt(image_min_tokens, "image_min_tokens"),
                                                    opt(image_max_tokens, "image_max_tokens"), warmup);
             }),

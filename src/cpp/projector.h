@@ -89,14 +89,15 @@ class Projector {
                    bool                       logits_last);
 
     // Decodes one media chunk's embeddings (from encode) into seq_id at n_past, with logits for its
-    // last position when `logits_last`; non-causal where the model wants it (call without the GIL).
-    void decode_media(Context &                  ctx,
-                      const Chunk &              chunk,
-                      const std::vector<float> & embd,
-                      llama_pos                  n_past,
-                      llama_seq_id               seq_id,
-                      int32_t                    n_batch,
-                      bool                       logits_last);
+    // last position when `logits_last` (returns that output's index in the last decode, else -1);
+    // non-causal where the model wants it (call without the GIL).
+    int32_t decode_media(Context &                  ctx,
+                         const Chunk &              chunk,
+                         const std::vector<float> & embd,
+                         llama_pos                  n_past,
+                         llama_seq_id               seq_id,
+                         int32_t                    n_batch,
+                         bool                       logits_last);
 
     bool                supports_vision() const { return vision_; }
     bool                supports_audio() const { return audio_; }
@@ -105,6 +106,7 @@ class Projector {
     int32_t             n_embd() const { return n_embd_; }
     uint64_t            n_encoded() const { return n_encoded_.load(); }
     const std::string & path() const { return path_; }
+    const llama_model * model() const { return model_.get(); }
 
   private:
     std::shared_ptr<llama_model> model_;

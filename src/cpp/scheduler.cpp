@@ -198,6 +198,41 @@ void Notifier::drain() const {
 
 // --- Request -----------------------------------------------------------------------------------------
 
+llama_token media_token(const std::string & id, size_t i) {
+    uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a of the id, then a different value per position
+    for (unsigned char c : id) {
+        h = (h ^ c) * 0x100000001b3ULL;
+    }
+    h += static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL;
+    h ^= h >> 31;
+    return -2 - static_cast<llama_token>(h >> 34);  // -2 .. -(2 + 2^30 - 1)
+}
+
+void prompt_from_chunks(const std::vector<Chunk> &         chunks,
+                        const std::shared_ptr<Projector> & projector,
+                        std::vector<llama_token> &         prompt,
+                        std::vector<media_span> &          media) {
+    for (const auto & c : chunks) {
+        if (c.type() == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            const auto t = c.tokens();
+            prompt.insert(prompt.end(), t.begin(), t.end());
+            continue;
+        }
+        if (!projector) {
+            throw invalid_request_error("the prompt holds " + c.type_name() + " but no projector was given", "prompt");
+        }
+        media_span m;
+        m.start       = prompt.size();
+        m.chunk       = c;
+        m.projector   = projector;
+        const auto id = c.id();
+        for (size_t i = 0; i < c.n_tokens(); ++i) {
+            prompt.push_back(media_token(id, i));
+        }
+        media.push_back(std::move(m));
+    }
+}
+
 Request::Request(std::shared_ptr<Sampler>        sampler,
                  std::vector<llama_token>        prompt,
                  generation_options              opt,
@@ -346,7 +381,8 @@ Scheduler::~Scheduler() {
 std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampler,
                                            std::vector<llama_token>        prompt,
                                            generation_options              opt,
-                                           std::shared_ptr<const Notifier> notifier) {
+                                           std::shared_ptr<const Notifier> notifier,
+                                           std::vector<media_span>         media) {
     if (prompt.empty()) {
         throw invalid_request_error("the prompt is empty", "prompt");
     }
@@ -354,8 +390,9 @@ std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampl
         throw context_length_error("the prompt has " + std::to_string(prompt.size()) + " tokens and a sequence holds " +
                                    std::to_string(n_ctx_seq_));
     }
-    auto req = std::make_shared<Request>(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
-                                         weak_from_this(), !threaded_);
+    auto req    = std::make_shared<Request>(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
+                                            weak_from_this(), !threaded_);
+    req->media_ = std::move(media);
     if (req->opt_.max_tokens == 0) {
         req->end("length");
         return req;
@@ -553,6 +590,11 @@ void Scheduler::admit() {
         if (lcp == req->prompt_.size()) {
             --lcp;  // the last prompt token is evaluated again, for its logits
         }
+        for (const auto & m : req->media_) {
+            if (m.start < lcp && lcp < m.end()) {
+                lcp = m.start;  // a media chunk is decoded whole (its embeddings come from one encode)
+            }
+        }
         {
             auto           u   = ctx_.acquire();
             llama_memory_t mem = llama_get_memory(u.ctx);
@@ -625,7 +667,14 @@ void Scheduler::step() {
     for (auto & r : stepping) {  // then prompt chunks, first come first served, in the room left
         if (!r->sampling_) {
             const size_t room = n_batch_ > n_tokens ? n_batch_ - n_tokens : 0;
-            r->n_prompt_      = std::min(room, r->prompt_.size() - r->evaluated_);
+            size_t       upto = r->prompt_.size();  // text up to the next media chunk (step_media's)
+            for (const auto & m : r->media_) {
+                if (m.end() > r->evaluated_) {
+                    upto = m.start;
+                    break;
+                }
+            }
+            r->n_prompt_ = std::min(room, upto - std::min(upto, r->evaluated_));
             n_tokens += r->n_prompt_;
         }
     }
@@ -636,6 +685,7 @@ void Scheduler::step() {
     // consecutive sequence ids with as many tokens each: the batch goes in sequence order, each
     // sequence's tokens together, or one step costs several passes over the weights.
     const auto newest = stepping.empty() ? nullptr : stepping.back();
+    const auto fifo   = stepping;
     std::sort(stepping.begin(), stepping.end(), [](const auto & x, const auto & y) { return x->seq_ < y->seq_; });
     Batch           b;
     const Request * sole = nullptr;
@@ -672,6 +722,7 @@ void Scheduler::step() {
         r->evaluated_ += r->n_prompt_;
     }
     if (b.tokens.empty()) {
+        step_media(fifo);
         return;
     }
     // a cancel() of the only request in the batch stops the decode itself (a long prompt)
@@ -719,6 +770,63 @@ void Scheduler::step() {
         } catch (const std::exception &) {
             release(r, "stop", std::current_exception());
         }
+    }
+    step_media(fifo);
+}
+
+void Scheduler::step_media(const std::vector<std::shared_ptr<Request>> & reqs) {
+    // The first request (in arrival order) whose prompt has come to a media chunk: the chunk is
+    // encoded and its embeddings decoded now, one chunk per step, so that the running streams wait
+    // for one encode at most between their tokens.
+    for (const auto & r : reqs) {
+        if (r->sampling_ || r->cancelled_.load()) {
+            continue;
+        }
+        const media_span * m = nullptr;
+        for (const auto & span : r->media_) {
+            if (span.start == r->evaluated_) {
+                m = &span;
+                break;
+            }
+        }
+        if (m == nullptr) {
+            continue;
+        }
+        {
+            std::lock_guard<std::mutex> lock(mtx_);
+            if (std::find(active_.begin(), active_.end(), r) == active_.end()) {
+                continue;  // released in this step
+            }
+        }
+        const bool last = m->end() == r->prompt_.size();
+        try {
+            const auto embd = m->projector->encode(m->chunk);
+            r->row_ = m->projector->decode_media(ctx_, m->chunk, embd, static_cast<llama_pos>(m->start), r->seq_,
+                                                 static_cast<int32_t>(n_batch_), last);
+        } catch (const std::exception &) {
+            // what was decoded of it goes, and the request ends with the error
+            try {
+                auto u = ctx_.acquire();
+                llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, static_cast<llama_pos>(m->start), -1);
+            } catch (const std::exception &) {
+            }
+            slots_[r->seq_].tokens.resize(std::min(slots_[r->seq_].tokens.size(), m->start));
+            r->evaluated_ = m->start;
+            release(r, "stop", std::current_exception());
+            return;
+        }
+        for (size_t i = m->start; i < m->end(); ++i) {
+            slots_[r->seq_].tokens.push_back(r->prompt_[i]);
+        }
+        r->evaluated_ = m->end();
+        if (last) {
+            try {
+                sample(r, llama_model_get_vocab(ctx_.model()));
+            } catch (const std::exception &) {
+                release(r, "stop", std::current_exception());
+            }
+        }
+        return;
     }
 }
 

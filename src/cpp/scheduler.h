@@ -2,7 +2,9 @@
 //
 //   sequence   a sequence id of the context and the tokens its KV cells hold (longest-prefix reuse)
 //   request    one generation: its options and sampler, the text that grows token by token
-//              (UTF-8-safe release, stop strings held back), logprobs, counters, finish reason
+//              (UTF-8-safe release, stop strings held back), logprobs, counters, finish reason;
+//              its prompt may hold media (images, audio), which stand in the token list as
+//              media_token()s and are encoded and decoded one per step
 //   scheduler  admission into free sequences, batches filled up to n_batch from every running
 //              stream and every waiting prompt, decode, sampling; on a worker thread (threaded) or
 //              inline, stepped by whichever caller waits for text (one sequence: Ctrl-C then
@@ -13,6 +15,7 @@
 
 #include "context.h"
 #include "llama.h"
+#include "projector.h"
 #include "sampler.h"
 
 #include <atomic>
@@ -36,6 +39,29 @@ struct generation_options {
     int32_t                  logprobs   = -1;  // < 0: none; else the number of alternatives per token
     bool                     ignore_eos = false;
 };
+
+// A media chunk of a prompt: it stands at prompt[start, start + n_tokens) as media_token()s.
+struct media_span {
+    size_t                     start = 0;
+    Chunk                      chunk;
+    std::shared_ptr<Projector> projector;
+
+    size_t end() const { return start + chunk.n_tokens(); }
+};
+
+// The i-th stand-in token of the media chunk with id `id`: negative, never LLAMA_TOKEN_NULL, the same
+// run for the same id, so that prefix matching counts a media chunk by its content (mtmd's id).
+llama_token media_token(const std::string & id, size_t i);
+inline bool is_media_token(llama_token t) {
+    return t < -1;
+}
+
+// A prompt of chunks (Projector::tokenize) as the core takes it: the tokens, media as media_token()s,
+// and where each media chunk stands.
+void prompt_from_chunks(const std::vector<Chunk> &         chunks,
+                        const std::shared_ptr<Projector> & projector,
+                        std::vector<llama_token> &         prompt,
+                        std::vector<media_span> &          media);
 
 struct token_logprob {
     llama_token                                token = -1;
@@ -132,6 +158,7 @@ class Request {
 
     std::shared_ptr<Sampler>        sampler_;
     std::vector<llama_token>        prompt_;
+    std::vector<media_span>         media_;  // in prompt order
     generation_options              opt_;
     generated_text                  text_;
     std::atomic<bool>               cancelled_{ false };
@@ -175,7 +202,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     std::shared_ptr<Request> submit(std::shared_ptr<Sampler>        sampler,
                                     std::vector<llama_token>        prompt,
                                     generation_options              opt,
-                                    std::shared_ptr<const Notifier> notifier = nullptr);
+                                    std::shared_ptr<const Notifier> notifier = nullptr,
+                                    std::vector<media_span>         media    = {});
     void                     stop();  // requests still running end with an error
 
     // Inline: steps until `r` has a piece or has ended (one caller steps at a time).
@@ -230,7 +258,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     void loop();
     bool has_work();  // admits what it can; true when a step has something to do
     void step();
-    void admit();  // with mtx_ held
+    void step_media(const std::vector<std::shared_ptr<Request>> & reqs);  // one media chunk, after the batch
+    void admit();                                                         // with mtx_ held
     void resync(const std::shared_ptr<Request> & r);
     void sample(const std::shared_ptr<Request> & r, const llama_vocab * vocab);
     void release(const std::shared_ptr<Request> & r, const std::string & reason, std::exception_ptr error = nullptr);

@@ -368,7 +368,7 @@ class Engine:
     def __init__(self, ctx: Context, n_parallel: int = 1, *, threaded: bool | None = None) -> None: ...
     def submit(
         self,
-        prompt: Sequence[int],
+        prompt: Sequence[int] | Sequence[Chunk],
         sampler: Sampler,
         *,
         max_tokens: int = -1,
@@ -376,6 +376,7 @@ class Engine:
         logprobs: int = -1,
         ignore_eos: bool = False,
         notifier: Notifier | None = None,
+        projector: Projector | None = None,
     ) -> EngineRequest: ...
     def close(self) -> None: ...
     def tokens(self, seq: int = 0) -> list[int]: ...
