@@ -295,3 +295,78 @@ def test_a_media_chunk_in_a_reused_prefix_is_not_encoded_again(files: dict[str, 
             engine.close()
         assert b.completion_tokens == loop_greedy(model, proj, chunks, 6)
         assert c.completion_tokens == loop_greedy(model, proj, swapped, 6)
+
+
+# --- Llama.chat with content parts ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_files(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A text model with Qwen 2.5's real chat template, 64 wide like the projectors."""
+    from tiny_models import template_text
+
+    path = tmp_path_factory.mktemp("mmchat") / "chat.gguf"
+    write_tiny_llama(
+        path, n_embd=64, vocab="qwen2", chat_template=template_text("Qwen-Qwen2.5-7B-Instruct"), name="tiny-mm-chat"
+    )
+    return {**files, "chat": path}
+
+
+def data_uri(path: Path, kind: str) -> str:
+    return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def image_message(url: str, text: str = "Describe this.") -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
+
+
+def test_chat_with_an_image_equals_llama_mtmd_cli(chat_files: dict[str, Path], mtmd_cli: Path) -> None:
+    """Llama.chat with an image part before the text renders the model's own template with the media
+    marker where the image was, as llama-mtmd-cli renders its prompt (--jinja): the greedy replies are the same
+    text. Usage counts the image's tokens; a stream carries the one-shot reply; a second identical
+    call reuses the whole prompt but its last token and does not encode the image again."""
+    run = subprocess.run(
+        [
+            str(mtmd_cli),
+            *("-m", str(chat_files["chat"]), "--mmproj", str(chat_files["vision"]), "--image", str(IMAGE)),
+            *(
+                "-p",
+                "Describe this.",
+                "-n",
+                "10",
+                "--temp",
+                "0",
+                "-t",
+                "2",
+                "--jinja",
+            ),  # the template as llama-server runs it
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    want = run.stdout.decode()
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as llm:
+        assert llm.supports_vision and not llm.supports_audio
+        messages = image_message(data_uri(IMAGE, "image/jpeg"))
+        out = llm.chat(messages, max_tokens=10, temperature=0.0)
+        text = out["choices"][0]["message"]["content"]
+        assert want == f"\n{text}\n\n"  # its opening and closing newlines around the reply
+        assert llm.projector is not None
+        marked = [
+            {
+                "role": "user",
+                "content": [{"type": "media_marker", "text": MARKER}, {"type": "text", "text": "Describe this."}],
+            }
+        ]
+        prompt = llm.chat_template.apply(marked).prompt
+        chunks_of = llm.projector.tokenize(prompt, [llm.projector.media_from_file(str(IMAGE))])
+        assert out["usage"]["prompt_tokens"] == sum(c.n_tokens for c in chunks_of)  # the image's 16 included
+        n = llm.projector.n_encoded
+        again = llm.chat(messages, max_tokens=10, temperature=0.0)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == out["usage"]["prompt_tokens"] - 1
+        assert llm.projector.n_encoded == n and again["choices"][0]["message"]["content"] == text
+        chunks = llm.chat(messages, max_tokens=10, temperature=0.0, stream=True)
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 
 #include "mtmd-helper.h"
+#include "scheduler.h"      // media_token
 #include "stb/stb_image.h"  // stbi_info_from_memory (the implementation is compiled into mtmd-helper)
 
 #include <cstring>
@@ -414,6 +415,21 @@ becomes n_tokens embeddings.
                                                                  : py::object(py::none());
             },
             "The text tokens, None for media.")
+        .def_property_readonly(
+            "core_tokens",
+            [](const Chunk & self) {
+                if (self.type() == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+                    return self.tokens();
+                }
+                std::vector<llama_token> out;
+                const auto               id = self.id();
+                for (size_t i = 0; i < self.n_tokens(); ++i) {
+                    out.push_back(media_token(id, i));
+                }
+                return out;
+            },
+            "What the generation core holds for it: the text tokens, or for media n_tokens negative stand-ins "
+            "derived from its id (Engine.tokens() shows them where a sequence holds media).")
         .def("__repr__", [](const Chunk & self) {
             return "<Chunk " + self.type_name() + ", " + std::to_string(self.n_tokens()) + " tokens>";
         });

@@ -61,6 +61,7 @@ from .errors import (
     TemplateError,
 )
 from .llama import AsyncStream, Llama, Stream
+from .media import MediaPolicy
 from .session import ChatSession
 
 __all__ = [
@@ -85,6 +86,7 @@ __all__ = [
     "LlamaError",
     "LlamaState",
     "Media",
+    "MediaPolicy",
     "Model",
     "ModelLoadError",
     "Notifier",

@@ -13,6 +13,7 @@ from . import _core, streams
 from . import _openai as _oa
 from ._llama_base import LlamaBase
 from .errors import ContextLengthError, InvalidRequestError, invalid
+from .media import MediaPrompt, has_media, read_media
 from .reply import ReplyStream, parse_reply
 from .streams import Stream, Use, current_owner
 
@@ -150,6 +151,13 @@ class ChatCalls(LlamaBase):
                 )
             messages = dropped
 
+    def _writes_bos(self, result: _core.ChatResult) -> bool:
+        """Whether the template wrote the BOS into the prompt text itself (then none is added)."""
+        bos = self._model.token_bos
+        if bos is None:
+            return False
+        return self._model.tokenize(result.prompt[:64], add_special=False, parse_special=True)[:1] == [bos]
+
     def _chat_once(
         self,
         messages: Sequence[dict[str, Any]],
@@ -182,6 +190,9 @@ class ChatCalls(LlamaBase):
             chat_template_kwargs = {"reasoning_effort": reasoning_effort, **(chat_template_kwargs or {})}
         if continue_final_message is None and messages and messages[-1].get("role") == "assistant":
             continue_final_message = True  # a final assistant message is a prefill, as in llama-server
+        media: list[_core.Media] = []
+        if has_media(messages):  # images and audio become the projector's markers, then chunks
+            messages, media = read_media(messages, self._projector, self._media)
         try:
             result, tokens = self._render(
                 messages,
@@ -200,6 +211,11 @@ class ChatCalls(LlamaBase):
             if e.param == "json_schema":  # the template's name for it; the caller gave response_format
                 e.param = "response_format"
             raise
+        if media:
+            assert self._projector is not None
+            tokens = MediaPrompt(
+                self._projector.tokenize(result.prompt, media, add_special=not self._writes_bos(result))
+            )
         budget = self._budget(len(tokens), max_tokens)
         if grammar is None:
             sampler = self._sampler(result, seed, {**sampling, "logit_bias": logit_bias})

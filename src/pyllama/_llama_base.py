@@ -20,6 +20,7 @@ from ._fitting import MODEL_OPTIONS, MODELS, default_n_ctx
 from .cache import LlamaState, RAMCache, StateCache, common_prefix
 from .chat import ChatTemplate
 from .errors import ContextLengthError, invalid
+from .media import MediaPolicy, MediaPrompt
 from .streams import HANDLE, OWNER, PREPARE_DEADLINE, AsyncStream, Gen, Stream, Use, current_owner, task_id
 
 _L = TypeVar("_L", bound="LlamaBase")
@@ -53,9 +54,13 @@ class LlamaBase:
         kv_overrides: dict[str, bool | int | float | str] | None = None,
         progress: Callable[[float], bool | None] | None = None,
         n_parallel: int = 1,
+        mmproj: str | os.PathLike[str] | None = None,
+        mmproj_use_gpu: bool | None = None,
+        media: MediaPolicy | None = None,
         **context_params: Any,
     ) -> None:
         self._closed = True
+        self._projector: _core.Projector | None = None
         if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or n_parallel < 1:
             raise invalid("n_parallel must be an int >= 1", "n_parallel")
         self.n_parallel = n_parallel
@@ -116,9 +121,19 @@ class LlamaBase:
             # every call goes through the generation core: with n_parallel > 1 its worker thread batches
             # concurrent calls; with one sequence it steps on the thread that waits for the text
             self._engine = _core.Engine(self._ctx, n_parallel)
+            if mmproj is not None:
+                # the projector (images, audio) goes to the GPU with the model unless told otherwise
+                use_gpu = n_gpu_layers != 0 if mmproj_use_gpu is None else bool(mmproj_use_gpu)
+                self._projector = _core.Projector(
+                    self._model, os.fspath(mmproj), use_gpu=use_gpu, n_threads=self._ctx.n_threads
+                )
         except BaseException:
+            if self._projector is not None:
+                self._projector.close()
             MODELS.release(self._model_key)
             raise
+        self._media = media if media is not None else MediaPolicy()
+        self.mmproj_path = None if mmproj is None else os.fspath(mmproj)
         self._closed = False
         self._embed_lock = threading.Lock()
         self._pooling_type = pooling_type
@@ -135,7 +150,9 @@ class LlamaBase:
         self.model_name = Path(self.model_path).stem
         # which model and context a saved state belongs to
         self.fingerprint = hashlib.sha256(
-            json.dumps([list(self._model_key[:3]), sorted((k, repr(v)) for k, v in ctx_kwargs.items())]).encode()
+            json.dumps(
+                [list(self._model_key[:3]), sorted((k, repr(v)) for k, v in ctx_kwargs.items()), self.mmproj_path]
+            ).encode()
         ).hexdigest()[:32]
 
     # --- basics -----------------------------------------------------------------------------
@@ -151,6 +168,21 @@ class LlamaBase:
     @property
     def chat_template(self) -> ChatTemplate:
         return self._template
+
+    @property
+    def projector(self) -> _core.Projector | None:
+        """The multimodal projector (``mmproj=``), or None."""
+        return self._projector
+
+    @property
+    def supports_vision(self) -> bool:
+        """Whether chat messages may hold images (``image_url`` parts): a projector that takes them."""
+        return self._projector is not None and self._projector.supports_vision
+
+    @property
+    def supports_audio(self) -> bool:
+        """Whether chat messages may hold audio (``input_audio`` parts): a projector that takes it."""
+        return self._projector is not None and self._projector.supports_audio
 
     def n_ctx(self) -> int:
         return int(self._ctx.n_ctx)
@@ -188,6 +220,8 @@ class LlamaBase:
             if self._embed_ctx is not None:
                 self._embed_ctx.close()
         self._ctx.close()
+        if self._projector is not None:
+            self._projector.close()
         MODELS.release(self._model_key)
 
     @property
@@ -258,9 +292,11 @@ class LlamaBase:
         if deadline is not None:
             deadline.check()
         self._restore_from_cache(tokens)
+        media = isinstance(tokens, MediaPrompt)
         gen = self._engine.submit(
-            tokens,
+            tokens.chunks if isinstance(tokens, MediaPrompt) else tokens,
             sampler,
+            projector=self._projector if media else None,
             max_tokens=budget,
             stop=stops,
             logprobs=n_top,

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from . import _core
 from .errors import invalid
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
@@ -33,7 +34,15 @@ def _check_content(content: Any, where: str, *, nullable: bool) -> None:
         at = f"{where}[{j}]"
         _need(isinstance(part, dict), at, "must be an object")
         kind = part.get("type")
-        _need(kind == "text", f"{at}.type", f"{kind!r} is not supported: only 'text' parts are")
+        if kind == "media_marker":  # where an image or audio part was (pyllama.media), the projector's marker
+            _need(part.get("text") == _core.Projector.default_marker(), f"{at}.text", "must be the media marker")
+            continue
+        _need(
+            kind == "text",
+            f"{at}.type",
+            f"{kind!r} is not supported here: 'text' parts, and 'image_url' and 'input_audio' for a Llama with a "
+            "projector (mmproj=)",
+        )
         _need(isinstance(part.get("text"), str), f"{at}.text", "must be a string")
 
 

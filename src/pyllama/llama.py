@@ -40,7 +40,8 @@ class Llama(ChatCalls, CompletionCalls, EmbeddingCalls):
     ``Llama(model_path, *, n_ctx=None, n_gpu_layers=-1, n_threads=None, n_batch=2048, n_ubatch=512,
     flash_attn=None, seed=None, chat_template=None, embedding=False, pooling_type=None, cache=None,
     cache_ram=None, verbose=False, use_mmap=None, use_mlock=False, main_gpu=0, split_mode="layer",
-    tensor_split=None, kv_overrides=None, progress=None, n_parallel=1, **context_params)``
+    tensor_split=None, kv_overrides=None, progress=None, n_parallel=1, mmproj=None, mmproj_use_gpu=None,
+    media=None, **context_params)``
 
     ``n_ctx=0`` takes the model's training context; the default (None) is llama.cpp's: the training
     context, reduced to fit free memory (never below 4096 tokens); any other value is used as given.
@@ -49,6 +50,10 @@ class Llama(ChatCalls, CompletionCalls, EmbeddingCalls):
     ``cache_ram`` (bytes; like llama-server's ``--cache-ram``) keeps the prefixes that the sequences
     give up in RAM and loads them back for a prompt that starts with one; ``cache`` takes a
     ``pyllama.RAMCache`` (the same) or a ``pyllama.DiskCache`` (states in files, ``n_parallel=1``).
+    ``mmproj`` loads a multimodal projector (llama.cpp's libmtmd): chat messages may then hold images
+    (``image_url`` parts) and audio (``input_audio``), as the projector allows; it goes to the GPU
+    with the model unless ``mmproj_use_gpu=False``. ``media`` (a ``pyllama.MediaPolicy``) says where
+    media may come from: ``data:`` URIs and local files by default, ``http(s)`` URLs only when allowed.
     Two Llamas over the same file with the same load options share one loaded model. Calls on one
     Llama are serialised; ``close()`` (or ``with``) frees the context, and the model once no other
     Llama uses it.
