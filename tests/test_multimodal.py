@@ -370,3 +370,160 @@ def test_chat_with_an_image_equals_llama_mtmd_cli(chat_files: dict[str, Path], m
         assert llm.projector.n_encoded == n and again["choices"][0]["message"]["content"] == text
         chunks = llm.chat(messages, max_tokens=10, temperature=0.0, stream=True)
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == text
+
+
+def test_chat_media_errors_are_typed_and_harmless(chat_files: dict[str, Path], tmp_path: Path) -> None:
+    """Media for a Llama without a projector, data: URIs that are not base64 or not an image, URLs
+    while fetching is off, local files the policy forbids, audio for a vision projector, an unknown
+    audio format: each an InvalidRequestError naming the part; the Llama then replies as before."""
+    uri = data_uri(IMAGE, "image/jpeg")
+    with pyllama.Llama(chat_files["chat"], n_ctx=512, n_threads=2) as plain:
+        with pytest.raises(pyllama.InvalidRequestError) as e:
+            plain.chat(image_message(uri), max_tokens=2)
+        assert e.value.param == "messages[0].content[0]" and not plain.supports_vision
+    audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(AUDIO.read_bytes()).decode()}}
+    bad: list[tuple[list[dict[str, Any]], str]] = [
+        (image_message("data:image/jpeg;base64,@@@not-base64@@@"), "messages[0].content[0].image_url.url"),
+        (image_message("data:image/jpeg," + "x" * 10), "messages[0].content[0].image_url.url"),
+        (
+            image_message("data:image/png;base64," + base64.b64encode(b"not an image").decode()),
+            "messages[0].content[0]",
+        ),
+        (image_message("http://127.0.0.1:9/cat.jpg"), "messages[0].content[0].image_url.url"),
+        (image_message(str(tmp_path / "missing.jpg")), "messages[0].content[0].image_url.url"),
+        ([{"role": "user", "content": [audio_part]}], "messages[0].content[0]"),  # no audio encoder
+    ]
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as llm:
+        before = llm.chat(image_message(str(IMAGE)), max_tokens=6, temperature=0.0)  # a local path is allowed here
+        for messages, param in bad:
+            with pytest.raises(pyllama.InvalidRequestError) as e:
+                llm.chat(messages, max_tokens=2)
+            assert e.value.param == param, (messages, e.value)
+        llm.media = pyllama.MediaPolicy(files=False)
+        with pytest.raises(pyllama.InvalidRequestError):
+            llm.chat(image_message(str(IMAGE)), max_tokens=2)
+        after = llm.chat(image_message(uri), max_tokens=6, temperature=0.0)
+        assert after["choices"][0]["message"] == before["choices"][0]["message"]
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["audio"], n_ctx=1024, n_threads=2) as listener:
+        assert listener.supports_audio and not listener.supports_vision
+        ogg = {"type": "input_audio", "input_audio": {"data": audio_part["input_audio"]["data"], "format": "ogg"}}
+        with pytest.raises(pyllama.InvalidRequestError) as e:
+            listener.chat([{"role": "user", "content": [ogg]}], max_tokens=2)
+        assert e.value.param == "messages[0].content[0].input_audio.format"
+        heard = listener.chat(
+            [{"role": "user", "content": [audio_part, {"type": "text", "text": "What is it?"}]}], max_tokens=4
+        )
+        assert heard["usage"]["prompt_tokens"] > 375  # the clip's tokens
+
+
+def test_concurrent_chats_with_images_equal_their_solo_replies(chat_files: dict[str, Path]) -> None:
+    """Two chats with different images and one without, at once on a Llama of three sequences: each
+    reply is the one a Llama of one sequence gives it alone."""
+    import concurrent.futures
+
+    conversations = [
+        image_message(data_uri(IMAGE, "image/jpeg")),
+        image_message("data:image/png;base64," + base64.b64encode(png_image(48, 32)).decode(), "And this?"),
+        [{"role": "user", "content": "No picture at all."}],
+    ]
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as solo:
+        want = [solo.chat(m, max_tokens=8, temperature=0.0)["choices"][0]["message"] for m in conversations]
+    with (
+        pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=3072, n_threads=2, n_parallel=3) as llm,
+        concurrent.futures.ThreadPoolExecutor(3) as pool,
+    ):
+        got = list(
+            pool.map(lambda m: llm.chat(m, max_tokens=8, temperature=0.0)["choices"][0]["message"], conversations)
+        )
+    assert got == want
+
+
+def test_the_server_takes_images_as_data_uris_and_urls_only_when_allowed(chat_files: dict[str, Path]) -> None:
+    """/v1/chat/completions with an image_url part: a data: URI gives Llama.chat's reply, through the
+    official client too; an http URL is a 400 unless the server allows URLs, and then gives the same
+    reply; a path on the server's disk is always a 400; /v1/models says what the model takes."""
+    pytest.importorskip("fastapi")
+    import http.server
+    import threading
+
+    from pyllama.server import create_app
+    from test_server import Running, assert_error, post
+
+    uri = data_uri(IMAGE, "image/jpeg")
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as ref:
+        want = ref.chat(image_message(uri), max_tokens=8, temperature=0.0)["choices"][0]["message"]["content"]
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(IMAGE.parent), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    static = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=static.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{static.server_address[1]}/{IMAGE.name}"
+    try:
+        for allow in (False, True):
+            with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as llm:
+                running = Running(create_app(llm, allow_media_urls=allow))
+                try:
+                    card = httpx_get(running.url + "/v1/models")["data"][0]
+                    assert card["modalities"] == {"vision": True, "audio": False}
+                    body = {"model": "m", "messages": image_message(uri), "max_tokens": 8, "temperature": 0}
+                    assert (
+                        post(running, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"] == want
+                    )
+                    by_url = post(running, "/v1/chat/completions", {**body, "messages": image_message(url)})
+                    if allow:
+                        assert by_url.json()["choices"][0]["message"]["content"] == want
+                    else:
+                        assert_error(by_url, 400, "messages[0].content[0].image_url.url")
+                    local = post(running, "/v1/chat/completions", {**body, "messages": image_message(str(IMAGE))})
+                    assert_error(local, 400, "messages[0].content[0].image_url.url")
+                    if not allow:
+                        client = running.client()
+                        reply = client.chat.completions.create(
+                            model="m", messages=image_message(uri), max_tokens=8, temperature=0
+                        )
+                        assert reply.choices[0].message.content == want
+                finally:
+                    running.stop()
+    finally:
+        static.shutdown()
+
+
+def httpx_get(url: str) -> Any:
+    import httpx
+
+    return httpx.get(url, timeout=30).json()
+
+
+def test_cli_run_with_an_image_and_info_with_a_projector(chat_files: dict[str, Path]) -> None:
+    """pyllama run MODEL --mmproj FILE --image PATH PROMPT streams Llama.chat's reply to the same
+    message; pyllama info --mmproj says what the projector takes."""
+    import json
+    import sys
+
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as llm:
+        want = llm.chat(image_message(str(IMAGE)), max_tokens=8, temperature=0.0)["choices"][0]["message"]["content"]
+    cmd = [sys.executable, "-m", "pyllama"]
+    run = subprocess.run(
+        [
+            *cmd,
+            *("run", str(chat_files["chat"]), "Describe this.", "--mmproj", str(chat_files["vision"])),
+            *("--image", str(IMAGE), "--max-tokens", "8", "--temperature", "0", "--n-ctx", "1024"),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert run.stdout.decode() == want + "\n"
+    info = subprocess.run(
+        [*cmd, "info", str(chat_files["chat"]), "--mmproj", str(chat_files["audio"]), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["modalities"] == {"text": True, "vision": False, "audio": True}

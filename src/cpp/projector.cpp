@@ -467,6 +467,23 @@ ModelLoadError for a file that is not a projector or belongs to a model of anoth
             py::arg("n_threads") = py::none(), py::arg("image_min_tokens") = py::none(),
             py::arg("image_max_tokens") = py::none(), py::arg("warmup") = false, py::keep_alive<1, 2>());
     cls.def_static(
+        "capabilities",
+        [](const std::string & path) {
+            check_projector_file(path);
+            mtmd_caps caps{};
+            {
+                py::gil_scoped_release nogil;
+                log_capture            capture;
+                caps = mtmd_get_cap_from_file(path.c_str());
+            }
+            py::dict d;
+            d["vision"] = caps.inp_vision;
+            d["audio"]  = caps.inp_audio;
+            return d;
+        },
+        py::arg("path"),
+        "What a projector file takes, read from its metadata without loading it: {'vision', 'audio'}.");
+    cls.def_static(
         "default_marker", [] { return std::string(mtmd_default_marker()); },
         "The text that stands for one image or audio clip in a prompt given to tokenize().");
     cls.def(

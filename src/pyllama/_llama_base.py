@@ -175,6 +175,17 @@ class LlamaBase:
         return self._projector
 
     @property
+    def media(self) -> MediaPolicy:
+        """Where the media of chat messages may come from (a ``pyllama.MediaPolicy``); settable."""
+        return self._media
+
+    @media.setter
+    def media(self, policy: MediaPolicy) -> None:
+        if not isinstance(policy, MediaPolicy):
+            raise TypeError("media must be a pyllama.MediaPolicy")
+        self._media = policy
+
+    @property
     def supports_vision(self) -> bool:
         """Whether chat messages may hold images (``image_url`` parts): a projector that takes them."""
         return self._projector is not None and self._projector.supports_vision

@@ -29,7 +29,9 @@ def _check_content(content: Any, where: str, *, nullable: bool) -> None:
         return
     if isinstance(content, str):
         return
-    _need(isinstance(content, list), where, f"must be a string or a list of text parts, not {type(content).__name__}")
+    _need(
+        isinstance(content, list), where, f"must be a string or a list of content parts, not {type(content).__name__}"
+    )
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         _need(isinstance(part, dict), at, "must be an object")
@@ -37,12 +39,20 @@ def _check_content(content: Any, where: str, *, nullable: bool) -> None:
         if kind == "media_marker":  # where an image or audio part was (pyllama.media), the projector's marker
             _need(part.get("text") == _core.Projector.default_marker(), f"{at}.text", "must be the media marker")
             continue
-        _need(
-            kind == "text",
-            f"{at}.type",
-            f"{kind!r} is not supported here: 'text' parts, and 'image_url' and 'input_audio' for a Llama with a "
-            "projector (mmproj=)",
-        )
+        if kind == "image_url":  # read by pyllama.media for a Llama with a projector (mmproj=)
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            _need(isinstance(url, str), f"{at}.image_url.url", "must be a string (a data: URI, a URL or a path)")
+            continue
+        if kind == "input_audio":
+            audio = part.get("input_audio")
+            _need(
+                isinstance(audio, dict) and isinstance(audio.get("data"), str),
+                f"{at}.input_audio",
+                "must be an object with base64 data",
+            )
+            continue
+        _need(kind == "text", f"{at}.type", f"{kind!r} is not supported: 'text', 'image_url' and 'input_audio' are")
         _need(isinstance(part.get("text"), str), f"{at}.text", "must be a string")
 
 

@@ -41,6 +41,9 @@ def _info(args: argparse.Namespace) -> int:
             "chat_templates": sorted(model.chat_templates),
             "chat_template_caps": _template_caps(model),
         }
+        if args.mmproj:
+            caps = _core.Projector.capabilities(args.mmproj)
+            info["modalities"] = {"text": True, "vision": caps["vision"], "audio": caps["audio"]}
         if args.json:
             info["metadata"] = model.metadata
             print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -115,6 +118,10 @@ def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
     template = _chat_template(args.chat_template)
     if template is not None:
         kwargs["chat_template"] = template
+    if getattr(args, "mmproj", None):
+        kwargs["mmproj"] = args.mmproj
+        if args.no_mmproj_offload:
+            kwargs["mmproj_use_gpu"] = False
     with _progress_bar() as progress:
         return Llama(path, progress=progress, **kwargs)
 
@@ -131,6 +138,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chat-template", metavar="TEMPLATE", help="a Jinja template (source or file) or a built-in name"
+    )
+    parser.add_argument("--mmproj", metavar="FILE", help="a multimodal projector: images and audio in messages")
+    parser.add_argument(
+        "--no-mmproj-offload", action="store_true", help="keep the projector on the CPU (default: with the model)"
     )
 
 
@@ -166,6 +177,8 @@ def _run(args: argparse.Namespace) -> int:
     _text_output()
     with _load(args, model) as llm:
         if _lacks_template(args, llm):
+            if args.image or args.audio:
+                raise _UsageError(f"--image and --audio need a chat template and {llm.model_name} has none")
             if args.system:
                 raise _UsageError(
                     f"--system needs a chat template and {llm.model_name} has none: give one with --chat-template"
@@ -176,12 +189,22 @@ def _run(args: argparse.Namespace) -> int:
             )
             return _complete(llm, prompt, args)
         messages: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": prompt})
+        parts = _media_parts(args)
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt})
         if args.json:
             print(json.dumps(llm.chat(messages, **_sampling(args)), indent=2, ensure_ascii=False))
             return 0
         stream = llm.chat(messages, stream=True, **_sampling(args))
         return _stream_out(stream, lambda choice: choice["delta"].get("content"))
+
+
+def _media_parts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .media import file_part
+
+    try:
+        return [file_part(p, "image") for p in args.image or []] + [file_part(p, "audio") for p in args.audio or []]
+    except OSError as e:
+        raise _UsageError(f"cannot read {e.filename}: {e.strerror}") from None
 
 
 # A base model seldom ends a completion by itself: without --max-tokens, run stops it here.
@@ -229,7 +252,10 @@ def _note(text: str) -> None:
 
 # --- chat ----------------------------------------------------------------------------------------
 
-_CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit quits; Ctrl-C stops a reply"
+_CHAT_HELP = (
+    "/reset forgets the conversation, /system TEXT sets the system message, /image PATH and /audio PATH go with "
+    "the next message (with --mmproj), /exit quits; Ctrl-C stops a reply"
+)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -244,6 +270,7 @@ def _chat(args: argparse.Namespace) -> int:
                 "so replies may be empty or echo you; give one with --chat-template, or complete text with pyllama run"
             )
         session = ChatSession(llm, system=args.system, truncate=True, **_sampling(args))
+        pending: list[dict[str, Any]] = []  # media for the next message
         if interactive:
             print(f"{llm.model_name}: {_CHAT_HELP}", file=sys.stderr)
         while True:
@@ -272,10 +299,20 @@ def _chat(args: argparse.Namespace) -> int:
                     session.system = rest.strip() or None
                     session.reset()
                     print("(new system message; the conversation is forgotten)", file=sys.stderr)
+                elif command in ("/image", "/audio") and rest.strip():
+                    from .media import file_part
+
+                    try:
+                        pending.append(file_part(rest.strip(), command[1:]))
+                        print(f"({command[1:]} {rest.strip()} goes with the next message)", file=sys.stderr)
+                    except OSError as e:
+                        print(f"pyllama: cannot read {rest.strip()}: {e.strerror}", file=sys.stderr)
                 else:
                     print(_CHAT_HELP, file=sys.stderr)
                 continue
-            _reply(session.stream(text))
+            content: str | list[dict[str, Any]] = [*pending, {"type": "text", "text": text}] if pending else text
+            pending = []
+            _reply(session.stream(content))
 
 
 def _reply(pieces: Iterator[str]) -> None:
@@ -337,6 +374,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a directory for POST /slots/{id}?action=save|restore (default: those actions are off)",
     )
+    parser.add_argument(
+        "--allow-media-urls",
+        action="store_true",
+        help="fetch http(s) URLs of images and audio in messages (default: data: URIs only)",
+    )
     parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
 
 
@@ -370,6 +412,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_request_bytes=args.max_request_bytes,
                 prepare_timeout=args.prepare_timeout,
                 slot_save_path=args.slot_save_path,
+                allow_media_urls=args.allow_media_urls,
                 log_level=args.log_level,
             )
         except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it
@@ -390,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON, with all GGUF metadata")
     info.add_argument("--prompt", help="also show how this text tokenizes")
     info.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (default 0)")
+    info.add_argument("--mmproj", metavar="FILE", help="also say what this projector file takes (images, audio)")
     info.set_defaults(func=_info)
 
     system = sub.add_parser("system", help="show the build's CPU features and devices")
@@ -408,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--json", action="store_true", help="print the whole ChatCompletion (or Completion) as JSON, when done"
     )
+    run.add_argument("--image", action="append", metavar="PATH", help="an image for the prompt (with --mmproj)")
+    run.add_argument("--audio", action="append", metavar="PATH", help="audio for the prompt (with --mmproj)")
     _add_sampling_options(run)
     _add_model_options(run)
     run.set_defaults(func=_run, parser=run)

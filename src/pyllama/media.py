@@ -159,3 +159,16 @@ def _download(url: str, where: str, policy: MediaPolicy) -> bytes:
             return bytes(data)
     except httpx.HTTPError as e:
         raise invalid(f"{where}: the URL cannot be fetched: {e}", where) from None
+
+
+def file_part(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """An OpenAI content part for a local file: ``image_url`` with its path, or ``input_audio`` with its
+    bytes in base64 (format from the file's suffix). OSError when it cannot be read."""
+    if kind == "image":
+        return {"type": "image_url", "image_url": {"url": os.fspath(path)}}
+    data = Path(path).read_bytes()
+    fmt = Path(path).suffix.lower().lstrip(".")
+    return {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt if fmt in AUDIO_FORMATS else "wav"},
+    }

@@ -59,7 +59,7 @@ class ChatSession:
                 merged.setdefault("max_tool_rounds", self.max_tool_rounds)
         return merged
 
-    def send(self, content: str, **kwargs: Any) -> str:
+    def send(self, content: str | list[dict[str, Any]], **kwargs: Any) -> str:
         """Add a user message, generate the reply, add it to the history; returns the reply's text."""
         turn = [*self.messages, {"role": "user", "content": content}]
         out = self.llm.chat(turn, **self._kwargs(kwargs))
@@ -69,7 +69,7 @@ class ChatSession:
         self.messages = [*turn, *(_history_message(m) for m in added)]
         return str(out["choices"][0]["message"].get("content") or "")
 
-    def stream(self, content: str, **kwargs: Any) -> Iterator[str]:
+    def stream(self, content: str | list[dict[str, Any]], **kwargs: Any) -> Iterator[str]:
         """Like ``send``, yielding the reply's text as it is generated. The history is updated when
         the stream ends; a stream stopped early keeps what was generated up to then."""
         turn = [*self.messages, {"role": "user", "content": content}]

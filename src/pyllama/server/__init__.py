@@ -37,6 +37,7 @@ def serve(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
     slot_save_path: str | os.PathLike[str] | None = None,
+    allow_media_urls: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve ``llm`` until SIGINT or SIGTERM. On shutdown the server stops accepting connections and
@@ -51,6 +52,7 @@ def serve(
         max_request_bytes=max_request_bytes,
         prepare_timeout=prepare_timeout,
         slot_save_path=slot_save_path,
+        allow_media_urls=allow_media_urls,
     )
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S

@@ -7,6 +7,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -351,6 +352,9 @@ class _Server:
                 "size": int(llm.model.size),
                 "n_parallel": llm.n_parallel,
             },
+            # llama-server's /props shape: what the messages may hold
+            "modalities": {"vision": llm.supports_vision, "audio": llm.supports_audio},
+            "capabilities": ["completion", "multimodal"] if llm.projector is not None else ["completion"],
         }
 
 
@@ -455,6 +459,7 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
     slot_save_path: str | os.PathLike[str] | None = None,
+    allow_media_urls: bool = False,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes).
 
@@ -465,7 +470,11 @@ def create_app(
     Preparing a request (template, schemas, grammar, sampler) happens off the event loop; one that takes
     longer than ``prepare_timeout`` seconds is answered 400 (``request_too_complex``).
     ``slot_save_path``: the directory of ``POST /slots/{id}?action=save|restore`` (else 501).
+    Images and audio in messages (a Llama with ``mmproj=``) come as ``data:`` URIs; ``http(s)`` URLs
+    are fetched only with ``allow_media_urls``; the server never reads its own files for a client
+    (this sets ``llm.media``).
     """
+    llm.media = dataclasses.replace(llm.media, files=False, urls=allow_media_urls)
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     if any(not k for k in keys):
         raise ValueError("an API key must not be empty")
