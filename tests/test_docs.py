@@ -63,3 +63,30 @@ def test_the_errors_example_runs(
     assert out[0] == "max_tokens" and out[1] == "chat.completion"
     assert out[2] == "messages[0].role"
     assert out[3] == "grammar"
+
+
+def test_multimodal_walkthrough_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/multimodal.md on a tiny chat model with a tiny Gemma 3 vision projector and llama.cpp's
+    test image: its checks (the low-level greedy loop against Llama.chat, no second encode) print True."""
+    from tiny_models import LLAMA_CPP, template_text, write_tiny_llama, write_tiny_mmproj_vision
+
+    write_tiny_llama(
+        tmp_path / "model.gguf", vocab="qwen2", chat_template=template_text("Qwen-Qwen2.5-7B-Instruct"), name="tiny"
+    )
+    write_tiny_mmproj_vision(tmp_path / "mmproj.gguf", text_n_embd=64)
+    (tmp_path / "image.jpeg").symlink_to(LLAMA_CPP / "tools" / "mtmd" / "test-1.jpeg")
+    text = (DOCS / "multimodal.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.group(1), "docs/multimodal.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == [
+        "True False",
+        "True",
+        "True True",
+        "['text', 'image', 'text']",
+        "True",
+        "True",
+    ]

@@ -23,7 +23,7 @@ def _need(cond: bool, where: str, what: str) -> None:
         raise invalid(f"{where}: {what}", where)
 
 
-def _check_content(content: Any, where: str, *, nullable: bool) -> None:
+def _check_content(content: Any, where: str, *, nullable: bool, media: bool = False) -> None:
     if content is None:
         _need(nullable, where, "must be a string or a list of text parts")
         return
@@ -39,6 +39,8 @@ def _check_content(content: Any, where: str, *, nullable: bool) -> None:
         if kind == "media_marker":  # where an image or audio part was (pyllama.media), the projector's marker
             _need(part.get("text") == _core.Projector.default_marker(), f"{at}.text", "must be the media marker")
             continue
+        if kind in ("image_url", "input_audio") and not media:
+            _need(False, f"{at}.type", f"{kind!r} is not supported by a chat template: Llama(mmproj=) takes media")
         if kind == "image_url":  # read by pyllama.media for a Llama with a projector (mmproj=)
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
@@ -67,8 +69,9 @@ def _check_arguments(args: Any, where: str) -> None:
     _need(isinstance(value, dict), where, "must encode a JSON object")
 
 
-def check_messages(messages: Any) -> None:
-    """Raise InvalidRequestError naming the field (its ``param``) when messages are not OpenAI chat messages."""
+def check_messages(messages: Any, *, media: bool = False) -> None:
+    """Raise InvalidRequestError naming the field (its ``param``) when messages are not OpenAI chat messages.
+    ``media``: ``image_url`` and ``input_audio`` parts may appear (a Llama reads them, pyllama.media)."""
     _need(
         isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)),
         "messages",
@@ -87,10 +90,10 @@ def check_messages(messages: Any) -> None:
         _need(reasoning is None or isinstance(reasoning, str), f"{at}.reasoning_content", "must be a string")
         calls = msg.get("tool_calls")
         if role == "assistant":
-            _check_content(msg.get("content"), f"{at}.content", nullable=True)
+            _check_content(msg.get("content"), f"{at}.content", nullable=True, media=media)
         else:
             _need("content" in msg, f"{at}.content", "is required")
-            _check_content(msg["content"], f"{at}.content", nullable=False)
+            _check_content(msg["content"], f"{at}.content", nullable=False, media=media)
             _need(calls is None, f"{at}.tool_calls", "only assistant messages carry tool calls")
         if calls is not None:
             _need(isinstance(calls, list), f"{at}.tool_calls", "must be a list")

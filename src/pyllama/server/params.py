@@ -256,7 +256,7 @@ def chat_kwargs(body: dict[str, Any]) -> tuple[list[Any], dict[str, Any], bool, 
         raise invalid("modalities", "only ['text'] is supported", "unsupported_value")
     kwargs, stream, include_usage = _common(body, CHAT)
     try:  # before the request waits in the queue: a malformed one is answered at once
-        check_messages(messages)
+        check_messages(messages, media=True)
         check_tools(kwargs.get("tools"))
     except InvalidRequestError as e:
         raise APIError(400, str(e), param=e.param) from None
