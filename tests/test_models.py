@@ -621,3 +621,38 @@ def test_llama_from_pretrained(fresh_hub: Hub, tiny_model_path: Path, tmp_path: 
     add_repo(fresh_hub.server, "org/tiny", {"tiny-Q8_0.gguf": data, "tiny-F16.gguf": payload(10, 2)})
     with pyllama.Llama.from_pretrained("org/tiny", "*Q8_0.gguf", cache_dir=tmp_path, progress=False, n_ctx=256) as llm:
         assert Path(llm.model_path).read_bytes() == data and llm.n_ctx() == 256
+
+
+def test_pick_mmproj_as_llama_server_does() -> None:
+    """llama.cpp's find_best_sibling: an mmproj file in the model's directory (or above), the deepest
+    first, then the quantization bits closest to the model's."""
+    from pyllama.models import pick_mmproj
+
+    files = [
+        "model-Q4_K_M.gguf",
+        "mmproj-model-f16.gguf",
+        "mmproj-model-Q8_0.gguf",
+        "sub/model-Q8_0.gguf",
+        "sub/mmproj-F32.gguf",
+        "other/mmproj-Q4_0.gguf",
+        "README.md",
+    ]
+    assert pick_mmproj(files, "model-Q4_K_M.gguf") == "mmproj-model-Q8_0.gguf"  # 8 bits nearer 4 than 16
+    assert pick_mmproj(files, "sub/model-Q8_0.gguf") == "sub/mmproj-F32.gguf"  # its own directory first
+    assert pick_mmproj(["model.gguf"], "model.gguf") is None
+
+
+def test_llama_from_pretrained_with_its_mmproj(fresh_hub: Hub, tmp_path: Path) -> None:
+    """from_pretrained(mmproj=True) downloads the repository's projector and loads it with the model."""
+    import pyllama
+
+    from tiny_models import write_tiny_llama, write_tiny_mmproj_vision
+
+    model = write_tiny_llama(tmp_path / "m.gguf", n_embd=64).read_bytes()
+    proj = write_tiny_mmproj_vision(tmp_path / "p.gguf", text_n_embd=64).read_bytes()
+    add_repo(fresh_hub.server, "org/vlm", {"vlm-Q8_0.gguf": model, "mmproj-vlm-F16.gguf": proj, "mmproj-x.txt": b"x"})
+    with pyllama.Llama.from_pretrained(
+        "org/vlm", "*Q8_0.gguf", mmproj=True, cache_dir=tmp_path / "c", progress=False, n_ctx=256
+    ) as llm:
+        assert llm.supports_vision and llm.mmproj_path is not None
+        assert Path(llm.mmproj_path).read_bytes() == proj

@@ -84,11 +84,21 @@ class Llama(ChatCalls, CompletionCalls, EmbeddingCalls):
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
+        mmproj: bool | str | None = None,
         **llama_kwargs: Any,
     ) -> Llama:
         """Download ``filename`` (a glob pattern matching one file, e.g. ``"*q4_k_m.gguf"``) from the
-        Hugging Face Hub repository ``repo_id``, then load it (needs ``pip install 'pyllama[hf]'``)."""
-        from .models import hf_download
+        Hugging Face Hub repository ``repo_id``, then load it (needs ``pip install 'pyllama[hf]'``).
+        ``mmproj=True`` also downloads the repository's projector (images, audio) as llama-server
+        picks it (a file named ``*mmproj*``, the quantization closest to the model's); a string names
+        it (or a glob)."""
+        from .models import hf_download, hf_mmproj
 
         path = hf_download(repo_id, filename, revision=revision, cache_dir=cache_dir, progress=progress)
+        if mmproj is True:
+            mmproj = hf_mmproj(repo_id, filename, revision=revision)
+        if isinstance(mmproj, str):
+            llama_kwargs["mmproj"] = hf_download(
+                repo_id, mmproj, revision=revision, cache_dir=cache_dir, progress=progress
+            )
         return cls(path, **llama_kwargs)

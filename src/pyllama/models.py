@@ -16,7 +16,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -356,3 +356,50 @@ def _split_parts(name: str, files: list[str] | None) -> list[str]:
         if missing:
             raise ValueError(f"split GGUF {name!r} is incomplete: missing {', '.join(missing)}")
     return parts
+
+
+def _quant_bits(path: str) -> int:
+    """The bits of a GGUF file name's quantization tag (``...-Q4_K_M.gguf`` is 4, ``-F16`` 16), 0 without one:
+    llama.cpp's extract_quant_bits (common/download.cpp)."""
+    prefix = path[: -len(".gguf")] if path.lower().endswith(".gguf") else path
+    split = re.match(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", prefix, re.IGNORECASE)
+    if split:
+        prefix = split.group(1)
+    tag = re.search(r"[-.]([A-Z0-9_]+)$", prefix, re.IGNORECASE)
+    digits = re.search(r"[0-9]+", tag.group(1)) if tag else None
+    return int(digits.group(0)) if digits else 0
+
+
+def pick_mmproj(files: Sequence[str], model: str) -> str | None:
+    """The projector llama-server takes for ``model`` from a repository's ``files`` (its
+    find_best_sibling): a ``.gguf`` whose name holds "mmproj", in the model's directory or one above
+    it, the deepest such directory first, then the quantization closest to the model's."""
+    model_dir = model.split("/")[:-1]
+    best: tuple[int, int] | None = None
+    choice = None
+    for f in files:
+        if not f.endswith(".gguf") or "mmproj" not in f:
+            continue
+        sib_dir = f.split("/")[:-1]
+        if len(sib_dir) > len(model_dir) or model_dir[: len(sib_dir)] != sib_dir:
+            continue
+        rank = (-len(sib_dir), abs(_quant_bits(f) - _quant_bits(model)))
+        if best is None or rank < best:
+            best, choice = rank, f
+    return choice
+
+
+def hf_mmproj(repo_id: str, model: str, *, revision: str | None = None, **kwargs: Any) -> str:
+    """The name of the projector file of a Hub repository for its model file (or glob) ``model``, as
+    llama-server picks it; FileNotFoundError when the repository has none."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=kwargs.get("endpoint"), token=kwargs.get("token"))
+    files = api.list_repo_files(
+        repo_id, revision=revision, repo_type=kwargs.get("repo_type"), token=kwargs.get("token")
+    )
+    name = _pick(model, files, repo_id) if _is_glob(model) else model
+    choice = pick_mmproj(files, name)
+    if choice is None:
+        raise FileNotFoundError(f"the repository {repo_id} has no mmproj file for {name}")
+    return choice
