@@ -191,6 +191,30 @@ def tiny_model_path() -> Path:
     return path
 
 
+def tiny_mmproj_path() -> Path:
+    """A random Gemma 3 vision projector for the tiny llama (64 wide): 448-pixel images, 1,024 patches,
+    six 256-wide layers, 64 image tokens, so that encoding an image takes a measurable time."""
+    path = WORK / "models" / "tiny-gemma3-mmproj-448.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import write_tiny_mmproj_vision
+
+        tmp = path.with_suffix(".part")
+        write_tiny_mmproj_vision(tmp, text_n_embd=64, image_size=448, n_embd=256, n_layer=6, n_head=4, n_ff=1024)
+        tmp.rename(path)
+    return path
+
+
+def mtmd_cli_path() -> Path:
+    """llama.cpp's llama-mtmd-cli as pyllama's own build makes it (PYLLAMA_TEST_TOOLS): the same sources,
+    libraries and flags as the extension's."""
+    found = sorted(ROOT.glob("build/*/test-tools/llama-mtmd-cli"))
+    if not found:
+        raise SystemExit("llama-mtmd-cli is not in build/*/test-tools: pip install . without -DPYLLAMA_TEST_TOOLS=OFF")
+    return found[-1]
+
+
 if __name__ == "__main__":
     import argparse
 

@@ -530,6 +530,59 @@ def solo_replies(cfg: dict[str, Any], rounds: list[list[dict[str, Any]]]) -> lis
     return out
 
 
+# --- 6. an image in the prompt ---------------------------------------------------------------------
+
+MEDIA_PROMPT = "Describe this."
+
+
+def mtmd_cli_times(stderr: str) -> tuple[float, float]:
+    """llama-mtmd-cli's own figures: the media encode (``mtmd batch encoding done in N ms``) and the
+    prompt's evaluation (``llama_perf_context_print: prompt eval time = X ms``: the text and the image's
+    embeddings)."""
+    enc = re.search(r"mtmd batch encoding done in (\d+) ms", stderr)
+    ev = re.search(r"prompt eval time =\s+([0-9.]+) ms", stderr)
+    if not enc or not ev:
+        raise RuntimeError("llama-mtmd-cli printed no timings:\n" + stderr[-2000:])
+    return float(enc.group(1)), float(ev.group(1))
+
+
+def bench_media(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    """The tiny llama with a random Gemma 3 vision projector and llama.cpp's test image: pyllama's
+    encode and time to first token against llama-mtmd-cli's own timings, in alternation."""
+    cli, image = refs.mtmd_cli_path(), refs.LLAMA_CPP / "tools" / "mtmd" / "test-1.jpeg"
+    model, mmproj, threads = str(cfg["tiny"]), str(refs.tiny_mmproj_path()), str(cfg["threads"])
+    argv = [str(cli), "-m", model, "--mmproj", mmproj, "--image", str(image), "-p", MEDIA_PROMPT]
+    argv += ["-n", "1", "--temp", "0", "-t", threads, "-tb", threads, "--chat-template", "chatml", "-lv", "4"]
+    marker = "<__media__>"
+    spec = {
+        "model": model,
+        "mmproj": mmproj,
+        "image": str(image),
+        "prompt": f"<|im_start|>user\n{marker}{MEDIA_PROMPT}<|im_end|>\n<|im_start|>assistant\n",
+        "threads": cfg["threads"],
+        "reps": cfg["reps"],
+    }
+    out: dict[str, Any] = {"llama-mtmd-cli": {"encode_ms": [], "ttft_ms": []}, "argv": argv}
+    for rnd in range(cfg["rounds"]):
+        log(f"media: round {rnd + 1}: pyllama")
+        got = worker(sys.executable, "worker_pyllama.py", "media", spec)
+        mine = out.setdefault("pyllama", {"encode_ms": [], "ttft_ms": []})
+        mine["encode_ms"] += got["encode_ms"]
+        mine["ttft_ms"] += got["ttft_ms"]
+        mine["n_prompt"], mine["n_image_tokens"] = got["n_prompt"], got["n_image_tokens"]
+        mine["peak_rss_mib"] = max(mine.get("peak_rss_mib", 0), got["peak_rss_mib"])
+        log(f"media: round {rnd + 1}: llama-mtmd-cli")
+        for i in range(cfg["reps"] + 1):
+            r = run_measured(argv)
+            enc, ev = mtmd_cli_times(r["stderr"])
+            if i:
+                out["llama-mtmd-cli"]["encode_ms"].append(enc)
+                out["llama-mtmd-cli"]["ttft_ms"].append(enc + ev)
+                ref = out["llama-mtmd-cli"]
+                ref["peak_rss_mib"] = max(ref.get("peak_rss_mib", 0), r["peak_rss_mib"])
+    res["media"] = out
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -551,6 +604,7 @@ SECTIONS = {
     "ttft": bench_ttft,
     "server": bench_server,
     "prompt": bench_prompt,
+    "media": bench_media,
 }
 
 

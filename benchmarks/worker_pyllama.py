@@ -224,7 +224,38 @@ def ttft(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-TASKS = {"speed": speed, "overhead": overhead, "ttft": ttft}
+def media(spec: dict[str, Any]) -> dict[str, Any]:
+    """One image in a prompt, as llama-mtmd-cli times it: the image's encode alone, and the time to
+    first token of the whole prompt (encode, the image's and the text's decodes, one sample) through
+    the generation core, the image already read and the prompt tokenised (llama-mtmd-cli does both
+    before it starts timing)."""
+    threads, reps = spec["threads"], spec["reps"]
+    model = pyllama.Model(spec["model"])
+    proj = pyllama.Projector(model, spec["mmproj"], n_threads=threads)
+    chunks = proj.tokenize(spec["prompt"], [proj.media_from_file(spec["image"])])
+    image = next(c for c in chunks if c.type == "image")
+    ctx = pyllama.Context(model, n_ctx=1024, n_threads=threads, n_threads_batch=threads)
+    engine = pyllama.Engine(ctx, 1)
+    out: dict[str, Any] = {"encode_ms": [], "ttft_ms": [], "n_prompt": sum(c.n_tokens for c in chunks)}
+    out["n_image_tokens"] = image.n_tokens
+    for i in range(reps + 1):
+        t = now()
+        proj.encode(image)
+        encode = now() - t
+        engine.reset()
+        t = now()
+        engine.submit(chunks, pyllama.Sampler(model, temperature=0.0), max_tokens=1, projector=proj).run()
+        first = now() - t
+        if i:
+            out["encode_ms"].append(encode * 1e3)
+            out["ttft_ms"].append(first * 1e3)
+    engine.close()
+    ctx.close()
+    proj.close()
+    return out
+
+
+TASKS = {"speed": speed, "overhead": overhead, "ttft": ttft, "media": media}
 
 if __name__ == "__main__":
     task, spec = sys.argv[1], json.loads(sys.argv[2])

@@ -218,7 +218,7 @@ def test_report_prompt_section(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     report.write(prompt_results(tmp_path), doc)
     text = doc.read_text()
-    assert "## 5. Server: prompt-heavy load" in text and "## 6. Peak RSS" in text
+    assert "## 5. Server: prompt-heavy load" in text and "## 7. Peak RSS" in text
     assert "1,450-1,452 tokens" in text  # the system prompts' own counts, chats and long prompt together
     assert "above 1,\npyllama is faster" in text
     # cold wall: medians 6.5 and 5.2; first tokens of all 6 requests: 5.75 and 4.70; the last of each round: 6.1, 5.1
@@ -291,3 +291,45 @@ def test_report_prompt_section_with_one_server_and_without_the_section(tmp_path:
     report.write(res, doc)
     text = doc.read_text()
     assert "prompt-heavy" not in text and "## 5." not in text
+
+
+def test_mtmd_cli_times_read_what_llama_mtmd_cli_prints() -> None:
+    """llama-mtmd-cli's encode line and llama.cpp's prompt-eval line, made from their own format strings
+    (tools/mtmd/mtmd-cli.cpp, src/llama-context.cpp) with known values, parse back to those values."""
+    cli = (ROOT / "vendor/llama.cpp/tools/mtmd/mtmd-cli.cpp").read_text()
+    enc = re.search(r'LOG_INF\("(mtmd batch encoding done in [^"]*)\\n"', cli)
+    ctx = (ROOT / "vendor/llama.cpp/src/llama-context.cpp").read_text()
+    ev = re.search(r'LLAMA_LOG_INFO\("(%s: prompt eval time = [^"]*)\\n"', ctx)
+    assert enc and ev
+    text = "0.00.148.715 I " + enc.group(1) % 37 + "\n"
+    text += "0.00.228.320 I " + ev.group(1) % ("llama_perf_context_print", 7.06, 61, 0.12, 8636.56) + "\n"
+    assert run.mtmd_cli_times(text) == (37.0, 7.06)
+    with pytest.raises(RuntimeError):
+        run.mtmd_cli_times("nothing here")
+
+
+def test_report_media_section_and_targets(tmp_path: Path) -> None:
+    """The image section: medians computed by hand, llama-mtmd-cli / pyllama, and the 0.98x targets."""
+    res = {
+        "meta": {"cpu": "Test CPU", "threads": 2, "reps": 3},
+        "media": {
+            "argv": [str(tmp_path / "llama-mtmd-cli"), "-m", "tiny.gguf"],
+            "llama-mtmd-cli": {"encode_ms": [40.0, 44.0, 42.0], "ttft_ms": [60.0, 58.0, 62.0], "peak_rss_mib": 90.0},
+            "pyllama": {
+                "encode_ms": [41.0, 40.0, 43.0],
+                "ttft_ms": [66.0, 64.0, 65.0],
+                "n_prompt": 80,
+                "n_image_tokens": 64,
+                "peak_rss_mib": 120.0,
+            },
+        },
+    }
+    doc = tmp_path / "benchmarks.md"
+    report.write(res, doc)
+    text = doc.read_text()
+    assert "| image encode | 42.0 | 41.0 | 1.024 |" in text  # medians 42 and 41
+    assert "| time to first token | 60.0 | 65.0 | 0.923 |" in text
+    assert "| image encode: pyllama ≥ 0.98x llama-mtmd-cli | 1.02x | met |" in text
+    assert "| time to first token with an image: pyllama ≥ 0.98x llama-mtmd-cli | 0.92x | **missed** |" in text
+    assert "| an image in the prompt (tiny llama) | 90 | 120 | - |" in text
+    assert str(tmp_path) not in text

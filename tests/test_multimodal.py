@@ -380,7 +380,7 @@ def test_chat_media_errors_are_typed_and_harmless(chat_files: dict[str, Path], t
     with pyllama.Llama(chat_files["chat"], n_ctx=512, n_threads=2) as plain:
         with pytest.raises(pyllama.InvalidRequestError) as e:
             plain.chat(image_message(uri), max_tokens=2)
-        assert e.value.param == "messages[0].content[0]" and not plain.supports_vision
+        assert e.value.param == "messages[0].content[0].type" and not plain.supports_vision
     audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(AUDIO.read_bytes()).decode()}}
     bad: list[tuple[list[dict[str, Any]], str]] = [
         (image_message("data:image/jpeg;base64,@@@not-base64@@@"), "messages[0].content[0].image_url.url"),
@@ -391,7 +391,7 @@ def test_chat_media_errors_are_typed_and_harmless(chat_files: dict[str, Path], t
         ),
         (image_message("http://127.0.0.1:9/cat.jpg"), "messages[0].content[0].image_url.url"),
         (image_message(str(tmp_path / "missing.jpg")), "messages[0].content[0].image_url.url"),
-        ([{"role": "user", "content": [audio_part]}], "messages[0].content[0]"),  # no audio encoder
+        ([{"role": "user", "content": [audio_part]}], "messages[0].content[0].type"),  # no audio encoder
     ]
     with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as llm:
         before = llm.chat(image_message(str(IMAGE)), max_tokens=6, temperature=0.0)  # a local path is allowed here

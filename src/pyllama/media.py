@@ -72,12 +72,13 @@ def read_media(
                 continue
             where = f"messages[{i}].content[{j}]"
             what = "images" if kind == "image_url" else "audio"
+            at = f"{where}.type"  # the kind of part is what this model does not take
             if projector is None:
-                raise invalid(f"{where}: this model takes no {what}: load it with its projector (mmproj=)", where)
+                raise invalid(f"{at}: this model takes no {what}: load it with its projector (mmproj=)", at)
             if kind == "image_url" and not projector.supports_vision:
-                raise invalid(f"{where}: this model's projector takes no images", where)
+                raise invalid(f"{at}: this model's projector takes no images", at)
             if kind == "input_audio" and not projector.supports_audio:
-                raise invalid(f"{where}: this model's projector takes no audio", where)
+                raise invalid(f"{at}: this model's projector takes no audio", at)
             data = _image_bytes(part, where, policy) if kind == "image_url" else _audio_bytes(part, where, policy)
             try:
                 media.append(projector.media(data, max_pixels=policy.max_pixels))
