@@ -202,19 +202,41 @@ def prompt_rows(pr: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
 NEAR_TIE = 1e-3  # top-2 logprob margin under which batched arithmetic may pick the other token
 
 
+def parting_margin(got: str, solo: dict[str, Any]) -> float | None:
+    """Where a reply that differs from the solo run parts from it: the smallest top-2 logprob margin of
+    the solo run's tokens up to the one where they part (None when the solo run has no margins)."""
+    want, pieces, margins = solo.get("text", ""), solo.get("pieces") or [], solo.get("margins") or []
+    if not margins:
+        return None
+    d = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    end, smallest = 0, float("inf")
+    for piece, margin in zip(pieces, margins, strict=False):
+        smallest = min(smallest, margin)
+        end += len(piece)
+        if end > d:
+            break
+    return smallest
+
+
 def parted_at_near_tie(got: str, solo: dict[str, Any]) -> bool:
     """Whether a reply that differs from the solo run parts from it at or after a solo token whose two
     best logprobs were within NEAR_TIE (where batched and solo arithmetic may choose differently)."""
-    want, pieces, margins = solo.get("text", ""), solo.get("pieces") or [], solo.get("margins") or []
-    d = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
-    end = 0
-    for piece, margin in zip(pieces, margins, strict=False):
-        if margin < NEAR_TIE:
-            return True
-        end += len(piece)
-        if end > d:
-            return False
-    return False
+    m = parting_margin(got, solo)
+    return m is not None and m < NEAR_TIE
+
+
+def parting_margins(pr: dict[str, Any], n: str) -> list[float]:
+    """For the cold replies of server `n` that differ from their solo runs beyond a near-tie: the solo
+    runs' margins where they part."""
+    out = []
+    for r, w in zip(pr.get(n, {}).get("cold", {}).get("text") or [], pr.get("solo") or [], strict=False):
+        for got, want in zip(r, w, strict=False):
+            if not isinstance(want, dict) or got == want["text"] or (want["text"] and got.startswith(want["text"])):
+                continue
+            m = parting_margin(got, want)
+            if m is not None and m >= NEAR_TIE:
+                out.append(m)
+    return sorted(out)
 
 
 def solo_agreement(pr: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
@@ -509,8 +531,17 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
                 "",
             )
             d.table(
-                ["", "equal to the solo run", "parted at a near-tie", "differ otherwise"],
-                [[n, f"{a} of {t}", str(k), str(t - a - k)] for n, (a, k, t) in agree.items()],
+                ["", "equal to the solo run", "parted at a near-tie", "differ otherwise", "margins where those part"],
+                [
+                    [
+                        n,
+                        f"{a} of {t}",
+                        str(k),
+                        str(t - a - k),
+                        ", ".join(f"{m:.3f}" for m in parting_margins(pr, n)) or "-",
+                    ]
+                    for n, (a, k, t) in agree.items()
+                ],
             )
         for n in PROMPT_SERVERS:
             if n in pr and pr[n].get("argv"):
@@ -549,14 +580,19 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
             "",
             "The tiny llama with a random-weight Gemma 3 vision projector (448-pixel images, 1,024",
             f"patches, six 256-wide layers: {mine['n_image_tokens']} image tokens) and llama.cpp's",
-            f"`tools/mtmd/test-1.jpeg`; a ChatML prompt of {mine['n_prompt']} tokens with the image. For",
-            "llama-mtmd-cli, its own figures: the encode (`mtmd batch encoding done in`) and the time to",
-            "first token as that encode plus its prompt evaluation (`prompt eval time`: the text and",
-            "the image's embeddings). For pyllama: `Projector.encode`, and `Engine.submit(chunks)` until",
-            "the first token (encode, decodes and one sample, through the generation core), both after",
-            "the image was read and the prompt tokenised, as the CLI's figures are.",
-            f"Medians over {len(mine['ttft_ms'])} runs each, alternating in rounds. **The ratio is",
-            "llama-mtmd-cli's time over pyllama's: above 1, pyllama is faster.**",
+            f"`tools/mtmd/test-1.jpeg`; a ChatML prompt of {mine['n_prompt']} tokens with the image.",
+            "",
+            "- Time to first token, each in a fresh process set up as llama-mtmd-cli sets itself up (a",
+            "  warm-up encode and a warm-up decode), the image read and the prompt tokenised: for",
+            "  llama-mtmd-cli its `prompt eval time`, which llama.cpp times from the first decode to the",
+            "  first sample (the encode included); for pyllama `Engine.submit(chunks)` until the first",
+            "  token, through the generation core.",
+            "- Image encode, again and again in one process (the first of each process not kept): for",
+            "  llama-mtmd-cli its chat mode with several copies of the image in one message, each encoded",
+            "  on its own (its `mtmd batch encoding done in` lines); for pyllama `Projector.encode`.",
+            "",
+            f"Medians over {len(mine['ttft_ms'])} and {len(mine['encode_ms'])} runs, alternating in rounds.",
+            "**The ratio is llama-mtmd-cli's time over pyllama's: above 1, pyllama is faster.**",
             "",
         )
         rows = []

@@ -89,6 +89,14 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None, timeout:
     return {"stdout": stdout, "stderr": stderr, "wall": wall, "peak_rss_mib": maxrss_mib(usage.ru_maxrss)}
 
 
+def run_measured_stdin(argv: list[str], text: str, timeout: float = 600) -> dict[str, Any]:
+    """Runs a command with `text` on its stdin (llama-mtmd-cli's chat mode); its stderr."""
+    r = subprocess.run(argv, input=text.encode(), capture_output=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with {r.returncode}:\n{r.stderr.decode(errors='replace')[-3000:]}")
+    return {"stderr": r.stderr.decode(errors="replace")}
+
+
 def worker(python: str, name: str, task: str, spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -535,24 +543,39 @@ def solo_replies(cfg: dict[str, Any], rounds: list[list[dict[str, Any]]]) -> lis
 MEDIA_PROMPT = "Describe this."
 
 
-def mtmd_cli_times(stderr: str) -> tuple[float, float]:
-    """llama-mtmd-cli's own figures: the media encode (``mtmd batch encoding done in N ms``) and the
-    prompt's evaluation (``llama_perf_context_print: prompt eval time = X ms``: the text and the image's
-    embeddings)."""
-    enc = re.search(r"mtmd batch encoding done in (\d+) ms", stderr)
+def mtmd_cli_times(stderr: str) -> tuple[list[float], float]:
+    """llama-mtmd-cli's own figures: each media encode (``mtmd batch encoding done in N ms``), and its
+    prompt evaluation (``llama_perf_context_print: prompt eval time = X ms``). llama.cpp times that from
+    the first decode to the synchronisation before the first sample, so that for one turn it spans the
+    image's encode and every decode of the prompt: the time to first token but for one sample."""
+    enc = [float(x) for x in re.findall(r"mtmd batch encoding done in (\d+) ms", stderr)]
     ev = re.search(r"prompt eval time =\s+([0-9.]+) ms", stderr)
     if not enc or not ev:
         raise RuntimeError("llama-mtmd-cli printed no timings:\n" + stderr[-2000:])
-    return float(enc.group(1)), float(ev.group(1))
+    return enc, float(ev.group(1))
 
 
 def bench_media(cfg: dict[str, Any], res: dict[str, Any]) -> None:
-    """The tiny llama with a random Gemma 3 vision projector and llama.cpp's test image: pyllama's
-    encode and time to first token against llama-mtmd-cli's own timings, in alternation."""
+    """The tiny llama with a random Gemma 3 vision projector and llama.cpp's test image, pyllama
+    against llama-mtmd-cli's own timings, alternating in rounds: the time to first token of a fresh
+    process's first prompt, and the encode of the image again and again in one process (the CLI's
+    chat mode, several images in one message; the first encode of each process is not kept)."""
     cli, image = refs.mtmd_cli_path(), refs.LLAMA_CPP / "tools" / "mtmd" / "test-1.jpeg"
     model, mmproj, threads = str(cfg["tiny"]), str(refs.tiny_mmproj_path()), str(cfg["threads"])
-    argv = [str(cli), "-m", model, "--mmproj", mmproj, "--image", str(image), "-p", MEDIA_PROMPT]
-    argv += ["-n", "1", "--temp", "0", "-t", threads, "-tb", threads, "--chat-template", "chatml", "-lv", "4"]
+    common = [str(cli), "-m", model, "--mmproj", mmproj, "-n", "1", "--temp", "0", "-t", threads, "-tb", threads]
+    common += ["-c", "4096", "--chat-template", "chatml", "-lv", "4"]
+    one_turn = [*common, "--image", str(image), "-p", MEDIA_PROMPT]
+    # Several images in one message, each encoded on its own (the text of Gemma 3's image wrapping
+    # parts them), in one process. Each is a copy of the image with another byte after its end-of-image
+    # marker (the same pixels, another id). (The CLI's chat mode cannot do this turn after turn: it
+    # finds the last turn's embeddings for a new chunk at a freed chunk's address.)
+    copies = refs.WORK / "media"
+    copies.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(cfg["reps"] + 1):
+        names.append(copies / f"image-{i}.jpeg")
+        names[-1].write_bytes(image.read_bytes() + bytes([i]))
+    turns = "".join(f"/image {name}\n" for name in names) + f"{MEDIA_PROMPT}\n/exit\n"
     marker = "<__media__>"
     spec = {
         "model": model,
@@ -562,24 +585,28 @@ def bench_media(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         "threads": cfg["threads"],
         "reps": cfg["reps"],
     }
-    out: dict[str, Any] = {"llama-mtmd-cli": {"encode_ms": [], "ttft_ms": []}, "argv": argv}
+    out: dict[str, Any] = {
+        "llama-mtmd-cli": {"encode_ms": [], "ttft_ms": [], "peak_rss_mib": 0.0},
+        "pyllama": {"encode_ms": [], "ttft_ms": [], "peak_rss_mib": 0.0},
+        "argv": one_turn,
+    }
+    ref, mine = out["llama-mtmd-cli"], out["pyllama"]
     for rnd in range(cfg["rounds"]):
-        log(f"media: round {rnd + 1}: pyllama")
-        got = worker(sys.executable, "worker_pyllama.py", "media", spec)
-        mine = out.setdefault("pyllama", {"encode_ms": [], "ttft_ms": []})
-        mine["encode_ms"] += got["encode_ms"]
-        mine["ttft_ms"] += got["ttft_ms"]
-        mine["n_prompt"], mine["n_image_tokens"] = got["n_prompt"], got["n_image_tokens"]
-        mine["peak_rss_mib"] = max(mine.get("peak_rss_mib", 0), got["peak_rss_mib"])
-        log(f"media: round {rnd + 1}: llama-mtmd-cli")
+        log(f"media: round {rnd + 1}")
         for i in range(cfg["reps"] + 1):
-            r = run_measured(argv)
-            enc, ev = mtmd_cli_times(r["stderr"])
-            if i:
-                out["llama-mtmd-cli"]["encode_ms"].append(enc)
-                out["llama-mtmd-cli"]["ttft_ms"].append(enc + ev)
-                ref = out["llama-mtmd-cli"]
-                ref["peak_rss_mib"] = max(ref.get("peak_rss_mib", 0), r["peak_rss_mib"])
+            got = worker(sys.executable, "worker_pyllama.py", "media", {**spec, "what": "ttft"})
+            r = run_measured(one_turn)
+            if i:  # a first run of each round warms the page cache for both
+                mine["ttft_ms"].append(got["ttft_ms"])
+                ref["ttft_ms"].append(mtmd_cli_times(r["stderr"])[1])
+            mine["n_prompt"], mine["n_image_tokens"] = got["n_prompt"], got["n_image_tokens"]
+            mine["peak_rss_mib"] = max(mine["peak_rss_mib"], got["peak_rss_mib"])
+            ref["peak_rss_mib"] = max(ref["peak_rss_mib"], r["peak_rss_mib"])
+        mine["encode_ms"] += worker(sys.executable, "worker_pyllama.py", "media", {**spec, "what": "encode"})[
+            "encode_ms"
+        ]
+        r = run_measured_stdin(common, turns)
+        ref["encode_ms"] += mtmd_cli_times(r["stderr"])[0][1:]
     res["media"] = out
 
 

@@ -225,32 +225,35 @@ def ttft(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def media(spec: dict[str, Any]) -> dict[str, Any]:
-    """One image in a prompt, as llama-mtmd-cli times it: the image's encode alone, and the time to
-    first token of the whole prompt (encode, the image's and the text's decodes, one sample) through
-    the generation core, the image already read and the prompt tokenised (llama-mtmd-cli does both
-    before it starts timing)."""
-    threads, reps = spec["threads"], spec["reps"]
+    """One image in a prompt. ``ttft``: a fresh process set up as llama-mtmd-cli sets itself up (the
+    projector's warm-up encode, one warm-up decode), then the time from submitting the prompt's chunks
+    to the generation core until its first token (the image's encode, its embeddings' and the text's
+    decodes, one sample); the image is read and the prompt tokenised before, as the CLI does before it
+    starts timing. ``encode``: ``Projector.encode`` of that image, ``reps`` + 1 times in one process
+    (the first is not kept), as the CLI's chat mode encodes it turn after turn."""
+    threads = spec["threads"]
     model = pyllama.Model(spec["model"])
-    proj = pyllama.Projector(model, spec["mmproj"], n_threads=threads)
+    proj = pyllama.Projector(model, spec["mmproj"], n_threads=threads, warmup=True)
     chunks = proj.tokenize(spec["prompt"], [proj.media_from_file(spec["image"])])
     image = next(c for c in chunks if c.type == "image")
-    ctx = pyllama.Context(model, n_ctx=1024, n_threads=threads, n_threads_batch=threads)
-    engine = pyllama.Engine(ctx, 1)
-    out: dict[str, Any] = {"encode_ms": [], "ttft_ms": [], "n_prompt": sum(c.n_tokens for c in chunks)}
-    out["n_image_tokens"] = image.n_tokens
-    for i in range(reps + 1):
-        t = now()
-        proj.encode(image)
-        encode = now() - t
-        engine.reset()
+    out: dict[str, Any] = {"n_prompt": sum(c.n_tokens for c in chunks), "n_image_tokens": image.n_tokens}
+    if spec["what"] == "ttft":
+        ctx = pyllama.Context(model, n_ctx=4096, n_threads=threads, n_threads_batch=threads)
+        ctx.decode(pyllama.Batch.from_tokens([first_token(model)]))  # common_init's warm-up decode
+        ctx.memory_clear()
+        engine = pyllama.Engine(ctx, 1)
         t = now()
         engine.submit(chunks, pyllama.Sampler(model, temperature=0.0), max_tokens=1, projector=proj).run()
-        first = now() - t
-        if i:
-            out["encode_ms"].append(encode * 1e3)
-            out["ttft_ms"].append(first * 1e3)
-    engine.close()
-    ctx.close()
+        out["ttft_ms"] = (now() - t) * 1e3
+        engine.close()
+        ctx.close()
+    else:
+        times = []
+        for _ in range(spec["reps"] + 1):
+            t = now()
+            proj.encode(image)
+            times.append((now() - t) * 1e3)
+        out["encode_ms"] = times[1:]
     proj.close()
     return out
 

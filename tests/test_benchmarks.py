@@ -271,7 +271,7 @@ def test_report_prompt_section_users_solo_and_targets(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "| 4 users, 2 at a time every 1 s: mean time to first token | 10.00 | 2.50 | 4.000 |" in text
     assert "| prompt tokens reused, users (fewest-most) | 0 | 1,450 |" in text
-    assert "| pyllama | 4 of 6 | 1 | 1 |" in text and "| llama-server | 6 of 6 | 0 | 0 |" in text
+    assert "| pyllama | 4 of 6 | 1 | 1 | 1.000 |" in text and "| llama-server | 6 of 6 | 0 | 0 | - |" in text
     assert "| users in waves: pyllama's mean TTFT ≤ 0.3x llama-server's | 0.25x |" in text
     assert (
         "| each cold chat's reply equal to its solo run up to a near-tie (pyllama) "
@@ -301,9 +301,9 @@ def test_mtmd_cli_times_read_what_llama_mtmd_cli_prints() -> None:
     ctx = (ROOT / "vendor/llama.cpp/src/llama-context.cpp").read_text()
     ev = re.search(r'LLAMA_LOG_INFO\("(%s: prompt eval time = [^"]*)\\n"', ctx)
     assert enc and ev
-    text = "0.00.148.715 I " + enc.group(1) % 37 + "\n"
+    text = "".join(f"0.00.148.715 I {enc.group(1) % ms}\n" for ms in (37, 40))  # two turns
     text += "0.00.228.320 I " + ev.group(1) % ("llama_perf_context_print", 7.06, 61, 0.12, 8636.56) + "\n"
-    assert run.mtmd_cli_times(text) == (37.0, 7.06)
+    assert run.mtmd_cli_times(text) == ([37.0, 40.0], 7.06)
     with pytest.raises(RuntimeError):
         run.mtmd_cli_times("nothing here")
 

@@ -124,8 +124,9 @@ class LlamaBase:
             if mmproj is not None:
                 # the projector (images, audio) goes to the GPU with the model unless told otherwise
                 use_gpu = n_gpu_layers != 0 if mmproj_use_gpu is None else bool(mmproj_use_gpu)
+                # a warm-up encode at load, as llama-server does: the first image is not the slow one
                 self._projector = _core.Projector(
-                    self._model, os.fspath(mmproj), use_gpu=use_gpu, n_threads=self._ctx.n_threads
+                    self._model, os.fspath(mmproj), use_gpu=use_gpu, n_threads=self._ctx.n_threads, warmup=True
                 )
         except BaseException:
             if self._projector is not None:
