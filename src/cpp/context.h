@@ -56,6 +56,11 @@ class Context {
     };
 
     use  acquire();  // call without the GIL
+    // After a decode made outside decode_nogil with acquire() held (libmtmd's helper): no output rows.
+    void outputs_lost_locked() {
+        output_rows_.clear();
+        n_outputs_ = 0;
+    }
     void close();
     bool closed() const { return ctx_ == nullptr; }
     void cancel() { abort_.store(true); }

@@ -120,13 +120,6 @@ Projector::Projector(Model &             model,
     mrope_       = mtmd_decode_use_mrope(ctx_);
     sample_rate_ = mtmd_get_audio_sample_rate(ctx_);
     n_embd_      = llama_model_n_embd_inp(model_.get());
-    if (mrope_) {
-        mtmd_free(ctx_);
-        ctx_ = nullptr;
-        throw llama_error("the projector '" + path +
-                          "' is for a model with M-RoPE positions (the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families), "
-                          "which pyllama does not support yet");
-    }
 }
 
 Projector::~Projector() {
@@ -289,6 +282,28 @@ int32_t Projector::decode_media(Context &                  ctx,
     const size_t n = chunk.n_tokens();
     if (embd.size() != n * static_cast<size_t>(n_embd_)) {
         throw std::invalid_argument("the embeddings do not match the chunk");
+    }
+    if (mrope_) {
+        // M-RoPE positions (2-D for an image) as llama.cpp's helper lays them out; it asks for no logits
+        if (logits_last) {
+            throw invalid_request_error(
+                "on a model with M-RoPE positions a prompt cannot end with an image or audio: put text after it",
+                "prompt");
+        }
+        auto        p    = acquire();
+        auto        u    = ctx.acquire();
+        llama_pos   next = n_past;
+        log_capture capture;
+        const auto  rc =
+            mtmd_helper_decode_image_chunk(p.ctx, u.ctx, chunk.chunk.get(), const_cast<float *>(embd.data()), n_past,
+                                           seq_id, n_batch, &next, nullptr, nullptr);
+        ctx.outputs_lost_locked();
+        if (rc != 0) {
+            llama_memory_seq_rm(llama_get_memory(u.ctx), seq_id, n_past, -1);
+            throw llama_error("decoding the " + chunk.type_name() + " failed (code " + std::to_string(rc) + ")" +
+                              (capture.problems().empty() ? "" : ": " + capture.problems()));
+        }
+        return -1;
     }
     bool non_causal = false;
     {

@@ -487,6 +487,35 @@ void Scheduler::interrupt_if_alone(const Request * r) {
     }
 }
 
+// Positions where media take fewer positions than cells (M-RoPE: an image of h x w tokens advances
+// max(h, w)): the position of the token at index i, the shifts of the media chunks before it added.
+static llama_pos pos_at(const std::vector<std::pair<size_t, int32_t>> & shifts, size_t i) {
+    int64_t p = static_cast<int64_t>(i);
+    for (const auto & [end, delta] : shifts) {
+        if (end <= i) {
+            p += delta;
+        }
+    }
+    return static_cast<llama_pos>(p);
+}
+
+static void cut_shifts(std::vector<std::pair<size_t, int32_t>> & shifts, size_t n) {
+    shifts.erase(std::remove_if(shifts.begin(), shifts.end(), [n](const auto & s) { return s.first > n; }),
+                 shifts.end());
+}
+
+// How many tokens hold the positions below p (the inverse of pos_at, at chunk ends).
+static size_t index_at_pos(const std::vector<std::pair<size_t, int32_t>> & shifts, llama_pos p) {
+    int64_t sum = 0;
+    for (const auto & [end, delta] : shifts) {
+        if (static_cast<int64_t>(end) + sum + delta > p) {
+            break;
+        }
+        sum += delta;
+    }
+    return static_cast<size_t>(std::max<int64_t>(0, p - sum));
+}
+
 static size_t common_prefix(const std::vector<llama_token> & a, const std::vector<llama_token> & b) {
     size_t n = 0;
     while (n < a.size() && n < b.size() && a[n] == b[n]) {
@@ -602,23 +631,28 @@ void Scheduler::admit() {
                 llama_memory_seq_rm(mem, best, -1, -1);
                 llama_memory_seq_cp(mem, src, best, -1, -1);
                 slots_[best].tokens.assign(slots_[src].tokens.begin(), slots_[src].tokens.begin() + lcp);
+                slots_[best].shifts = slots_[src].shifts;
+                cut_shifts(slots_[best].shifts, lcp);
                 slots_[best].copying = true;
             } else if (loaded) {
                 // llama.cpp clears the sequence first; 0 when the state does not fit (no room)
                 if (llama_state_seq_set_data(u.ctx, hit->state.data(), hit->state.size(), best) == hit->state.size() &&
-                    llama_memory_seq_pos_max(mem, best) + 1 == static_cast<llama_pos>(hit->tokens.size())) {
+                    llama_memory_seq_pos_max(mem, best) + 1 == pos_at(hit->shifts, hit->tokens.size())) {
                     slots_[best].tokens = hit->tokens;
+                    slots_[best].shifts = hit->shifts;
                     host_.splice(host_.end(), host_, hit);  // the most recently used now
                     ++host_loaded_;
                 } else {
                     llama_memory_seq_rm(mem, best, -1, -1);
                     slots_[best].tokens.clear();
+                    slots_[best].shifts.clear();
                     host_bytes_ -= hit->state.size();
                     host_.erase(hit);
                     lcp = 0;
                 }
             }
-            if (!llama_memory_seq_rm(mem, best, static_cast<llama_pos>(lcp), -1)) {
+            const llama_pos p_lcp = pos_at(slots_[best].shifts, lcp);
+            if (!llama_memory_seq_rm(mem, best, p_lcp, -1)) {
                 // a recurrent model cannot cut its state at a position: start over
                 llama_memory_seq_rm(mem, best, -1, -1);
                 lcp = 0;
@@ -628,7 +662,7 @@ void Scheduler::admit() {
                 // window reaches back to, or its attention differs from a fresh evaluation's.
                 const llama_pos pos_min = llama_memory_seq_pos_min(mem, best);
                 // (position p sees p - n_swa + 1 .. p; llama.cpp's chunked and symmetric windows see less)
-                const llama_pos needed  = std::max<llama_pos>(0, static_cast<llama_pos>(lcp) - n_swa_ + 1);
+                const llama_pos needed  = std::max<llama_pos>(0, p_lcp - n_swa_ + 1);
                 if (pos_min < 0 || pos_min > needed) {
                     llama_memory_seq_rm(mem, best, -1, -1);
                     lcp = 0;
@@ -637,6 +671,7 @@ void Scheduler::admit() {
         }
         slots_[best].busy = true;
         slots_[best].tokens.resize(lcp);
+        cut_shifts(slots_[best].shifts, lcp);
         req->seq_       = best;
         req->evaluated_ = lcp;
         req->n_reused_.store(lcp);
@@ -695,7 +730,7 @@ void Scheduler::step() {
         if (r->sampling_) {
             r->row_ = static_cast<int32_t>(b.tokens.size());
             b.tokens.push_back(r->last_);
-            b.pos.push_back(static_cast<llama_pos>(tokens.size()));
+            b.pos.push_back(pos_at(slots_[r->seq_].shifts, tokens.size()));
             b.seq_ids.push_back({ r->seq_ });
             b.logits.push_back(1);
             tokens.push_back(r->last_);
@@ -710,7 +745,7 @@ void Scheduler::step() {
         for (size_t j = 0; j < r->n_prompt_; ++j) {
             const size_t k = r->evaluated_ + j;
             b.tokens.push_back(r->prompt_[k]);
-            b.pos.push_back(static_cast<llama_pos>(k));
+            b.pos.push_back(pos_at(slots_[r->seq_].shifts, k));
             b.seq_ids.push_back({ r->seq_ });
             const bool last = k + 1 == r->prompt_.size();
             b.logits.push_back(last ? 1 : 0);
@@ -798,25 +833,32 @@ void Scheduler::step_media(const std::vector<std::shared_ptr<Request>> & reqs) {
                 continue;  // released in this step
             }
         }
-        const bool last = m->end() == r->prompt_.size();
+        const bool      last  = m->end() == r->prompt_.size();
+        auto &          slot  = slots_[r->seq_];
+        const llama_pos first = pos_at(slot.shifts, m->start);
         try {
             const auto embd = m->projector->encode(m->chunk);
-            r->row_ = m->projector->decode_media(ctx_, m->chunk, embd, static_cast<llama_pos>(m->start), r->seq_,
-                                                 static_cast<int32_t>(n_batch_), last);
+            r->row_ =
+                m->projector->decode_media(ctx_, m->chunk, embd, first, r->seq_, static_cast<int32_t>(n_batch_), last);
         } catch (const std::exception &) {
             // what was decoded of it goes, and the request ends with the error
             try {
                 auto u = ctx_.acquire();
-                llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, static_cast<llama_pos>(m->start), -1);
+                llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, first, -1);
             } catch (const std::exception &) {
             }
-            slots_[r->seq_].tokens.resize(std::min(slots_[r->seq_].tokens.size(), m->start));
+            slot.tokens.resize(std::min(slot.tokens.size(), m->start));
+            cut_shifts(slot.shifts, slot.tokens.size());
             r->evaluated_ = m->start;
             release(r, "stop", std::current_exception());
             return;
         }
         for (size_t i = m->start; i < m->end(); ++i) {
-            slots_[r->seq_].tokens.push_back(r->prompt_[i]);
+            slot.tokens.push_back(r->prompt_[i]);
+        }
+        const auto delta = static_cast<int32_t>(m->chunk.n_pos()) - static_cast<int32_t>(m->chunk.n_tokens());
+        if (delta != 0) {
+            slot.shifts.emplace_back(m->end(), delta);  // M-RoPE: the text after it takes fewer positions
         }
         r->evaluated_ = m->end();
         if (last) {
@@ -834,7 +876,8 @@ void Scheduler::resync(const std::shared_ptr<Request> & r) {
     auto &          tokens = slots_[r->seq_].tokens;
     auto            u      = ctx_.acquire();
     const llama_pos max    = llama_memory_seq_pos_max(llama_get_memory(u.ctx), r->seq_);
-    tokens.resize(static_cast<size_t>(std::max<llama_pos>(0, max + 1)));
+    tokens.resize(std::min(tokens.size(), index_at_pos(slots_[r->seq_].shifts, std::max<llama_pos>(0, max + 1))));
+    cut_shifts(slots_[r->seq_].shifts, tokens.size());
     if (!r->sampling_) {
         r->evaluated_ = std::min(r->evaluated_, tokens.size());
     }
@@ -895,6 +938,7 @@ void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & 
         // ended before any decode: the copy of its prefix is still pending, so it holds nothing yet
         slot.copying = false;
         slot.tokens.clear();
+        slot.shifts.clear();
         try {
             auto u = ctx_.acquire();
             llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, -1, -1);
@@ -917,6 +961,7 @@ void Scheduler::fail_all(std::exception_ptr why) {
     }
     for (auto & s : slots_) {
         s.tokens.clear();
+        s.shifts.clear();
         s.copying = false;
     }
     try {
@@ -985,6 +1030,7 @@ void Scheduler::reset(int32_t seq) {
     for (size_t s = from; s < to; ++s) {
         llama_memory_seq_rm(mem, static_cast<llama_seq_id>(s), -1, -1);
         slots_[s].tokens.clear();
+        slots_[s].shifts.clear();
     }
 }
 
@@ -997,11 +1043,13 @@ void Scheduler::adopt(int32_t seq, std::vector<llama_token> tokens) {
     if (n != static_cast<llama_pos>(tokens.size())) {
         llama_memory_seq_rm(mem, seq, -1, -1);
         slots_[seq].tokens.clear();
+        slots_[seq].shifts.clear();
         throw std::invalid_argument("sequence " + std::to_string(seq) + " holds " + std::to_string(n) +
                                     " positions, not the " + std::to_string(tokens.size()) +
                                     " tokens given (the sequence was cleared)");
     }
     slots_[seq].tokens = std::move(tokens);
+    slots_[seq].shifts.clear();  // not known from tokens alone: M-RoPE media then do not match
 }
 
 bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state) {
@@ -1028,6 +1076,7 @@ void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, co
         llama_memory_seq_rm(llama_get_memory(u.ctx), seq, -1, -1);
     }
     slots_[seq].tokens.clear();
+    slots_[seq].shifts.clear();
     if (tokens.empty()) {
         return;
     }
@@ -1041,6 +1090,7 @@ void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, co
                                     std::to_string(tokens.size()) + " tokens given (the sequence was cleared)");
     }
     slots_[seq].tokens = tokens;
+    slots_[seq].shifts.clear();
 }
 
 // --- the host cache ----------------------------------------------------------------------------------
@@ -1101,6 +1151,7 @@ void Scheduler::host_save(int32_t seq, std::list<host_entry>::const_iterator kee
         return;
     }
     e.tokens = tokens;
+    e.shifts = slots_[seq].shifts;
     host_bytes_ += e.state.size();
     host_.push_back(std::move(e));
     ++host_saved_;

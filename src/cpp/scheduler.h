@@ -243,11 +243,14 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
         std::vector<llama_token> tokens;  // what its sequence holds
         bool                     busy    = false;
         bool                     copying = false;  // forked: llama.cpp copies its buffers at the next decode
+        // M-RoPE: (end of a media chunk, its positions minus its tokens), where positions and indices part
+        std::vector<std::pair<size_t, int32_t>> shifts;
     };
 
     struct host_entry {
-        std::vector<llama_token> tokens;
-        std::vector<uint8_t>     state;  // llama_state_seq_get_data of a sequence holding `tokens`
+        std::vector<llama_token>                tokens;
+        std::vector<uint8_t>                    state;  // llama_state_seq_get_data of a sequence holding `tokens`
+        std::vector<std::pair<size_t, int32_t>> shifts;
     };
 
     // With the step lock held; `keep` (an entry about to be loaded, or end()) is never dropped.
