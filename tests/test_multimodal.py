@@ -501,7 +501,7 @@ def httpx_get(url: str) -> Any:
 
 def test_cli_run_with_an_image_and_info_with_a_projector(chat_files: dict[str, Path]) -> None:
     """pyllama run MODEL --mmproj FILE --image PATH PROMPT streams Llama.chat's reply to the same
-    message; pyllama info --mmproj says what the projector takes."""
+    message, as pyllama chat does after /image PATH; pyllama info --mmproj says what the projector takes."""
     import json
     import sys
 
@@ -519,6 +519,18 @@ def test_cli_run_with_an_image_and_info_with_a_projector(chat_files: dict[str, P
     )
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     assert run.stdout.decode() == want + "\n"
+    # pyllama chat: /image goes with the next message, whose reply is the same
+    chat = subprocess.run(
+        [
+            *(*cmd, "chat", str(chat_files["chat"]), "--mmproj", str(chat_files["vision"])),
+            *("--max-tokens", "8", "--temperature", "0", "--n-ctx", "1024"),
+        ],
+        input=f"/image {IMAGE}\nDescribe this.\n".encode(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert chat.returncode == 0, chat.stderr.decode(errors="replace")
+    assert chat.stdout.decode() == want + "\n"
     info = subprocess.run(
         [*cmd, "info", str(chat_files["chat"]), "--mmproj", str(chat_files["audio"]), "--json"],
         capture_output=True,
@@ -527,3 +539,82 @@ def test_cli_run_with_an_image_and_info_with_a_projector(chat_files: dict[str, P
     )
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["modalities"] == {"text": True, "vision": False, "audio": True}
+
+
+# --- M-RoPE (the Qwen2-VL family): positions that part from the token count ---------------------
+
+
+@pytest.fixture(scope="module")
+def qwen2vl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tiny_models import write_tiny_mmproj_qwen2vl, write_tiny_qwen2vl
+
+    d = tmp_path_factory.mktemp("qwen2vl")
+    return {
+        "chat": write_tiny_qwen2vl(d / "qwen2vl.gguf", n_embd=64),
+        "vision": write_tiny_mmproj_qwen2vl(d / "mmproj-qwen2vl.gguf", text_n_embd=64),
+    }
+
+
+def test_mrope_chat_with_an_image_equals_llama_mtmd_cli(qwen2vl: dict[str, Path], mtmd_cli: Path) -> None:
+    """An image takes fewer positions than tokens on an M-RoPE model: the reply after it equals
+    llama-mtmd-cli's, and a second turn about it, which reuses the image from the sequence (the text
+    after it at its shifted positions), equals the same conversation evaluated afresh."""
+    run = subprocess.run(
+        [
+            str(mtmd_cli),
+            *("-m", str(qwen2vl["chat"]), "--mmproj", str(qwen2vl["vision"]), "--image", str(IMAGE)),
+            *("-p", "Describe this.", "-n", "10", "--temp", "0", "-t", "2", "--jinja"),
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    messages = image_message(data_uri(IMAGE, "image/jpeg"))
+    with pyllama.Llama(qwen2vl["chat"], mmproj=qwen2vl["vision"], n_ctx=2048, n_threads=2) as llm:
+        assert llm.projector is not None
+        chunks = llm.projector.tokenize("x" + MARKER, [llm.projector.media_from_file(str(IMAGE))])
+        image = next(c for c in chunks if c.type == "image")
+        assert image.n_pos < image.n_tokens  # M-RoPE: the positions and the cells part
+        out = llm.chat(messages, max_tokens=10, temperature=0.0)
+        text = out["choices"][0]["message"]["content"]
+        assert run.stdout.decode() == f"\n{text}\n\n"
+        follow = [*messages, out["choices"][0]["message"], {"role": "user", "content": "And its colours?"}]
+        n = llm.projector.n_encoded
+        again = llm.chat(follow, max_tokens=8, temperature=0.0)
+        assert llm.projector.n_encoded == n
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > image.n_tokens
+    with pyllama.Llama(qwen2vl["chat"], mmproj=qwen2vl["vision"], n_ctx=2048, n_threads=2) as fresh:
+        assert (
+            fresh.chat(follow, max_tokens=8, temperature=0.0)["choices"][0]["message"] == again["choices"][0]["message"]
+        )
+
+
+def test_mrope_prompts_through_the_engine_together_and_copied(qwen2vl: dict[str, Path]) -> None:
+    """Three sequences: two prompts with the same image and different questions, and one without, at
+    once; then a prompt that shares the first one's image prefix takes a free sequence by a copy (its
+    shifted positions come along). Each reply is its solo run's."""
+    with pyllama.Model(str(qwen2vl["chat"])) as model, pyllama.Projector(model, str(qwen2vl["vision"])) as proj:
+        image = proj.media_from_file(str(IMAGE))
+        prompts = [
+            proj.tokenize(chatml(MARKER + "Describe this image in detail, please, " * 4), [image]),
+            proj.tokenize(chatml(MARKER + "What colour is it?"), [image]),
+            proj.tokenize(chatml("Only text.")),
+        ]
+        truth = [loop_greedy(model, proj, p, 6) for p in prompts]
+        with pyllama.Context(model, n_ctx=3 * 1024, n_seq_max=3, n_threads=2) as ctx:
+            engine = pyllama.Engine(ctx, 3)
+            reqs = [engine_greedy(engine, model, proj, p, 6) for p in prompts]
+            for r in reqs:
+                r.run()
+            assert [r.completion_tokens for r in reqs] == truth
+            longer = proj.tokenize(chatml(MARKER + "Describe this image in detail, please, " * 4 + "now"), [image])
+            busy = engine_greedy(engine, model, proj, prompts[0], 200)  # its sequence is busy: a copy, not a reuse
+            next(iter(busy))
+            n = proj.n_encoded
+            copied = engine_greedy(engine, model, proj, longer, 6)
+            copied.run()
+            busy.cancel()
+            busy.run()
+            assert proj.n_encoded == n and copied.n_reused >= prompts[0][0].n_tokens + prompts[0][1].n_tokens
+            engine.close()
+        assert copied.completion_tokens == loop_greedy(model, proj, longer, 6)

@@ -7,6 +7,7 @@ Each model has the llama architecture, a real vocabulary copied from one of llam
 
 from __future__ import annotations
 
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -28,12 +29,24 @@ def template_text(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def _copy_tokenizer(writer: gguf.GGUFWriter, vocab: Path) -> int:
-    """Copy every tokenizer.* key of a vocabulary file; returns the vocabulary size."""
+def _copy_tokenizer(
+    writer: gguf.GGUFWriter,
+    vocab: Path,
+    *,
+    control_tokens: Mapping[int, str] | None = None,
+    skip_keys: Container[str] = (),
+) -> int:
+    """Copy every tokenizer.* key of a vocabulary file but ``skip_keys``; returns the vocabulary size.
+
+    ``control_tokens`` names unused (padding) slots of the vocabulary, by id, as control tokens, so that a model
+    gets special tokens its base vocabulary lacks, at the ids its real vocabulary has them; each slot must hold the
+    converter's ``[PAD{id}]`` filler.
+    """
     reader = gguf.GGUFReader(vocab)
+    control_tokens = control_tokens or {}
     n_vocab = 0
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") or key in skip_keys:
             continue
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
@@ -42,9 +55,16 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, vocab: Path) -> int:
                 values: list = [bytes(field.parts[i]) for i in field.data]
             else:
                 values = [field.parts[i].tolist()[0] for i in field.data]
-            writer.add_key_value(key, values, vtype, sub_type=sub)
             if key == "tokenizer.ggml.tokens":
                 n_vocab = len(values)
+                for i, text in control_tokens.items():
+                    if values[i] != f"[PAD{i}]".encode():
+                        raise ValueError(f"token {i} of {vocab} is {values[i]!r}, not a [PAD{i}] slot")
+                    values[i] = text.encode("utf-8")
+            elif key == "tokenizer.ggml.token_type":
+                for i in control_tokens:
+                    values[i] = int(gguf.TokenType.CONTROL)
+            writer.add_key_value(key, values, vtype, sub_type=sub)
         elif vtype == gguf.GGUFValueType.STRING:
             writer.add_key_value(key, bytes(field.parts[field.data[0]]), vtype)
         else:
@@ -285,6 +305,173 @@ def write_tiny_mmproj_audio(
     writer.add_tensor("mm.a.norm_mid.weight", np.ones(n_proj_ff, dtype=np.float32))
     mlp2 = rng.standard_normal((text_n_embd, n_proj_ff)) / np.sqrt(n_proj_ff)
     writer.add_tensor("mm.a.mlp.2.weight", mlp2.astype(np.float32))
+    _finish(writer)
+    return path
+
+
+# Qwen2-VL's special tokens past <|im_end|>, which the qwen2 vocabulary leaves as [PAD] slots.
+QWEN2VL_SPECIAL_TOKENS = {
+    151646: "<|object_ref_start|>",
+    151647: "<|object_ref_end|>",
+    151648: "<|box_start|>",
+    151649: "<|box_end|>",
+    151650: "<|quad_start|>",
+    151651: "<|quad_end|>",
+    151652: "<|vision_start|>",
+    151653: "<|vision_end|>",
+    151654: "<|vision_pad|>",
+    151655: "<|image_pad|>",
+    151656: "<|video_pad|>",
+}
+
+
+def write_tiny_qwen2vl(
+    path: Path | str,
+    *,
+    vocab: str = "qwen2",
+    chat_template: str | None = None,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 4096,
+    rope_sections: Sequence[int] | None = None,
+    seed: int = 0,
+    name: str = "tiny-qwen2vl",
+) -> Path:
+    """Write a random-weight Qwen2-VL text model (architecture ``qwen2vl``, M-RoPE); returns its path.
+
+    A Qwen2 decoder (biased q, k, v projections, tied output) whose rotary embedding is split into
+    ``rope_sections`` (``qwen2vl.rope.dimension_sections``, pairs of dimensions rotated by the temporal, height,
+    width and a fourth position), ``[2, 3, 3, 0]`` by default for a head of 16, as Qwen2-VL's ``[16, 24, 24]`` for
+    128. llama.cpp gives this architecture ``LLAMA_ROPE_TYPE_MROPE``, so libmtmd decodes image embeddings at 2-D
+    positions (``mtmd_decode_use_mrope``). With the ``qwen2`` vocabulary, Qwen2-VL's ``<|vision_start|>`` and
+    other special tokens take their real ids. ``chat_template`` defaults to Qwen2.5's; pass ``""`` for none.
+    """
+    head_dim = n_embd // n_head
+    if rope_sections is None:
+        n_pairs = head_dim // 2
+        t = n_pairs // 4
+        h = (n_pairs - t) // 2
+        rope_sections = [t, h, n_pairs - t - h, 0]
+    rope_sections = list(rope_sections) + [0] * (4 - len(rope_sections))
+    if len(rope_sections) != 4 or sum(rope_sections) > head_dim // 2:
+        raise ValueError("rope_sections must have at most 4 entries, summing to at most n_embd // n_head // 2")
+    if chat_template is None:
+        chat_template = template_text("Qwen-Qwen2.5-7B-Instruct")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "qwen2vl")
+    writer.add_name(name)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_freq_base(1e6)
+    writer.add_rope_dimension_sections(rope_sections)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    control = QWEN2VL_SPECIAL_TOKENS if vocab == "qwen2" else None
+    skip = ("tokenizer.chat_template",) if chat_template else ()
+    n_vocab = _copy_tokenizer(writer, vocab_path(vocab), control_tokens=control, skip_keys=skip)
+    writer.add_vocab_size(n_vocab)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+    def weight(rows: int, cols: int, dtype: type = np.float32) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(dtype)
+
+    def bias(n: int) -> np.ndarray:
+        return (0.02 * rng.standard_normal(n)).astype(np.float32)
+
+    n_embd_kv = head_dim * n_head_kv
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd, np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_q.bias", bias(n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.bias", bias(n_embd_kv))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.bias", bias(n_embd_kv))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+    _finish(writer)
+    return path
+
+
+def write_tiny_mmproj_qwen2vl(
+    path: Path | str,
+    *,
+    text_n_embd: int = 64,
+    image_size: int = 672,
+    patch_size: int = 42,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    seed: int = 0,
+    name: str = "tiny-qwen2vl-mmproj",
+) -> Path:
+    """Write a random-weight Qwen2-VL vision projector (``clip.projector_type = qwen2vl_merger``); returns its path.
+
+    A ViT with 2-D M-RoPE (no position embeddings) over ``patch_size`` patches, whose two-frame Conv3D patch
+    embedding the converter splits into two Conv2D kernels (``v.patch_embd.weight`` and ``.weight.1``, no bias),
+    LayerNorm blocks with a quick-GELU MLP, then the merger: a LayerNorm (``v.post_ln``, the HF ``merger.ln_q``)
+    per patch, 2 x 2 patches concatenated, and an MLP (``mm.0``, GELU, ``mm.2``) to ``text_n_embd``, which must
+    equal the text model's ``n_embd``. libmtmd wraps the embeddings in ``<|vision_start|>`` ... ``<|vision_end|>``.
+
+    Images keep their aspect ratio: clip.cpp resizes them to multiples of ``2 * patch_size`` with between 8 and
+    4096 embeddings (hard-coded for this projector type; no GGUF key changes it, only a context's
+    ``image_min_tokens`` / ``image_max_tokens``). Each embedding covers ``2 * patch_size`` pixels a side, so the
+    default 42 turns llama.cpp's 640 x 488 ``test-1.jpeg`` into 8 x 6 = 48 embeddings at 8 M-RoPE positions
+    (Qwen2-VL's real 14 would make 23 x 17 = 391, or 9 x 6 = 54 with ``image_max_tokens=64``). The price of a
+    large patch: clip.cpp sizes its dummy image to 46 x 46 embeddings, 3864 pixels a side here, so loading takes
+    about 0.2 s (0.35 s with a warm-up encode) against 0.02 s with 14. ``image_size`` is only nominal, as the
+    converter writes it.
+    """
+    if n_embd % n_head or (n_embd // n_head) % 4:
+        raise ValueError("n_embd // n_head must be a multiple of 4 (four M-RoPE sections)")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
+    writer.add_vision_projection_dim(text_n_embd)
+    writer.add_vision_image_size(image_size)
+    writer.add_vision_patch_size(patch_size)
+    writer.add_vision_embedding_length(n_embd)
+    writer.add_vision_feed_forward_length(n_ff)
+    writer.add_vision_block_count(n_layer)
+    writer.add_vision_head_count(n_head)
+    writer.add_vision_attention_layernorm_eps(1e-6)
+    writer.add_vision_spatial_merge_size(2)
+    # OpenAI CLIP's, as Qwen2-VL's preprocessor_config.json has them; no use_gelu/use_silu key: quick GELU.
+    writer.add_vision_image_mean([0.48145466, 0.4578275, 0.40821073])
+    writer.add_vision_image_std([0.26862954, 0.26130258, 0.27577711])
+
+    fan_in = 2 * 3 * patch_size * patch_size
+    for suffix in ("", ".1"):  # the two temporal slices of the Conv3D kernel; ggml ne [p, p, 3, n_embd]
+        patch = rng.standard_normal((n_embd, 3, patch_size, patch_size)) / np.sqrt(fan_in)
+        writer.add_tensor(f"v.patch_embd.weight{suffix}", patch.astype(np.float32))
+    _add_encoder_blocks(writer, rng, "v", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, k_bias=True)
+    n_merged = 4 * n_embd  # 2 x 2 patches
+    mm0 = rng.standard_normal((n_merged, n_merged)) / np.sqrt(n_merged)
+    writer.add_tensor("mm.0.weight", mm0.astype(np.float32))
+    writer.add_tensor("mm.0.bias", (0.02 * rng.standard_normal(n_merged)).astype(np.float32))
+    mm2 = rng.standard_normal((text_n_embd, n_merged)) / np.sqrt(n_merged)
+    writer.add_tensor("mm.2.weight", mm2.astype(np.float32))
+    writer.add_tensor("mm.2.bias", (0.02 * rng.standard_normal(text_n_embd)).astype(np.float32))
     _finish(writer)
     return path
 
