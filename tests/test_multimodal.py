@@ -618,3 +618,53 @@ def test_mrope_prompts_through_the_engine_together_and_copied(qwen2vl: dict[str,
             assert proj.n_encoded == n and copied.n_reused >= prompts[0][0].n_tokens + prompts[0][1].n_tokens
             engine.close()
         assert copied.completion_tokens == loop_greedy(model, proj, longer, 6)
+
+
+def test_chat_with_several_images_in_one_message_and_earlier_turns(chat_files: dict[str, Path]) -> None:
+    """Two images in one message after a turn that had a third: the reply is the low-level greedy loop's
+    over the template's rendering with a marker per image, tokenised by the projector; media that do not
+    fit the context are a ContextLengthError."""
+    uri = data_uri(IMAGE, "image/jpeg")
+    small = "data:image/png;base64," + base64.b64encode(png_image(40, 30)).decode()
+    wide = "data:image/png;base64," + base64.b64encode(png_image(64, 16)).decode()
+    messages = [
+        *image_message(uri, "What is this?"),
+        {"role": "assistant", "content": "A picture."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare"},
+                {"type": "image_url", "image_url": {"url": small}},
+                {"type": "text", "text": "with"},
+                {"type": "image_url", "image_url": {"url": wide}},
+            ],
+        },
+    ]
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=1024, n_threads=2) as llm:
+        proj = llm.projector
+        assert proj is not None
+        out = llm.chat(messages, max_tokens=8, temperature=0.0)
+        marked = [
+            {
+                **m,
+                "content": [
+                    p if p["type"] == "text" else {"type": "media_marker", "text": MARKER} for p in m["content"]
+                ],
+            }
+            if isinstance(m["content"], list)
+            else m
+            for m in messages
+        ]
+        prompt = llm.chat_template.apply(marked).prompt
+        media = [proj.media(base64.b64decode(u.split(",", 1)[1])) for u in (uri, small, wide)]
+        chunks = proj.tokenize(prompt, media)
+        assert [c.type for c in chunks].count("image") == 3
+        assert out["usage"]["prompt_tokens"] == sum(c.n_tokens for c in chunks)
+        tokens = loop_greedy(llm.model, proj, chunks, 8)
+        ends = [i for i, t in enumerate(tokens) if llm.model.token_is_eog(t)]
+        want = str(llm.model.detokenize(tokens[: ends[0]] if ends else tokens))  # chat stops at an end of turn
+        assert out["choices"][0]["message"]["content"] == want
+    with pyllama.Llama(chat_files["chat"], mmproj=chat_files["vision"], n_ctx=256, n_threads=2) as tiny:
+        crowd = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}] * 20}]
+        with pytest.raises(pyllama.ContextLengthError):
+            tiny.chat(crowd, max_tokens=4)
