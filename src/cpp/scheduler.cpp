@@ -447,6 +447,12 @@ void Scheduler::loop() {
                 return;
             }
         }
+        {
+            // a sequence call waiting for the step lock (a state saved, say) gets it before the next
+            // step: the mutex alone is not fair, and a running stream would hold it off to its end
+            std::unique_lock<std::mutex> w(waiters_mtx_);
+            waiters_cv_.wait(w, [&] { return step_waiters_ == 0; });
+        }
         std::lock_guard<std::mutex> step_lock(step_mtx_);
         try {
             if (has_work()) {
@@ -1005,23 +1011,37 @@ void Scheduler::check_idle_range(int32_t seq) const {
     }
 }
 
+std::unique_lock<std::mutex> Scheduler::lock_step() {
+    {
+        std::lock_guard<std::mutex> w(waiters_mtx_);
+        ++step_waiters_;
+    }
+    std::unique_lock<std::mutex> lock(step_mtx_);
+    {
+        std::lock_guard<std::mutex> w(waiters_mtx_);
+        --step_waiters_;
+    }
+    waiters_cv_.notify_all();
+    return lock;
+}
+
 std::vector<llama_token> Scheduler::tokens(int32_t seq) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     check_idle_range(seq);
     return slots_[seq].tokens;
 }
 
 bool Scheduler::busy(int32_t seq) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     check_idle_range(seq);
     purge_cancelled();
     return slots_[seq].busy;
 }
 
 void Scheduler::reset(int32_t seq) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
-    const size_t                from = seq < 0 ? 0 : static_cast<size_t>(seq);
-    const size_t                to   = seq < 0 ? slots_.size() : from + 1;
+    auto         step_lock = lock_step();
+    const size_t from      = seq < 0 ? 0 : static_cast<size_t>(seq);
+    const size_t to        = seq < 0 ? slots_.size() : from + 1;
     for (size_t s = from; s < to; ++s) {
         check_idle(static_cast<int32_t>(s), "reset");
     }
@@ -1035,7 +1055,7 @@ void Scheduler::reset(int32_t seq) {
 }
 
 void Scheduler::adopt(int32_t seq, std::vector<llama_token> tokens) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     check_idle(seq, "adopt");
     auto           u   = ctx_.acquire();
     llama_memory_t mem = llama_get_memory(u.ctx);
@@ -1053,7 +1073,7 @@ void Scheduler::adopt(int32_t seq, std::vector<llama_token> tokens) {
 }
 
 bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     purge_cancelled();
     if (seq < 0 || static_cast<size_t>(seq) >= slots_.size() || slots_[seq].busy || slots_[seq].copying) {
         return false;
@@ -1069,7 +1089,7 @@ bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::ve
 }
 
 void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     check_idle(seq, "restore");
     {
         auto u = ctx_.acquire();
@@ -1158,18 +1178,18 @@ void Scheduler::host_save(int32_t seq, std::list<host_entry>::const_iterator kee
 }
 
 void Scheduler::set_host_cache(size_t budget) {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
-    host_budget_ = budget;
+    auto step_lock = lock_step();
+    host_budget_   = budget;
     host_trim(0, host_.end());
 }
 
 Scheduler::host_cache_stats Scheduler::host_cache() {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     return { host_budget_, host_bytes_, host_.size(), host_saved_, host_loaded_ };
 }
 
 void Scheduler::clear_host_cache() {
-    std::lock_guard<std::mutex> step_lock(step_mtx_);
+    auto step_lock = lock_step();
     host_.clear();
     host_bytes_ = 0;
 }

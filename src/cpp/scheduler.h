@@ -258,9 +258,10 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     // Drops the least recently used entries but `keep` until `room` more bytes fit the budget.
     void host_trim(size_t room, std::list<host_entry>::const_iterator keep);
 
-    void loop();
-    bool has_work();  // admits what it can; true when a step has something to do
-    void step();
+    std::unique_lock<std::mutex> lock_step();  // the step lock for a sequence call, before the worker's next step
+    void                         loop();
+    bool                         has_work();  // admits what it can; true when a step has something to do
+    void                         step();
     void step_media(const std::vector<std::shared_ptr<Request>> & reqs);  // one media chunk, after the batch
     void admit();                                                         // with mtx_ held
     void resync(const std::shared_ptr<Request> & r);
@@ -280,7 +281,10 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     std::list<host_entry>                 host_;  // least recently used first (the step lock)
     size_t                                host_budget_ = 0, host_bytes_ = 0, host_saved_ = 0, host_loaded_ = 0;
     std::mutex                            step_mtx_;  // held by whoever steps, and by the sequence calls
-    std::mutex                            mtx_;       // the queue and the active list
+    std::mutex                            waiters_mtx_;
+    std::condition_variable               waiters_cv_;
+    int                                   step_waiters_ = 0;  // sequence calls waiting for step_mtx_ (lock_step)
+    std::mutex                            mtx_;               // the queue and the active list
     std::condition_variable               cv_;
     std::deque<std::shared_ptr<Request>>  queue_;
     std::vector<std::shared_ptr<Request>> active_;
