@@ -204,10 +204,13 @@ NEAR_TIE = 1e-3  # top-2 logprob margin under which batched arithmetic may pick 
 
 def parting_margin(got: str, solo: dict[str, Any]) -> float | None:
     """Where a reply that differs from the solo run parts from it: the smallest top-2 logprob margin of
-    the solo run's tokens up to the one where they part (None when the solo run has no margins)."""
-    want, pieces, margins = solo.get("text", ""), solo.get("pieces") or [], solo.get("margins") or []
+    the solo run's tokens up to the one where they part, in all it generated (a stop string it ended
+    on included); None when the solo run has no margins."""
+    pieces, margins = solo.get("pieces") or [], solo.get("margins") or []
     if not margins:
         return None
+    # what the solo run generated, a stop string it ended on included (its text leaves that out)
+    want = "".join(pieces)
     d = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
     end, smallest = 0, float("inf")
     for piece, margin in zip(pieces, margins, strict=False):
