@@ -501,3 +501,73 @@ def test_gemma_default_context_and_kv_estimate(gemma_path: Path) -> None:
     assert estimate <= measured <= estimate * 1.01
     with pyllama.Llama(gemma_path, n_threads=2) as llm:  # 0.6 GB of KV fits this machine's memory
         assert llm.n_ctx() == train
+
+
+# --- reranking --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reranker_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import write_tiny_reranker
+
+    return write_tiny_reranker(tmp_path_factory.mktemp("rerank") / "tiny-reranker.gguf")
+
+
+def _pair_tokens(model: pyllama.Model, query: str, doc: str) -> list[int]:
+    """llama-server's pair without a rerank template: [BOS] query [EOS] [SEP] document [EOS], each
+    special token where the vocabulary adds it (tools/server format_prompt_rerank)."""
+    eos = model.token_eos if model.token_eos is not None else model.token_sep
+    out = [model.token_bos] if model.add_bos else []
+    out += list(model.tokenize(query, add_special=False))
+    out += [eos] if model.add_eos else []
+    out += [model.token_sep] if model.add_sep else []
+    out += list(model.tokenize(doc, add_special=False))
+    out += [eos] if model.add_eos else []
+    return out
+
+
+def test_rerank_scores_equal_the_rank_pooled_output(reranker_path: Path) -> None:
+    """Llama.rerank gives llama-server's /v1/rerank shape: each document's score is the rank-pooled
+    output of a low-level Context over the pair, the most relevant first, top_n of them, and usage
+    counts the pairs' tokens. A reranker refuses embed() and generation (an encoder: the Llama still
+    loads); bad arguments are InvalidRequestErrors."""
+    query = "what is a panda?"
+    docs = ["hi", "The giant panda is a bear native to China.", "Pandas eat bamboo.", "A stock market report."]
+    with pyllama.Llama(reranker_path, n_ctx=512, n_threads=1) as llm:
+        out = llm.rerank(query, docs, top_n=3)
+        full = llm.rerank(query, docs)
+        with pytest.raises(pyllama.InvalidRequestError):
+            llm.embed("text")
+        with pytest.raises(pyllama.InvalidRequestError) as e:
+            llm.complete("an encoder generates nothing", max_tokens=2)
+        assert e.value.param == "model"
+        for bad in ({"top_n": 0}, {"top_n": True}):
+            with pytest.raises(pyllama.InvalidRequestError):
+                llm.rerank(query, docs, **bad)
+        with pytest.raises(pyllama.InvalidRequestError):
+            llm.rerank(query, "not a list")  # type: ignore[arg-type]
+    with (
+        pyllama.Model(str(reranker_path)) as model,
+        pyllama.Context(model, n_ctx=512, n_threads=1, embeddings=True, pooling_type="rank") as ctx,
+    ):
+        want = []
+        n_tokens = 0
+        for doc in docs:
+            tokens = _pair_tokens(model, query, doc)
+            n_tokens += len(tokens)
+            ctx.memory_clear()
+            ctx.encode(pyllama.Batch.from_tokens(tokens))
+            want.append(float(ctx.embeddings_seq(0)[0]))
+    order = sorted(range(len(docs)), key=lambda i: -want[i])
+    assert [r["index"] for r in full["results"]] == order
+    np.testing.assert_allclose([r["relevance_score"] for r in full["results"]], [want[i] for i in order], rtol=1e-5)
+    assert out["results"] == full["results"][:3] and out["object"] == "list"
+    assert out["usage"] == {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+    assert len(set(want)) == len(want)  # the documents are told apart
+
+
+def test_rerank_needs_a_reranker(tiny_chat_model_path: Path) -> None:
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=256, n_threads=1) as llm:
+        with pytest.raises(pyllama.InvalidRequestError) as e:
+            llm.rerank("q", ["d"])
+        assert e.value.param == "model"

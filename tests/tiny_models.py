@@ -476,6 +476,73 @@ def write_tiny_mmproj_qwen2vl(
     return path
 
 
+def write_tiny_reranker(
+    path: Path | str,
+    *,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_ff: int = 64,
+    seed: int = 0,
+    name: str = "tiny-reranker",
+) -> Path:
+    """Write a random-weight BERT reranker (``bert.pooling_type = 4``, rank) with BGE's vocabulary; returns its path.
+
+    A post-norm BERT encoder (token, token-type and learned position embeddings, an embedding LayerNorm, biased
+    q, k, v, output and GELU feed-forward linears, LayerNorm after attention and after the feed-forward) with a
+    classification head on the ``[CLS]`` token: ``cls`` (n_embd x n_embd, then tanh) and ``cls.output`` (one
+    output, the score). With no ``bert.classifier.output_labels`` llama.cpp's ``n_cls_out`` stays 1, so a context
+    with rank pooling gives one float per sequence. The vocabulary, ``[CLS]``/``[SEP]`` and the two token types
+    come from ``models/ggml-vocab-bert-bge.gguf``; the context length is BERT's 512.
+    """
+    n_ctx_train = 512
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_name(name)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    n_vocab = _copy_tokenizer(writer, vocab_path("bert-bge"))  # includes tokenizer.ggml.token_type_count = 2
+    writer.add_vocab_size(n_vocab)
+
+    def linear(name: str, n_out: int, n_in: int) -> None:
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32))
+        writer.add_tensor(f"{name}.bias", (0.02 * rng.standard_normal(n_out)).astype(np.float32))
+
+    def layer_norm(name: str) -> None:
+        writer.add_tensor(f"{name}.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"{name}.bias", np.zeros(n_embd, dtype=np.float32))
+
+    def embedding(rows: int, dtype: type = np.float32) -> np.ndarray:
+        return rng.standard_normal((rows, n_embd)).astype(dtype)
+
+    writer.add_tensor("token_embd.weight", embedding(n_vocab, np.float16))
+    writer.add_tensor("token_types.weight", 0.1 * embedding(2))
+    writer.add_tensor("position_embd.weight", 0.1 * embedding(n_ctx_train))
+    layer_norm("token_embd_norm")
+    for i in range(n_layer):
+        blk = f"blk.{i}"
+        linear(f"{blk}.attn_q", n_embd, n_embd)
+        linear(f"{blk}.attn_k", n_embd, n_embd)
+        linear(f"{blk}.attn_v", n_embd, n_embd)
+        linear(f"{blk}.attn_output", n_embd, n_embd)
+        layer_norm(f"{blk}.attn_output_norm")
+        linear(f"{blk}.ffn_up", n_ff, n_embd)
+        linear(f"{blk}.ffn_down", n_embd, n_ff)
+        layer_norm(f"{blk}.layer_output_norm")
+    linear("cls", n_embd, n_embd)  # ggml ne [n_embd, n_embd]
+    linear("cls.output", 1, n_embd)  # numpy (1, n_embd), ggml ne [n_embd, 1]: one score
+    _finish(writer)
+    return path
+
+
 def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:
     """Greedy-free generation from the rendered prompt with a Sampler built from the chat result."""
     sampler = pyllama.Sampler(model, chat=result, seed=seed, temperature=1.0)

@@ -928,7 +928,14 @@ alive. One thread at a time: concurrent calls are serialised.
     cls.def(
         "embeddings_seq",
         [](Context & self, llama_seq_id seq_id) {
-            const size_t       n   = static_cast<size_t>(llama_model_n_embd_out(self.model()));
+            // rank pooling (a reranker) gives n_cls_out scores per sequence, not an embedding
+            bool rank = false;
+            {
+                py::gil_scoped_release nogil;
+                rank = llama_pooling_type(self.acquire().ctx) == LLAMA_POOLING_TYPE_RANK;
+            }
+            const size_t       n = static_cast<size_t>(rank ? std::max<uint32_t>(1, llama_model_n_cls_out(self.model()))
+                                                            : llama_model_n_embd_out(self.model()));
             py::array_t<float> arr = float_array({ static_cast<py::ssize_t>(n) });
             float *            dst = arr.mutable_data();
             {
@@ -949,7 +956,9 @@ alive. One thread at a time: concurrent calls are serialised.
             }
             return arr;
         },
-        py::arg("seq_id"), "The pooled embedding of a sequence (embeddings=True with a pooling type).");
+        py::arg("seq_id"),
+        "The pooled embedding of a sequence (embeddings=True with a pooling type); with pooling_type='rank' "
+        "(a reranker), its n_cls_out scores.");
 
     // --- KV memory --------------------------------------------------------------------------------
     auto mem_seq = [](Context & self, llama_seq_id s, bool allow_all) {

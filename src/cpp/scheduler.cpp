@@ -362,9 +362,9 @@ Scheduler::Scheduler(Context & ctx, int32_t n_parallel, bool threaded) : ctx_(ct
         throw std::invalid_argument("n_parallel must be between 1 and the context's n_seq_max (" +
                                     std::to_string(llama_n_seq_max(u.ctx)) + ")");
     }
-    if (!llama_get_memory(u.ctx)) {
-        throw std::invalid_argument("the context has no KV memory");
-    }
+    // an encoder alone (a BERT embedding model or reranker) has no KV memory and generates nothing: the
+    // engine exists (a Llama over it embeds and reranks) and refuses requests
+    generates_ = llama_get_memory(u.ctx) != nullptr && llama_model_has_decoder(ctx_.model());
     n_ctx_seq_ = llama_n_ctx_seq(u.ctx);
     n_batch_   = std::max<uint32_t>(1, llama_n_batch(u.ctx));
     n_swa_     = std::max<int32_t>(0, llama_model_n_swa(ctx_.model()));
@@ -383,6 +383,12 @@ std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampl
                                            generation_options              opt,
                                            std::shared_ptr<const Notifier> notifier,
                                            std::vector<media_span>         media) {
+    if (!generates_) {
+        throw invalid_request_error(
+            "this model generates no text (an encoder without a decoder, such as an embedding model or a "
+            "reranker): use embed() or rerank()",
+            "model");
+    }
     if (prompt.empty()) {
         throw invalid_request_error("the prompt is empty", "prompt");
     }

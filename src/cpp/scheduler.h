@@ -274,6 +274,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
 
     Context &                             ctx_;
     const bool                            threaded_;
+    bool                                  generates_ = true;  // the model has a decoder and the context KV memory
     size_t                                n_ctx_seq_ = 0;
     size_t                                n_batch_   = 1;
     int32_t                               n_swa_     = 0;  // the model's sliding window, 0 for none

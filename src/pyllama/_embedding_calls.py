@@ -1,4 +1,5 @@
-"""``Llama.embed`` and ``create_embedding``: a context of its own, pooled, L2-normalised on request."""
+"""``Llama.embed``, ``create_embedding`` and ``rerank``: a context of its own, pooled (L2-normalised on
+request), or rank-pooled for a reranker."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .errors import ContextLengthError, invalid
 
 
 class EmbeddingCalls(LlamaBase):
-    """``embed`` and ``create_embedding``."""
+    """``embed``, ``create_embedding`` and ``rerank``."""
 
     # --- embeddings -------------------------------------------------------------------------
 
@@ -31,6 +32,8 @@ class EmbeddingCalls(LlamaBase):
         with self._embed_lock:  # the embedding context is apart from the chat context
             self._check_open()
             ctx = self._embedding_context()
+            if ctx.pooling_type == "rank":
+                raise invalid("this model is a reranker (rank pooling): use rerank(query, documents)", "input")
             out = np.empty((len(texts), ctx.n_embd), dtype=np.float32)
             encode = not self._model.has_decoder
             for i, text in enumerate(texts):
@@ -72,4 +75,87 @@ class EmbeddingCalls(LlamaBase):
             ],
             "model": model or self.model_name,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+
+    # --- reranking ----------------------------------------------------------------------------
+
+    def _rerank_tokens(self, query: str, document: str) -> list[int]:
+        """The pair as llama-server puts it (format_prompt_rerank): the model's "rerank" template with
+        {query} and {document}, or [BOS] query [EOS] [SEP] document [EOS] as the vocabulary adds them."""
+        m = self._model
+        template = m.get_chat_template("rerank")
+        if template:
+            text = template.replace("{query}", query).replace("{document}", document)
+            return self._tokenize(text, add_special=False, parse_special=True)
+        eos = m.token_eos if m.token_eos is not None else m.token_sep
+        out: list[int] = [m.token_bos] if m.add_bos and m.token_bos is not None else []
+        out += self._tokenize(query, add_special=False)
+        if m.add_eos and eos is not None:
+            out.append(eos)
+        if m.add_sep and m.token_sep is not None:
+            out.append(m.token_sep)
+        out += self._tokenize(document, add_special=False)
+        if m.add_eos and eos is not None:
+            out.append(eos)
+        return out
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        model: str | None = None,
+        truncate: bool = False,
+    ) -> dict[str, Any]:
+        """How relevant each document is to the query, from a reranker (a model with rank pooling, or
+        ``pooling_type="rank"``), in llama-server's ``/v1/rerank`` shape: ``{"model", "object": "list",
+        "usage", "results": [{"index", "relevance_score"}, ...]}``, the most relevant first, at most
+        ``top_n``. Each pair is evaluated through the embedding context; a pair longer than the context
+        raises ContextLengthError unless ``truncate=True``."""
+        if not isinstance(query, str):
+            raise invalid("query must be a string", "query")
+        if isinstance(documents, str) or not all(isinstance(d, str) for d in documents):
+            raise invalid("documents must be a list of strings", "documents")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise invalid("top_n must be an int >= 1", "top_n")
+        results = []
+        n_tokens = 0
+        with self._embed_lock:
+            self._check_open()
+            ctx = self._embedding_context()
+            if ctx.pooling_type != "rank":
+                raise invalid(
+                    f"this model is not a reranker (its pooling is {ctx.pooling_type!r}, not 'rank'): "
+                    "load a reranker, or one with pooling_type='rank'",
+                    "model",
+                )
+            encode = not self._model.has_decoder
+            for i, doc in enumerate(documents):
+                tokens = self._rerank_tokens(query, doc)
+                if len(tokens) > ctx.n_ctx:
+                    if not truncate:
+                        raise invalid(
+                            f"documents[{i}] with the query has {len(tokens)} tokens and the context holds "
+                            f"{ctx.n_ctx} (pass truncate=True to score its beginning)",
+                            f"documents[{i}]",
+                            ContextLengthError,
+                        )
+                    tokens = tokens[: ctx.n_ctx]
+                ctx.memory_clear()
+                batch = _core.Batch.from_tokens(tokens, logits_last=True)
+                if encode:
+                    ctx.encode(batch)
+                else:
+                    ctx.decode(batch)
+                results.append({"index": i, "relevance_score": float(ctx.embeddings_seq(0)[0])})
+                n_tokens += len(tokens)
+        results.sort(key=lambda r: -r["relevance_score"])  # stable: ties keep the documents' order
+        if top_n is not None:
+            results = results[:top_n]
+        return {
+            "model": model or self.model_name,
+            "object": "list",
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            "results": results,
         }
