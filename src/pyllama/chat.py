@@ -123,7 +123,10 @@ try:
 except Exception as e:
     errors.append([type(e).__name__, str(e)[:500]])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"growth_kb": after - before, "errors": errors}))
+limits = _core.template_limits()
+peaks = _core.template_render_peaks()
+hit = [k for k in ("seconds", "memory", "stack") if limits.get("active") and peaks[k] >= limits[k]]
+print(json.dumps({"growth_kb": after - before, "errors": errors, "limits_hit": hit}))
 """
 
 
@@ -161,6 +164,8 @@ def _sandbox_render(source: str) -> None:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise TemplateError("the template was refused: the renderer gave no report") from None
+    if report.get("limits_hit"):  # the render guard stopped a render (told by the peaks, not a message)
+        raise TemplateError(f"the template was refused: rendering it reached the {report['limits_hit'][0]} limit")
     if report["growth_kb"] > CHILD_MAX_GROWTH_KB:
         raise TemplateError(f"the template was refused: rendering it took {report['growth_kb'] // 1024} MiB")
     for kind, err in report["errors"]:
