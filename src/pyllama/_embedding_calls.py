@@ -35,31 +35,38 @@ class EmbeddingCalls(LlamaBase):
             if ctx.pooling_type == "rank":
                 raise invalid("this model is a reranker (rank pooling): use rerank(query, documents)", "input")
             out = np.empty((len(texts), ctx.n_embd), dtype=np.float32)
-            encode = not self._model.has_decoder
             for i, text in enumerate(texts):
                 tokens = self._tokenize(text, add_special=True)
                 if not tokens:
                     raise invalid(f"input[{i}] has no tokens", f"input[{i}]")
-                if len(tokens) > ctx.n_ctx:
-                    if not truncate:
-                        raise invalid(
-                            f"input[{i}] has {len(tokens)} tokens and the context holds {ctx.n_ctx} "
-                            "(pass truncate=True to embed its beginning)",
-                            f"input[{i}]",
-                            ContextLengthError,
-                        )
-                    tokens = tokens[: ctx.n_ctx]
-                ctx.memory_clear()
-                batch = _core.Batch.from_tokens(tokens, logits_last=True)
-                if encode:
-                    ctx.encode(batch)
-                else:
-                    ctx.decode(batch)
-                out[i] = ctx.embeddings_seq(0)
+                out[i] = self._pooled(ctx, tokens, truncate, f"input[{i}]", "embed its beginning")[0]
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out = (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         return out
+
+    def _pooled(
+        self, ctx: _core.Context, tokens: list[int], truncate: bool, param: str, what: str
+    ) -> tuple[npt.NDArray[np.float32], int]:
+        """One sequence through the embedding context (with the lock held): its pooled output (a
+        reranker's scores) and the tokens evaluated; ContextLengthError past the context unless
+        ``truncate`` (then its beginning)."""
+        if len(tokens) > ctx.n_ctx:
+            if not truncate:
+                raise invalid(
+                    f"{param} has {len(tokens)} tokens and the context holds {ctx.n_ctx} "
+                    f"(pass truncate=True to {what})",
+                    param,
+                    ContextLengthError,
+                )
+            tokens = tokens[: ctx.n_ctx]
+        ctx.memory_clear()
+        batch = _core.Batch.from_tokens(tokens, logits_last=True)
+        if self._model.has_decoder:
+            ctx.decode(batch)
+        else:
+            ctx.encode(batch)
+        return ctx.embeddings_seq(0), len(tokens)
 
     def create_embedding(
         self, input: str | Sequence[str], *, model: str | None = None, **kwargs: Any
@@ -130,26 +137,12 @@ class EmbeddingCalls(LlamaBase):
                     "load a reranker, or one with pooling_type='rank'",
                     "model",
                 )
-            encode = not self._model.has_decoder
             for i, doc in enumerate(documents):
-                tokens = self._rerank_tokens(query, doc)
-                if len(tokens) > ctx.n_ctx:
-                    if not truncate:
-                        raise invalid(
-                            f"documents[{i}] with the query has {len(tokens)} tokens and the context holds "
-                            f"{ctx.n_ctx} (pass truncate=True to score its beginning)",
-                            f"documents[{i}]",
-                            ContextLengthError,
-                        )
-                    tokens = tokens[: ctx.n_ctx]
-                ctx.memory_clear()
-                batch = _core.Batch.from_tokens(tokens, logits_last=True)
-                if encode:
-                    ctx.encode(batch)
-                else:
-                    ctx.decode(batch)
-                results.append({"index": i, "relevance_score": float(ctx.embeddings_seq(0)[0])})
-                n_tokens += len(tokens)
+                scores, n = self._pooled(
+                    ctx, self._rerank_tokens(query, doc), truncate, f"documents[{i}]", "score its beginning"
+                )
+                results.append({"index": i, "relevance_score": float(scores[0])})
+                n_tokens += n
         results.sort(key=lambda r: -r["relevance_score"])  # stable: ties keep the documents' order
         if top_n is not None:
             results = results[:top_n]
