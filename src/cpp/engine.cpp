@@ -64,7 +64,7 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         "submit",
         [](Scheduler & e, const py::object & prompt_in, std::shared_ptr<Sampler> sampler, int32_t max_tokens,
            std::vector<std::string> stop, int32_t logprobs, bool ignore_eos, std::shared_ptr<Notifier> notifier,
-           std::shared_ptr<Projector> projector) {
+           std::shared_ptr<Projector> projector, bool speculative, std::vector<llama_token> prediction) {
             if (sampler->model() != e.context().model()) {
                 throw std::invalid_argument("the Sampler was built for another model than the Context's");
             }
@@ -87,25 +87,114 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
                     Model::check_token(vocab, t, "prompt");
                 }
             }
+            for (llama_token t : prediction) {
+                Model::check_token(vocab, t, "prediction");
+            }
             generation_options opt;
-            opt.max_tokens = max_tokens;
-            opt.stop       = std::move(stop);
-            opt.logprobs   = logprobs;
-            opt.ignore_eos = ignore_eos;
+            opt.speculative = speculative;
+            opt.prediction  = std::move(prediction);
+            opt.max_tokens  = max_tokens;
+            opt.stop        = std::move(stop);
+            opt.logprobs    = logprobs;
+            opt.ignore_eos  = ignore_eos;
             py::gil_scoped_release nogil;
             return e.submit(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
                             std::move(media));
         },
         py::arg("prompt"), py::arg("sampler"), py::kw_only(), py::arg("max_tokens") = -1,
         py::arg("stop") = std::vector<std::string>(), py::arg("logprobs") = -1, py::arg("ignore_eos") = false,
-        py::arg("notifier") = py::none(), py::arg("projector") = py::none(),
+        py::arg("notifier") = py::none(), py::arg("projector") = py::none(), py::arg("speculative") = true,
+        py::arg("prediction") = std::vector<llama_token>(),
         "Queue a generation from prompt tokens, or from the chunks of projector.tokenize() (text and media:\n"
         "each media chunk is encoded and decoded in a step of its own; n_prompt counts its tokens, and a\n"
         "prefix reused from a sequence is not encoded again); returns an EngineRequest: iterate it for text pieces, or "
         "call\n"
         "run(). max_tokens < 0 runs until the sequence is full; stop strings end it and are not part of the\n"
         "text; logprobs >= 0 records each token's log-probability and that many alternatives. With a Notifier\n"
-        "(threaded engines), its descriptor becomes readable whenever the request has new text or has ended.");
+        "(threaded engines), its descriptor becomes readable whenever the request has new text or has ended.\n"
+        "speculative=False: no drafts from the engine's speculator for this request. prediction: tokens the\n"
+        "reply is expected to repeat (OpenAI's predicted outputs), drafted from where the reply stands in them.");
+    eng.def(
+        "set_speculative",
+        [](Scheduler & e, const py::object & types_in, Context * draft, int32_t n_max, int32_t n_min, float p_min,
+           int32_t ngram_size_n, int32_t ngram_size_m, int32_t ngram_min_hits) {
+            if (types_in.is_none()) {
+                py::gil_scoped_release nogil;
+                e.set_speculator(nullptr);
+                return;
+            }
+            speculative_params p;
+            if (py::isinstance<py::str>(types_in)) {
+                const std::string all  = types_in.cast<std::string>();
+                size_t            from = 0;
+                while (from <= all.size()) {
+                    const size_t comma = std::min(all.find(',', from), all.size());
+                    std::string  name  = all.substr(from, comma - from);
+                    name.erase(0, name.find_first_not_of(" \t"));
+                    name.erase(name.find_last_not_of(" \t") + 1);
+                    if (!name.empty()) {
+                        p.types.push_back(name);
+                    }
+                    from = comma + 1;
+                }
+            } else {
+                p.types = types_in.cast<std::vector<std::string>>();
+            }
+            for (const auto & [name, v] : { std::pair<const char *, int32_t>{ "n_max", n_max },
+                                            { "ngram_size_n", ngram_size_n },
+                                            { "ngram_size_m", ngram_size_m },
+                                            { "ngram_min_hits", ngram_min_hits } }) {
+                if (v == 0 || v > 1024) {
+                    throw invalid_request_error(std::string("speculative: ") + name + " must be 1 to 1024",
+                                                "speculative");
+                }
+            }
+            if (n_min > 1024 || (n_max > 0 && n_min > n_max)) {
+                throw invalid_request_error("speculative: n_min must be at most n_max", "speculative");
+            }
+            if (!(p_min <= 1.0f)) {
+                throw invalid_request_error("speculative: p_min must be at most 1", "speculative");
+            }
+            p.n_max          = n_max;
+            p.n_min          = n_min;
+            p.p_min          = p_min;
+            p.ngram_size_n   = ngram_size_n;
+            p.ngram_size_m   = ngram_size_m;
+            p.ngram_min_hits = ngram_min_hits;
+            if (draft != nullptr && draft == &e.context()) {
+                throw invalid_request_error("the draft model needs a Context of its own", "draft_model");
+            }
+            py::gil_scoped_release nogil;
+            e.set_speculator(
+                std::make_shared<Speculator>(e.context(), draft, p, static_cast<uint32_t>(e.n_parallel())));
+        },
+        py::arg("types"), py::kw_only(), py::arg("draft") = nullptr, py::arg("n_max") = -1, py::arg("n_min") = -1,
+        py::arg("p_min") = -1.0f, py::arg("ngram_size_n") = -1, py::arg("ngram_size_m") = -1,
+        py::arg("ngram_min_hits") = -1, py::keep_alive<1, 3>(),
+        "Speculative decoding for every request (llama.cpp's common_speculative): types are llama.cpp's names,\n"
+        "a list or comma-separated ('ngram-simple', 'ngram-map-k', 'ngram-map-k4v', 'ngram-mod', 'ngram-cache',\n"
+        "'draft-simple' with draft=, a Context over the draft model with n_seq_max == n_parallel); the first that\n"
+        "drafts wins. n_max/n_min/p_min and the n-gram sizes as llama.cpp's --spec-* options (< 0: its defaults).\n"
+        "None turns it off. Each draft is verified with the request's own sampler: the output is what decoding\n"
+        "without drafts gives.");
+    eng.def_property_readonly(
+        "speculative",
+        [](Scheduler & e) -> py::object {
+            std::shared_ptr<Speculator> s;
+            {
+                py::gil_scoped_release nogil;
+                s = e.speculator();
+            }
+            if (!s) {
+                return py::none();
+            }
+            py::dict d;
+            d["types"]       = s->types();
+            d["n_max"]       = s->n_max();
+            d["draft_model"] = s->uses_draft_model();
+            return d;
+        },
+        "The speculative decoding in use: {'types', 'n_max', 'draft_model'}, or None.");
     eng.def(
         "close",
         [](Scheduler & e) {
@@ -262,6 +351,9 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         "None while running; then 'stop' (end of generation or a stop string), 'length' or 'cancelled'.");
     r.def_property_readonly("n_prompt", &Request::n_prompt);
     r.def_property_readonly("n_reused", &Request::n_reused, "Prompt tokens taken from the cache instead of evaluated.");
+    r.def_property_readonly("n_drafted", &Request::n_drafted,
+                            "Draft tokens the model verified (speculative decoding).");
+    r.def_property_readonly("n_accepted", &Request::n_accepted, "Draft tokens the model accepted.");
     r.def_property_readonly(
         "n_completion", [](const Request & self) { return self.completion().size(); },
         "Tokens generated (the end-of-generation token is not counted).");

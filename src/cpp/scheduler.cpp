@@ -368,6 +368,8 @@ Scheduler::Scheduler(Context & ctx, int32_t n_parallel, bool threaded) : ctx_(ct
     n_ctx_seq_ = llama_n_ctx_seq(u.ctx);
     n_batch_   = std::max<uint32_t>(1, llama_n_batch(u.ctx));
     n_swa_     = std::max<int32_t>(0, llama_model_n_swa(ctx_.model()));
+    // a recurrent state cannot give back the cells of a rejected draft (llama-server checkpoints it)
+    can_draft_ = generates_ && !llama_model_is_recurrent(ctx_.model()) && !llama_model_is_hybrid(ctx_.model());
     slots_.resize(n_parallel);
     if (threaded_) {
         worker_ = std::thread([this] { loop(); });
@@ -711,7 +713,10 @@ void Scheduler::step() {
             ++n_tokens;  // the next tokens of the running streams come first
         }
     }
-    for (auto & r : stepping) {  // then prompt chunks, first come first served, in the room left
+    // then the drafts of the streams that speculate, then prompt chunks, first come first served, in
+    // the room left
+    n_tokens += make_drafts(stepping, n_batch_ > n_tokens ? n_batch_ - n_tokens : 0);
+    for (auto & r : stepping) {
         if (!r->sampling_) {
             const size_t room = n_batch_ > n_tokens ? n_batch_ - n_tokens : 0;
             size_t       upto = r->prompt_.size();  // text up to the next media chunk (step_media's)
@@ -746,6 +751,13 @@ void Scheduler::step() {
             b.seq_ids.push_back({ r->seq_ });
             b.logits.push_back(1);
             tokens.push_back(r->last_);
+            for (llama_token t : r->draft_) {  // each with its row: verify() samples them in turn
+                b.tokens.push_back(t);
+                b.pos.push_back(pos_at(slots_[r->seq_].shifts, tokens.size()));
+                b.seq_ids.push_back({ r->seq_ });
+                b.logits.push_back(1);
+                tokens.push_back(t);
+            }
             sole = r.get();
             ++n_in;
             continue;
@@ -786,6 +798,7 @@ void Scheduler::step() {
         // the decode was rolled back: put the sequences' token lists back as they were
         bool any_cancelled = false;
         for (auto & r : stepping) {
+            r->draft_.clear();
             if (r->row_ >= 0 || !r->sampling_) {
                 resync(r);
             }
@@ -812,13 +825,126 @@ void Scheduler::step() {
         if (r->row_ < 0 || r->cancelled_.load()) {
             continue;
         }
-        try {
-            sample(r, vocab);
-        } catch (const std::exception &) {
-            release(r, "stop", std::current_exception());
-        }
+        verify(r, vocab);
     }
     step_media(fifo);
+}
+
+size_t Scheduler::make_drafts(const std::vector<std::shared_ptr<Request>> & stepping, size_t room) {
+    std::vector<Speculator::job> jobs;
+    std::vector<Request *>       who;
+    size_t                       used = 0;
+    for (const auto & r : stepping) {
+        r->draft_.clear();
+        r->draft_spec_ = false;
+        if (!r->sampling_ || !can_draft_ || used >= room) {
+            continue;
+        }
+        const auto & slot = slots_[r->seq_];
+        // k drafts give up to k + 1 tokens; the sequence holds the last token and the drafts
+        int64_t      n    = static_cast<int64_t>(room - used);
+        if (r->opt_.max_tokens >= 0) {
+            n = std::min<int64_t>(
+                n, static_cast<int64_t>(r->opt_.max_tokens) - static_cast<int64_t>(r->completion_.size()) - 1);
+        }
+        n = std::min<int64_t>(n, static_cast<int64_t>(n_ctx_seq_) - static_cast<int64_t>(slot.tokens.size()) - 2);
+        if (n <= 0) {
+            continue;
+        }
+        if (!r->opt_.prediction.empty()) {
+            const int32_t most = spec_ ? spec_->n_max() : kPredictionDraft;
+            r->draft_          = prediction_draft(r->opt_.prediction, r->pred_cursor_, r->completion_,
+                                                  static_cast<int32_t>(std::min<int64_t>(n, most)));
+            if (!r->draft_.empty()) {
+                used += r->draft_.size();
+                continue;
+            }
+        }
+        if (spec_ && r->opt_.speculative) {
+            Speculator::job j;
+            j.seq         = r->seq_;
+            j.history     = &slot.tokens;
+            j.last        = r->last_;
+            j.n_max       = static_cast<int32_t>(std::min<int64_t>(n, spec_->n_max()));
+            j.begin       = r->spec_seen_ != spec_.get();
+            j.text        = std::none_of(slot.tokens.begin(), slot.tokens.end(), is_media_token);
+            j.out         = &r->draft_;
+            r->spec_seen_ = spec_.get();
+            used += static_cast<size_t>(j.n_max);  // reserved: the drafts come back at most this long
+            jobs.push_back(j);
+            who.push_back(r.get());
+        }
+    }
+    if (!jobs.empty()) {
+        try {
+            spec_->draft(jobs);
+        } catch (const std::exception &) {
+            // a draft model that failed drafts nothing this step; the generation goes on without
+            for (auto & j : jobs) {
+                j.out->clear();
+            }
+        }
+        for (auto * r : who) {
+            r->draft_spec_ = true;
+        }
+    }
+    size_t n_drafts = 0;
+    for (const auto & r : stepping) {
+        n_drafts += r->draft_.size();
+    }
+    return n_drafts;
+}
+
+void Scheduler::verify(const std::shared_ptr<Request> & r, const llama_vocab * vocab) {
+    auto &                         slot  = slots_[r->seq_];
+    const std::vector<llama_token> draft = std::move(r->draft_);
+    r->draft_.clear();
+    slot.tokens.resize(slot.tokens.size() - draft.size());  // the drafts come back as they are accepted
+    size_t             n_ok = 0;
+    std::exception_ptr error;
+    try {
+        sample(r, vocab);
+        while (n_ok < draft.size() && r->row_ >= 0 && r->last_ == draft[n_ok]) {
+            slot.tokens.push_back(draft[n_ok]);  // its cells hold what the next row was computed from
+            ++n_ok;
+            ++r->row_;
+            sample(r, vocab);
+        }
+    } catch (const std::exception &) {
+        error = std::current_exception();
+    }
+    if (!draft.empty()) {
+        {
+            auto u = ctx_.acquire();
+            llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, pos_at(slot.shifts, slot.tokens.size()), -1);
+        }
+        r->n_drafted_.fetch_add(draft.size());
+        r->n_accepted_.fetch_add(n_ok);
+        if (r->draft_spec_ && spec_) {
+            spec_->accept(r->seq_, static_cast<uint16_t>(n_ok));
+        } else {
+            r->pred_cursor_ += n_ok;
+        }
+    }
+    if (error) {
+        release(r, "stop", error);
+    }
+}
+
+void Scheduler::set_speculator(std::shared_ptr<Speculator> spec) {
+    if (spec && !can_draft_) {
+        throw invalid_request_error(
+            "speculative decoding needs a model whose memory can drop its last cells (not a recurrent or hybrid "
+            "model)",
+            "speculative");
+    }
+    auto step_lock = lock_step();
+    spec_          = std::move(spec);
+}
+
+std::shared_ptr<Speculator> Scheduler::speculator() {
+    auto step_lock = lock_step();
+    return spec_;
 }
 
 void Scheduler::step_media(const std::vector<std::shared_ptr<Request>> & reqs) {

@@ -17,6 +17,7 @@
 #include "llama.h"
 #include "projector.h"
 #include "sampler.h"
+#include "speculator.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -36,8 +37,10 @@ namespace pyllama {
 struct generation_options {
     int32_t                  max_tokens = -1;  // < 0: until the sequence is full
     std::vector<std::string> stop;
-    int32_t                  logprobs   = -1;  // < 0: none; else the number of alternatives per token
-    bool                     ignore_eos = false;
+    int32_t                  logprobs    = -1;  // < 0: none; else the number of alternatives per token
+    bool                     ignore_eos  = false;
+    bool                     speculative = true;  // draft with the engine's Speculator, when it has one
+    std::vector<llama_token> prediction;          // predicted outputs: the tokens the reply is expected to repeat
 };
 
 // A media chunk of a prompt: it stands at prompt[start, start + n_tokens) as media_token()s.
@@ -146,6 +149,8 @@ class Request {
     std::string                finish_reason() const;  // empty while running
     size_t                     n_prompt() const { return prompt_.size(); }
     size_t                     n_reused() const { return n_reused_.load(); }
+    size_t                     n_drafted() const { return n_drafted_.load(); }    // draft tokens verified
+    size_t                     n_accepted() const { return n_accepted_.load(); }  // ... that the model kept
     std::vector<llama_token>   completion() const;
     std::vector<token_logprob> logprobs() const;
 
@@ -163,17 +168,23 @@ class Request {
     generated_text                  text_;
     std::atomic<bool>               cancelled_{ false };
     std::atomic<size_t>             n_reused_{ 0 };
+    std::atomic<size_t>             n_drafted_{ 0 };
+    std::atomic<size_t>             n_accepted_{ 0 };
     std::shared_ptr<const Notifier> notifier_;
     std::weak_ptr<Scheduler>        scheduler_;
     bool                            drives_ = false;  // the caller's next() steps the scheduler (inline)
 
     // the scheduler's bookkeeping (its step lock held)
-    int32_t     seq_       = -1;  // the sequence it decodes in
-    size_t      evaluated_ = 0;   // prompt tokens in the KV memory
-    bool        sampling_  = false;
-    int32_t     row_       = -1;  // its output row in the current batch, or -1
-    size_t      n_prompt_  = 0;   // prompt tokens in the current batch
-    llama_token last_      = -1;  // the token sampled last, to decode next
+    int32_t                  seq_       = -1;  // the sequence it decodes in
+    size_t                   evaluated_ = 0;   // prompt tokens in the KV memory
+    bool                     sampling_  = false;
+    int32_t                  row_       = -1;         // its output row in the current batch, or -1
+    size_t                   n_prompt_  = 0;          // prompt tokens in the current batch
+    llama_token              last_      = -1;         // the token sampled last, to decode next
+    std::vector<llama_token> draft_;                  // drafted after last_, in the current batch
+    bool                     draft_spec_  = false;    // draft_ came from the Speculator (else from the prediction)
+    const Speculator *       spec_seen_   = nullptr;  // the Speculator that has seen this generation's prompt
+    size_t                   pred_cursor_ = 0;        // where the reply stands in opt_.prediction
 
     mutable std::mutex         mtx_;
     std::condition_variable    cv_;
@@ -190,7 +201,9 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     // Prompt tokens that a request must find cached in a sequence to take it rather than the lowest
     // free one (see admit()); about what prompt evaluation of that many tokens costs against a few
     // steps of decoding with one more pass over the weights.
-    static constexpr size_t kReuseWorthAGap = 64;
+    static constexpr size_t  kReuseWorthAGap  = 64;
+    // The most tokens drafted at once from a prediction, when the engine has no Speculator to say.
+    static constexpr int32_t kPredictionDraft = 16;
 
     // Make it with std::make_shared: requests refer to it weakly.
     Scheduler(Context & ctx, int32_t n_parallel, bool threaded);
@@ -232,6 +245,11 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     host_cache_stats host_cache();
     void             clear_host_cache();
 
+    // Speculative decoding for every request that does not turn it off (nullptr: none). Waits for
+    // the step in progress; the drafts of the next step use it.
+    void                        set_speculator(std::shared_ptr<Speculator> spec);
+    std::shared_ptr<Speculator> speculator();
+
     Context & context() { return ctx_; }
     bool      threaded() const { return threaded_; }
     size_t    n_ctx_seq() const { return n_ctx_seq_; }
@@ -262,22 +280,29 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     void                         loop();
     bool                         has_work();  // admits what it can; true when a step has something to do
     void                         step();
-    void step_media(const std::vector<std::shared_ptr<Request>> & reqs);  // one media chunk, after the batch
-    void admit();                                                         // with mtx_ held
-    void resync(const std::shared_ptr<Request> & r);
-    void sample(const std::shared_ptr<Request> & r, const llama_vocab * vocab);
-    void release(const std::shared_ptr<Request> & r, const std::string & reason, std::exception_ptr error = nullptr);
-    void fail_all(std::exception_ptr why);
-    void purge_cancelled();  // with the step lock held
-    void check_idle(int32_t seq, const char * what);
-    void check_idle_range(int32_t seq) const;  // invalid_argument outside 0..n_parallel-1
+    void   step_media(const std::vector<std::shared_ptr<Request>> & reqs);  // one media chunk, after the batch
+    void   admit();                                                         // with mtx_ held
+    void   resync(const std::shared_ptr<Request> & r);
+    void   sample(const std::shared_ptr<Request> & r, const llama_vocab * vocab);
+    // Drafts for the running streams that speculate, at most `room` tokens in all (with the step lock).
+    size_t make_drafts(const std::vector<std::shared_ptr<Request>> & stepping, size_t room);
+    // After the decode: samples r's row and, while its sampler agrees with the draft, the rows of the
+    // draft; the rest of the draft leaves the sequence.
+    void   verify(const std::shared_ptr<Request> & r, const llama_vocab * vocab);
+    void   release(const std::shared_ptr<Request> & r, const std::string & reason, std::exception_ptr error = nullptr);
+    void   fail_all(std::exception_ptr why);
+    void   purge_cancelled();  // with the step lock held
+    void   check_idle(int32_t seq, const char * what);
+    void   check_idle_range(int32_t seq) const;  // invalid_argument outside 0..n_parallel-1
 
     Context &                             ctx_;
     const bool                            threaded_;
     bool                                  generates_ = true;  // the model has a decoder and the context KV memory
     size_t                                n_ctx_seq_ = 0;
     size_t                                n_batch_   = 1;
-    int32_t                               n_swa_     = 0;  // the model's sliding window, 0 for none
+    int32_t                               n_swa_     = 0;     // the model's sliding window, 0 for none
+    bool                                  can_draft_ = true;  // the memory can drop a sequence's last cells
+    std::shared_ptr<Speculator>           spec_;
     std::vector<slot>                     slots_;
     std::list<host_entry>                 host_;  // least recently used first (the step lock)
     size_t                                host_budget_ = 0, host_bytes_ = 0, host_saved_ = 0, host_loaded_ = 0;

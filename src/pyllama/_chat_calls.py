@@ -11,7 +11,7 @@ from typing import Any
 
 from . import _core, streams
 from . import _openai as _oa
-from ._llama_base import LlamaBase
+from ._llama_base import Drafting, LlamaBase
 from .errors import ContextLengthError, InvalidRequestError, invalid
 from .media import MediaPrompt, has_media, read_media
 from .reply import ReplyStream, parse_reply
@@ -48,6 +48,8 @@ class ChatCalls(LlamaBase):
         run_tools: bool = False,
         max_tool_rounds: int = 8,
         truncate: bool = False,
+        prediction: dict[str, Any] | None = None,
+        speculative: bool = True,
         n: int = 1,
         stream: bool = False,
         **sampling: Any,
@@ -102,6 +104,7 @@ class ChatCalls(LlamaBase):
             "chat_template_kwargs": chat_template_kwargs,
             "continue_final_message": continue_final_message,
             "truncate": truncate,
+            "drafting": self._drafting(prediction, speculative),
             **sampling,
         }
         if run_tools:
@@ -180,6 +183,7 @@ class ChatCalls(LlamaBase):
         continue_final_message: bool | str | None,
         truncate: bool,
         stream: bool,
+        drafting: Drafting | None = None,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         json_schema = _oa.response_schema(response_format)
@@ -236,11 +240,11 @@ class ChatCalls(LlamaBase):
         if stream:
             use = Use(current_owner())
             return Stream(
-                self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta),
+                self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta, drafting),
                 use,
                 pollable=self._engine.threaded,
             )
-        gen, text = self._run(tokens, sampler, budget, stops, n_top)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top, drafting=drafting)
         message = parse_reply(result, text, meta["id_seed"])
         finish = _oa.finish_reason(gen.finish_reason or "stop", bool(message.get("tool_calls")))
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -264,12 +268,7 @@ class ChatCalls(LlamaBase):
         parse_as: Any,
     ) -> dict[str, Any]:
         added: list[dict[str, Any]] = []
-        usage = {
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "total_tokens": 0,
-            "prompt_tokens_details": {"cached_tokens": 0},
-        }
+        usage = _oa.empty_usage()
         out: dict[str, Any] = {}
         for round_ in range(max_rounds):
             if round_ == max_rounds - 1:
@@ -341,6 +340,7 @@ class ChatCalls(LlamaBase):
         stops: list[str],
         n_top: int,
         meta: dict[str, Any],
+        drafting: Drafting | None = None,
     ) -> Iterator[dict[str, Any]]:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
             return {
@@ -354,7 +354,7 @@ class ChatCalls(LlamaBase):
 
         self._enter(use)
         try:
-            gen = self._generate(use, tokens, sampler, budget, stops, n_top)
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top, drafting=drafting)
             reply = ReplyStream(result, meta["id_seed"])
             # the role comes with the first token, so that an error of the first step (a grammar no
             # token satisfies) ends the stream before any chunk, as a server's status

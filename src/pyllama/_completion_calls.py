@@ -72,6 +72,8 @@ class CompletionCalls(LlamaBase):
         json_schema: dict[str, Any] | None = None,
         truncate: bool = False,
         stream: bool = False,
+        prediction: dict[str, Any] | None = None,
+        speculative: bool = True,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks.
@@ -80,6 +82,7 @@ class CompletionCalls(LlamaBase):
         ``suffix``. ``truncate=True`` keeps the end of a prompt that does not fit (and its BOS).
         """
         _oa.check_sampling(sampling)
+        drafting = self._drafting(prediction, speculative)
         if suffix is not None:
             if not isinstance(prompt, str):
                 raise TypeError("suffix needs the prompt as text")
@@ -124,7 +127,7 @@ class CompletionCalls(LlamaBase):
             def pieces() -> Iterator[dict[str, Any]]:
                 self._enter(use)
                 try:
-                    gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
+                    gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos, drafting)
                     if echo:
                         yield shape(prompt_text, None, {})
                     for piece in streams.text_pieces(use, gen):
@@ -139,7 +142,7 @@ class CompletionCalls(LlamaBase):
                 yield shape("", _oa.finish_reason(gen.finish_reason or "stop", False), {"usage": _oa.usage(gen)})
 
             return Stream(pieces(), use, pollable=self._engine.threaded)
-        gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos, drafting)
         out = shape(
             (prompt_text if echo else "") + text,
             _oa.finish_reason(gen.finish_reason or "stop", False),

@@ -6,6 +6,7 @@ to it, each in a module of its own."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,16 @@ from .media import MediaPolicy, MediaPrompt
 from .streams import HANDLE, OWNER, PREPARE_DEADLINE, AsyncStream, Gen, Stream, Use, current_owner, task_id
 
 _L = TypeVar("_L", bound="LlamaBase")
+
+SPECULATIVE_KEYS = ("type", "n_max", "n_min", "p_min", "ngram_size_n", "ngram_size_m", "ngram_min_hits")
+
+
+@dataclasses.dataclass
+class Drafting:
+    """A request's speculative decoding: the engine's drafts on or off, and a predicted output's tokens."""
+
+    speculative: bool = True
+    prediction: list[int] = dataclasses.field(default_factory=list)
 
 
 class LlamaBase:
@@ -57,10 +68,14 @@ class LlamaBase:
         mmproj: str | os.PathLike[str] | None = None,
         mmproj_use_gpu: bool | None = None,
         media: MediaPolicy | None = None,
+        draft_model: str | os.PathLike[str] | None = None,
+        speculative: str | dict[str, Any] | None = None,
         **context_params: Any,
     ) -> None:
         self._closed = True
         self._projector: _core.Projector | None = None
+        self._draft_ctx: _core.Context | None = None
+        self._draft_key: Any = None
         if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or n_parallel < 1:
             raise invalid("n_parallel must be an int >= 1", "n_parallel")
         self.n_parallel = n_parallel
@@ -121,6 +136,8 @@ class LlamaBase:
             # every call goes through the generation core: with n_parallel > 1 its worker thread batches
             # concurrent calls; with one sequence it steps on the thread that waits for the text
             self._engine = _core.Engine(self._ctx, n_parallel)
+            if speculative is not None or draft_model is not None:
+                self._set_up_speculative(speculative, draft_model, options, ctx_kwargs, n_parallel)
             if mmproj is not None:
                 # the projector (images, audio) goes to the GPU with the model unless told otherwise
                 use_gpu = n_gpu_layers != 0 if mmproj_use_gpu is None else bool(mmproj_use_gpu)
@@ -131,6 +148,7 @@ class LlamaBase:
         except BaseException:
             if self._projector is not None:
                 self._projector.close()
+            self._close_draft()
             MODELS.release(self._model_key)
             raise
         self._media = media if media is not None else MediaPolicy()
@@ -234,7 +252,62 @@ class LlamaBase:
         self._ctx.close()
         if self._projector is not None:
             self._projector.close()
+        self._close_draft()
         MODELS.release(self._model_key)
+
+    def _set_up_speculative(
+        self,
+        speculative: str | dict[str, Any] | None,
+        draft_model: str | os.PathLike[str] | None,
+        options: dict[str, Any],
+        ctx_kwargs: dict[str, Any],
+        n_parallel: int,
+    ) -> None:
+        """llama.cpp's speculative decoding for every request: n-gram types, or a draft model."""
+        spec: dict[str, Any] = {"type": speculative} if isinstance(speculative, str) else dict(speculative or {})
+        if speculative is not None and not isinstance(speculative, (str, dict)):
+            raise invalid("speculative must be a type name or a dict with 'type'", "speculative")
+        unknown = set(spec) - set(SPECULATIVE_KEYS)
+        if unknown:
+            raise invalid(
+                f"speculative: unknown keys {sorted(unknown)} (known: {list(SPECULATIVE_KEYS)})", "speculative"
+            )
+        types = spec.pop("type", "draft-simple" if draft_model is not None else None)
+        if types is None:
+            raise invalid("speculative needs a 'type'", "speculative")
+        for key, value in spec.items():
+            kind = float if key == "p_min" else int
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise invalid(f"speculative: {key} must be a number", "speculative")
+        if draft_model is not None:
+            self._draft_key, draft = MODELS.acquire(os.fspath(draft_model), options, None)
+            kwargs = {k: v for k, v in ctx_kwargs.items() if k in ("n_ctx", "n_batch", "n_ubatch", "n_threads")}
+            self._draft_ctx = _core.Context(draft, **kwargs, n_seq_max=n_parallel)
+        self._engine.set_speculative(types, draft=self._draft_ctx, **spec)
+
+    def _drafting(self, prediction: dict[str, Any] | None, speculative: bool) -> Drafting:
+        if not isinstance(speculative, bool):
+            raise invalid("speculative must be True or False", "speculative")
+        tokens: list[int] = []
+        if prediction is not None:
+            from ._openai import prediction_text
+
+            tokens = self._tokenize(prediction_text(prediction), add_special=False, parse_special=False)
+        return Drafting(speculative, tokens)
+
+    def _close_draft(self) -> None:
+        if self._draft_ctx is not None:
+            self._draft_ctx.close()
+            self._draft_ctx = None
+        if self._draft_key is not None:
+            MODELS.release(self._draft_key)
+            self._draft_key = None
+
+    @property
+    def speculative(self) -> dict[str, Any] | None:
+        """The speculative decoding every request uses unless it says ``speculative=False``:
+        ``{'types', 'n_max', 'draft_model'}``, or None."""
+        return self._engine.speculative
 
     @property
     def closed(self) -> bool:
@@ -299,6 +372,7 @@ class LlamaBase:
         stops: list[str],
         n_top: int,
         ignore_eos: bool = False,
+        drafting: Drafting | None = None,
     ) -> Gen:
         deadline = PREPARE_DEADLINE.get()
         if deadline is not None:
@@ -314,6 +388,8 @@ class LlamaBase:
             logprobs=n_top,
             ignore_eos=ignore_eos,
             notifier=None if use.waker is None else use.waker.notifier,
+            speculative=True if drafting is None else drafting.speculative,
+            prediction=[] if drafting is None else drafting.prediction,
         )
         use.attach(gen)
         handle = HANDLE.get()
@@ -329,11 +405,12 @@ class LlamaBase:
         stops: list[str],
         n_top: int,
         ignore_eos: bool = False,
+        drafting: Drafting | None = None,
     ) -> tuple[Gen, str]:
         use = Use(current_owner())
         self._enter(use)
         try:
-            gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos)
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos, drafting)
             text = gen.run()
             self._store_in_cache()
             return gen, text

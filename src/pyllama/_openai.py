@@ -32,12 +32,7 @@ def merge_choices(outs: list[dict[str, Any]], *, prompt_once: bool) -> dict[str,
     choices share one prompt (chat's n), which usage counts once."""
     merged = dict(outs[0])
     merged["choices"] = []
-    usage: dict[str, Any] = {
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "total_tokens": 0,
-        "prompt_tokens_details": {"cached_tokens": 0},
-    }
+    usage = empty_usage()
     for i, out in enumerate(outs):
         choice = dict(out["choices"][0])
         choice["index"] = i
@@ -46,6 +41,8 @@ def merge_choices(outs: list[dict[str, Any]], *, prompt_once: bool) -> dict[str,
             usage["prompt_tokens"] += out["usage"]["prompt_tokens"]
             usage["prompt_tokens_details"]["cached_tokens"] += out["usage"]["prompt_tokens_details"]["cached_tokens"]
         usage["completion_tokens"] += out["usage"]["completion_tokens"]
+        for key in DRAFT_KEYS:
+            usage["completion_tokens_details"][key] += out["usage"]["completion_tokens_details"][key]
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     merged["usage"] = usage
     return merged
@@ -97,12 +94,31 @@ def response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | 
     raise invalid(f"{where}: {kind!r} is not 'text', 'json_object' or 'json_schema'", where)
 
 
+DRAFT_KEYS = ("accepted_prediction_tokens", "rejected_prediction_tokens")
+
+
+def empty_usage() -> dict[str, Any]:
+    return {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": dict.fromkeys(DRAFT_KEYS, 0),
+    }
+
+
 def usage(gen: Gen) -> dict[str, Any]:
+    """OpenAI's usage; the drafts of speculative decoding (a prediction's included) as the predicted
+    outputs' accepted and rejected tokens."""
     return {
         "prompt_tokens": gen.n_prompt,
         "completion_tokens": gen.n_completion,
         "total_tokens": gen.n_prompt + gen.n_completion,
         "prompt_tokens_details": {"cached_tokens": gen.n_reused},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": gen.n_accepted,
+            "rejected_prediction_tokens": gen.n_drafted - gen.n_accepted,
+        },
     }
 
 
@@ -149,3 +165,19 @@ def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
         total[key] += usage[key]
     total["prompt_tokens_details"]["cached_tokens"] += usage["prompt_tokens_details"]["cached_tokens"]
+    for key in DRAFT_KEYS:
+        total["completion_tokens_details"][key] += usage["completion_tokens_details"][key]
+
+
+def prediction_text(prediction: Any) -> str:
+    """The text of OpenAI's ``prediction={"type": "content", "content": ...}`` (a string or text parts)."""
+    if not isinstance(prediction, dict) or prediction.get("type") != "content":
+        raise invalid("prediction must be {'type': 'content', 'content': ...}", "prediction")
+    content = prediction.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        texts = [p.get("text") for p in content]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(t for t in texts if isinstance(t, str))
+    raise invalid("prediction.content must be a string or a list of text parts", "prediction.content")
