@@ -196,3 +196,26 @@ def test_bad_speculative_settings_are_refused(tiny_model_path: Path, base: pylla
             base.complete(PROMPT, max_tokens=2, prediction=bad_pred)  # type: ignore[arg-type]
     with pytest.raises(pyllama.InvalidRequestError):
         base.complete(PROMPT, max_tokens=2, speculative="yes")  # type: ignore[arg-type]
+
+
+def test_server_passes_prediction_through(tiny_chat_model_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from pyllama.server import create_app
+
+    messages = [{"role": "user", "content": "Repeat: one two three four five six seven"}]
+    body = {"messages": messages, "temperature": 0, "max_tokens": 30}
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=1024, n_threads=1) as llm, TestClient(create_app(llm)) as client:
+        plain = client.post("/v1/chat/completions", json={**body, "speculative": False}).json()
+        text = plain["choices"][0]["message"]["content"]
+        pred = {"type": "content", "content": text}
+        out = client.post("/v1/chat/completions", json={**body, "prediction": pred}).json()
+        if _tie_free(llm, messages):
+            assert out["choices"][0]["message"]["content"] == text
+        assert out["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+        bad = client.post("/v1/chat/completions", json={**body, "prediction": {"type": "x"}})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "prediction"
+        bad = client.post("/v1/completions", json={"prompt": "a", "speculative": "yes"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "speculative"

@@ -122,6 +122,13 @@ def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
         kwargs["mmproj"] = args.mmproj
         if args.no_mmproj_offload:
             kwargs["mmproj_use_gpu"] = False
+    if getattr(args, "draft_model", None):
+        kwargs["draft_model"] = args.draft_model
+    if getattr(args, "spec_type", None) or getattr(args, "draft_model", None):
+        spec: dict[str, Any] = {"type": args.spec_type or "draft-simple"}
+        if args.spec_draft_n_max is not None:
+            spec["n_max"] = args.spec_draft_n_max
+        kwargs["speculative"] = spec
     with _progress_bar() as progress:
         return Llama(path, progress=progress, **kwargs)
 
@@ -142,6 +149,18 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmproj", metavar="FILE", help="a multimodal projector: images and audio in messages")
     parser.add_argument(
         "--no-mmproj-offload", action="store_true", help="keep the projector on the CPU (default: with the model)"
+    )
+    parser.add_argument(
+        "--draft-model", "-md", metavar="FILE", help="a draft model over the same vocabulary (speculative decoding)"
+    )
+    parser.add_argument(
+        "--spec-type",
+        metavar="TYPES",
+        help="speculative decoding, llama.cpp's names, comma-separated: ngram-simple, ngram-map-k, ngram-map-k4v, "
+        "ngram-mod, ngram-cache, draft-simple (default with --draft-model)",
+    )
+    parser.add_argument(
+        "--spec-draft-n-max", type=int, default=None, metavar="N", help="the most tokens drafted at once"
     )
 
 

@@ -182,6 +182,8 @@ SAMPLING: dict[str, Check] = {name: _sampling_check(*spec) for name, spec in sam
 CHAT: dict[str, Check] = {
     **SAMPLING,
     "max_tokens": max_tokens,
+    "prediction": obj,  # OpenAI's predicted outputs; its shape is checked by Llama
+    "speculative": boolean,  # off: no drafts from the server's --spec-type for this request
     "seed": integer(0, SEED_MAX),
     "stop": stop,
     "logit_bias": logit_bias,
@@ -201,6 +203,8 @@ CHAT: dict[str, Check] = {
 COMPLETION: dict[str, Check] = {
     **SAMPLING,
     "max_tokens": max_tokens,
+    "prediction": obj,  # OpenAI's predicted outputs; its shape is checked by Llama
+    "speculative": boolean,  # off: no drafts from the server's --spec-type for this request
     "seed": integer(0, SEED_MAX),
     "stop": stop,
     "logit_bias": logit_bias,
