@@ -391,20 +391,24 @@ def _greedy_with_margins(llm: pyllama.Llama, prompt: list[int], n: int) -> tuple
 def test_gemma_reuses_a_prefix_only_where_its_sliding_window_is_whole(gemma_path: Path, swa_full: bool) -> None:
     """Gemma 3's sliding-window layers (512 positions) keep every position with swa_full (llama.cpp's
     default), and without it only what their cache holds (512 + n_ubatch cells). After an 800-token
-    prompt, a prompt sharing its first 500 tokens reuses them with swa_full, and is evaluated afresh
+    prompt, a prompt sharing its first 448 tokens reuses them with swa_full, and is evaluated afresh
     without (the cells its window reaches back to are gone); either way its greedy tokens are a fresh
-    Llama's, up to the first near-tie (top-2 margin under 1e-3)."""
+    Llama's, up to the first near-tie (top-2 margin under 1e-3).
+
+    The shared prefix ends where a batch of 64 does, so that its cells were computed in the same
+    batches as a fresh evaluation computes them: Gemma's logprobs move by up to 0.5 when the same
+    prompt is cut into other batches (n_ubatch 32 against 64), which is no defect of the reuse."""
     words = " ".join(f"item{i}" for i in range(800))
     settings: dict[str, Any] = {"n_ctx": 1024, "n_batch": 64, "n_ubatch": 64, "n_threads": 2, "swa_full": swa_full}
     with pyllama.Llama(gemma_path, **settings) as llm:
         first = llm.tokenize("List: " + words)[:800]
         assert len(first) == 800 and llm.model.n_swa == 512
-        second = first[:500] + llm.tokenize(" and now the sky is", add_special=False)
+        second = first[:448] + llm.tokenize(" and now the sky is", add_special=False)
         llm.complete(first, max_tokens=4, temperature=0.0)
         got, _, reused = _greedy_with_margins(llm, second, 12)
     with pyllama.Llama(gemma_path, **settings) as fresh:
         want, margins, _ = _greedy_with_margins(fresh, second, 12)
-    assert reused == (500 if swa_full else 0)
+    assert reused == (448 if swa_full else 0)
     for g, w, margin in zip(got, want, margins, strict=True):
         if margin < 1e-3:
             break
@@ -413,15 +417,16 @@ def test_gemma_reuses_a_prefix_only_where_its_sliding_window_is_whole(gemma_path
 
 @pytest.mark.real_model
 def test_gemma_loads_a_prefix_back_from_ram_where_its_sliding_window_is_whole(gemma_path: Path) -> None:
-    """The host cache on Gemma 3 without swa_full: an 800-token prompt given up to another prompt is
+    """The host cache on Gemma 3 without swa_full: a 768-token prompt given up to another prompt is
     kept in RAM (its sliding-window cache holds the last 512 + n_ubatch positions). The same prompt
-    with a new ending loads it back and reuses all 800 tokens (the window of the next token is whole);
+    with a new ending loads it back and reuses all 768 tokens (the window of the next token is whole);
     a prompt sharing only its first 500 tokens is evaluated afresh (the cells its window reaches back
-    to are gone). Greedy tokens are a fresh Llama's up to the first near-tie either way."""
+    to are gone). Greedy tokens are a fresh Llama's up to the first near-tie either way (the prompt
+    ends where a batch of 64 does, so that the reused cells were computed in a fresh run's batches)."""
     words = " ".join(f"item{i}" for i in range(800))
     settings: dict[str, Any] = {"n_ctx": 1024, "n_batch": 64, "n_ubatch": 64, "n_threads": 2, "swa_full": False}
     with pyllama.Llama(gemma_path, cache_ram=256 << 20, **settings) as llm:
-        first = llm.tokenize("List: " + words)[:800]
+        first = llm.tokenize("List: " + words)[:768]
         longer = first + llm.tokenize(" and now the sky is", add_special=False)
         shorter = first[:500] + llm.tokenize(" and now the sky is", add_special=False)
         llm.complete(first, max_tokens=2, temperature=0.0)
@@ -431,7 +436,7 @@ def test_gemma_loads_a_prefix_back_from_ram_where_its_sliding_window_is_whole(ge
         assert llm.cache.n_loaded == 1
         llm.complete("Something else entirely, " * 20, max_tokens=2, temperature=0.0)
         got_shorter, _, reused_shorter = _greedy_with_margins(llm, shorter, 8)
-    assert (reused_longer, reused_shorter) == (800, 0)
+    assert (reused_longer, reused_shorter) == (768, 0)
     with pyllama.Llama(gemma_path, **settings) as fresh:
         for got, prompt in ((got_longer, longer), (got_shorter, shorter)):
             fresh.reset()

@@ -189,6 +189,9 @@ def outputs(template: str) -> dict[str, str]:
         "text after the call": lead + call + "\nDone, it is sunny.",
         "a broken call": "Hello " + opening + "xyz junk",
         "a broken call first": opening + "xyz junk",
+        # the parsers drop the whitespace a reply begins with, also while it streams
+        "a space, then a broken call": " Hello " + opening + "xyz junk",
+        "a space, then braces": " Hello {}{\nmore",
         "a broken second call": lead + call + opening + "xyz",
     }
 
@@ -233,6 +236,12 @@ def test_an_output_that_does_not_parse_keeps_all_its_text(template: str) -> None
         with pytest.raises(ValueError):
             result.parse(texts[name])
         assert parse_reply(result, texts[name], 11) == {"role": "assistant", "content": texts[name]}
+    # but the whitespace before the reply, which the format's parser drops from any reply
+    with pytest.raises(ValueError):
+        result.parse(texts["a space, then a broken call"])
+    assert result.parse(" Hello ")["content"] == "Hello "
+    message = parse_reply(result, texts["a space, then a broken call"], 11)
+    assert message == {"role": "assistant", "content": texts["a space, then a broken call"][1:]}
     # text after a complete call: the call (a stream has sent it) and every character after it
     for name, tail in (
         ("text after the call", "\nDone, it is sunny."),

@@ -27,10 +27,11 @@ def _parse(result: _core.ChatResult, text: str, id_seed: int) -> dict[str, Any] 
 def parse_reply(result: _core.ChatResult, text: str, id_seed: int) -> dict[str, Any]:
     """The assistant message of the model's output ``text``, as the request's template format reads it.
 
-    Output that does not parse as the format loses no text. When the longest beginning of it that
-    parses holds calls or reasoning (text after the calls, say), the message is that beginning's,
-    and the text after the point where its message was complete is added to the content (a stream
-    has already sent those calls); otherwise the whole text is the content.
+    Output that does not parse as the format loses no text but what the format's parser drops from
+    any output (the whitespace before a reply, say): the message is that of the longest beginning of
+    it that parses, and the text after the point where that message was complete is added to its
+    content. A stream has sent that message's calls, reasoning and content as the text came, so the
+    rest can only be added to them.
     """
     message = _parse(result, text, id_seed)
     if message is not None:
@@ -48,11 +49,12 @@ def parse_reply(result: _core.ChatResult, text: str, id_seed: int) -> dict[str, 
         else:
             good = mid
     head = _parse(result, text[:good], id_seed)
-    if head is None or not (head.get("tool_calls") or head.get("reasoning_content")):
+    if head is None:
         return plain
     # where that message was complete: the messages of longer beginnings only grow, so a bisection
-    # finds the shortest beginning with the same message; every character after it stays, as content
-    short, done = 0, good
+    # finds the shortest beginning with the same message (the empty one included); every character
+    # after it stays, as content
+    short, done = -1, good
     while done - short > 1:
         mid = (short + done) // 2
         if _parse(result, text[:mid], id_seed) == head:
