@@ -37,7 +37,13 @@ from ..streams import PREPARE_DEADLINE, Deadline
 from . import params
 from .params import APIError
 
-__all__ = ["DEFAULT_MAX_QUEUE", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_PREPARE_TIMEOUT", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_STORED_RESPONSES",
+    "DEFAULT_PREPARE_TIMEOUT",
+    "create_app",
+]
 
 logger = logging.getLogger("pyllama.server")
 
@@ -45,6 +51,7 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MIN_TOKENIZE_LIMIT = 65536  # tokens one /tokenize or /detokenize takes at least (else 4x n_ctx_train)
 DEFAULT_PREPARE_TIMEOUT = 10.0  # seconds to render, convert schemas, compile grammars, build the sampler
+DEFAULT_MAX_STORED_RESPONSES = 1024  # responses /v1/responses keeps for previous_response_id
 RETRY_AFTER_S = 1
 PUBLIC_PATHS = frozenset({"/health"})  # answered without an API key
 
@@ -393,6 +400,18 @@ class EventStream(Response):
             out.append(b"data: " + _dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
         return out
 
+    def last(self) -> bytes:
+        """What ends a stream that went well."""
+        return b"data: [DONE]\n\n"
+
+    def client_error(self, error: BaseException) -> APIError:
+        """The client's error for an exception of the stream."""
+        return translate(error, self.fields)
+
+    def error_event(self, error: APIError) -> bytes:
+        """What ends a stream that an error stopped after its status was sent."""
+        return b"data: " + _dumps(error.body()) + b"\n\n"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         work = asyncio.ensure_future(self._serve(scope, receive, send))
         watch = asyncio.ensure_future(_disconnected(receive))
@@ -411,7 +430,7 @@ class EventStream(Response):
                 await self.server.slots.acquire()
                 acquired = True
             except QueueFull as e:
-                await error_response(translate(e, self.fields))(scope, receive, send)
+                await error_response(self.client_error(e))(scope, receive, send)
                 return
             started = False
 
@@ -427,14 +446,13 @@ class EventStream(Response):
                         await start()
                         await send({"type": "http.response.body", "body": event, "more_body": True})
                 await start()
-                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+                await send({"type": "http.response.body", "body": self.last(), "more_body": False})
             except Exception as e:
-                error = translate(e, self.fields)
+                error = self.client_error(e)
                 if not started:
                     await error_response(error)(scope, receive, send)
                 else:  # the status is sent: the error is the last event, as OpenAI's streams do
-                    event = b"data: " + _dumps(error.body()) + b"\n\n"
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                    await send({"type": "http.response.body", "body": self.error_event(error), "more_body": False})
         finally:
             try:
                 await self.chunks.aclose()  # the generation stops and the Llama is free again
@@ -460,6 +478,7 @@ def create_app(
     prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
     slot_save_path: str | os.PathLike[str] | None = None,
     allow_media_urls: bool = False,
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes).
 
@@ -472,7 +491,8 @@ def create_app(
     ``slot_save_path``: the directory of ``POST /slots/{id}?action=save|restore`` (else 501).
     Images and audio in messages (a Llama with ``mmproj=``) come as ``data:`` URIs; ``http(s)`` URLs
     are fetched only with ``allow_media_urls``; the server never reads its own files for a client
-    (this sets ``llm.media``).
+    (this sets ``llm.media``). ``max_stored_responses``: the responses of ``/v1/responses`` kept in
+    memory for ``previous_response_id`` (the least recently used dropped first; 0: none).
     """
     llm.media = dataclasses.replace(llm.media, files=False, urls=allow_media_urls)
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
@@ -482,6 +502,8 @@ def create_app(
         raise ValueError("max_request_bytes must be >= 1")
     if not prepare_timeout > 0:
         raise ValueError("prepare_timeout must be > 0")
+    if max_stored_responses < 0:
+        raise ValueError("max_stored_responses must be >= 0")
     server = _Server(llm, alias or llm.model_name, Slots(llm.n_parallel, max_queue), prepare_timeout)
 
     @contextlib.asynccontextmanager
@@ -671,6 +693,9 @@ def create_app(
     from .slots import add_slot_routes  # it uses this module's helpers
 
     add_slot_routes(app, llm, slot_save_path)
+    from .responses import add_responses_routes  # it uses this module's helpers
+
+    add_responses_routes(app, server, max_stored_responses)
     return app
 
 
