@@ -29,7 +29,7 @@ from pydantic import TypeAdapter  # noqa: E402
 from pyllama.server import create_app  # noqa: E402
 from test_server import Running  # noqa: E402
 
-from tiny_models import template_text, write_tiny_llama  # noqa: E402
+from tiny_models import template_text  # noqa: E402
 
 KEY = "sk-test-key"
 SCHEMA = {
@@ -297,6 +297,15 @@ def test_json_schema_format(client: Any) -> None:
     as_object = create(
         client, input="Give an object.", text={"format": {"type": "json_object"}}, max_output_tokens=200, temperature=0
     )
+    expected = chat(
+        client,
+        [{"role": "user", "content": "Give an object."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        temperature=0,
+    )
+    assert as_object.output_text == expected.choices[0].message.content
+    assert as_object.status == ("incomplete" if expected.choices[0].finish_reason == "length" else "completed")
     if as_object.status == "completed":
         assert isinstance(json.loads(as_object.output_text), dict)
 
@@ -353,7 +362,7 @@ def test_previous_response_id_continues_the_conversation(client: Any) -> None:
     assert bad.value.body["code"] == "previous_response_not_found"
 
 
-def test_store_false_and_the_bounded_store(llm: pyllama.Llama, client: Any) -> None:
+def test_store_false(client: Any) -> None:
     unstored = create(client, input="Hi", max_output_tokens=1, store=False)
     assert unstored.store is False
     with pytest.raises(openai.NotFoundError):
@@ -361,9 +370,14 @@ def test_store_false_and_the_bounded_store(llm: pyllama.Llama, client: Any) -> N
     with pytest.raises(openai.BadRequestError):
         create(client, previous_response_id=unstored.id, input="Hi", max_output_tokens=1)
 
-    small = Running(create_app(llm, max_stored_responses=2))
+
+def test_the_store_keeps_the_most_recently_used(tiny_chat_model_path: Path) -> None:
+    """``pyllama serve --max-stored-responses 2``: a third response drops the least recently used."""
+    from live_server import LiveServer
+
+    server = LiveServer(tiny_chat_model_path, 1, "--max-stored-responses", "2")
     try:
-        few = small.client()
+        few = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
         a = few.responses.create(model="x", input="a", max_output_tokens=1)
         b = few.responses.create(model="x", input="b", max_output_tokens=1)
         few.responses.retrieve(a.id)  # a is now the more recently used
@@ -372,7 +386,7 @@ def test_store_false_and_the_bounded_store(llm: pyllama.Llama, client: Any) -> N
         with pytest.raises(openai.NotFoundError):
             few.responses.retrieve(b.id)
     finally:
-        small.stop()
+        server.stop()
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -458,15 +472,11 @@ def test_an_error_during_a_stream_ends_it(served: Running, monkeypatch: pytest.M
 
 
 @pytest.fixture(scope="module")
-def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[pyllama.Llama, Running]]:
-    """A random model with QwQ's template, which opens a reasoning block in the generation prompt."""
-    path = write_tiny_llama(
-        tmp_path_factory.mktemp("models") / "tiny-qwq.gguf",
-        vocab="qwen2",
-        chat_template=template_text("Qwen-QwQ-32B"),
-        name="tiny-qwq",
-    )
-    with pyllama.Llama(path, n_ctx=1024, n_threads=1) as llm:
+def thinker(tiny_chat_model_path: Path) -> Iterator[tuple[pyllama.Llama, Running]]:
+    """The random model with QwQ's template, which opens a reasoning block in the generation prompt."""
+    with pyllama.Llama(
+        tiny_chat_model_path, n_ctx=1024, n_threads=1, chat_template=template_text("Qwen-QwQ-32B")
+    ) as llm:
         running = Running(create_app(llm, alias="tiny"))
         yield llm, running
         running.stop()

@@ -398,6 +398,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fetch http(s) URLs of images and audio in messages (default: data: URIs only)",
     )
+    parser.add_argument(
+        "--max-stored-responses",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="responses of /v1/responses kept for previous_response_id, least recently used dropped (default 1024)",
+    )
     parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
 
 
@@ -415,9 +422,11 @@ def _serve(args: argparse.Namespace) -> int:
         or args.max_request_bytes < 1
         or not args.prepare_timeout > 0
         or args.cache_ram < 0
+        or args.max_stored_responses < 0
     ):
         raise _UsageError(
-            "--parallel and --max-request-bytes must be >= 1, --max-queue and --cache-ram >= 0, --prepare-timeout > 0"
+            "--parallel and --max-request-bytes must be >= 1, --max-queue, --cache-ram and --max-stored-responses"
+            " >= 0, --prepare-timeout > 0"
         )
     with _load(args, args.model, n_parallel=args.parallel, cache_ram=args.cache_ram << 20) as llm:
         try:
@@ -432,6 +441,7 @@ def _serve(args: argparse.Namespace) -> int:
                 prepare_timeout=args.prepare_timeout,
                 slot_save_path=args.slot_save_path,
                 allow_media_urls=args.allow_media_urls,
+                max_stored_responses=args.max_stored_responses,
                 log_level=args.log_level,
             )
         except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it

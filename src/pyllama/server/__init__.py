@@ -11,12 +11,19 @@ import os
 from collections.abc import Sequence
 
 from ..llama import Llama
-from .app import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PREPARE_TIMEOUT, create_app
+from .app import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_STORED_RESPONSES,
+    DEFAULT_PREPARE_TIMEOUT,
+    create_app,
+)
 from .params import APIError
 
 __all__ = [
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_STORED_RESPONSES",
     "DEFAULT_PREPARE_TIMEOUT",
     "APIError",
     "create_app",
@@ -38,6 +45,7 @@ def serve(
     prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
     slot_save_path: str | os.PathLike[str] | None = None,
     allow_media_urls: bool = False,
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
     log_level: str = "info",
 ) -> None:
     """Serve ``llm`` until SIGINT or SIGTERM. On shutdown the server stops accepting connections and
@@ -53,6 +61,7 @@ def serve(
         prepare_timeout=prepare_timeout,
         slot_save_path=slot_save_path,
         allow_media_urls=allow_media_urls,
+        max_stored_responses=max_stored_responses,
     )
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S

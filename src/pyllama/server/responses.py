@@ -355,7 +355,10 @@ class ChatRequest:
         """The field of the Responses request that chat's field ``name`` stands for."""
         if name is None:
             return None
-        root, rest = re.match(r"([A-Za-z_]+)(.*)", name).groups()  # type: ignore[union-attr]
+        match = re.match(r"([A-Za-z_]+)(.*)", name)
+        if match is None:
+            return name
+        root, rest = match.groups()
         if root == "messages":
             index = re.match(r"\[(\d+)\]", rest)
             if index is None or int(index.group(1)) >= len(self.origin):
@@ -464,16 +467,14 @@ def parse_request(body: dict[str, Any], store: ResponseStore) -> ChatRequest:
         effort = reasoning.get("effort")
         if effort is not None:
             kwargs["reasoning_effort"] = params.one_of(*EFFORTS)("reasoning.effort", effort)
-        reasoning_echo = {"effort": effort, "summary": reasoning.get("summary")}
+        summary = reasoning.get("summary")
+        if summary is not None:
+            params.one_of("auto", "concise", "detailed")("reasoning.summary", summary)
+        reasoning_echo = {"effort": effort, "summary": summary}
     truncation = body.get("truncation")
     truncation = "disabled" if truncation is None else params.one_of("auto", "disabled")("truncation", truncation)
     metadata = {} if body.get("metadata") is None else _metadata(body["metadata"])
 
-    try:  # the translation makes chat messages; what is wrong with them names the input item
-        check_messages(messages, media=True)
-        check_tools(kwargs.get("tools"))
-    except InvalidRequestError as e:
-        raise APIError(400, str(e), param=e.param) from None
     echo = {
         "instructions": instructions,
         "max_output_tokens": kwargs.get("max_tokens"),
@@ -493,6 +494,11 @@ def parse_request(body: dict[str, Any], store: ResponseStore) -> ChatRequest:
     if truncation == "auto":
         kwargs["truncate"] = True  # the oldest turns go when the conversation does not fit
     request = ChatRequest(messages, kwargs, stream, keep, conversation, echo, origin, tool_index)
+    try:  # before the request waits in the queue; what is wrong names the input item it came from
+        check_messages(messages, media=True)
+        check_tools(kwargs.get("tools"))
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), param=request.param(e.param)) from None
     return request
 
 
