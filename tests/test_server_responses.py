@@ -362,6 +362,44 @@ def test_previous_response_id_continues_the_conversation(client: Any) -> None:
     assert bad.value.body["code"] == "previous_response_not_found"
 
 
+def test_a_cut_function_call_is_left_out_of_the_next_turn(client: Any) -> None:
+    """A function call whose arguments max_output_tokens cut short is no call: the turn that
+    continues its response holds the conversation without it, as chat renders it."""
+    ask = {"role": "user", "content": "Pick a colour."}
+    kwargs: dict[str, Any] = {"input": [ask], "tools": [PICK], "tool_choice": "required", "temperature": 0}
+
+    seen: dict[int, Any] = {}
+
+    def call_at(budget: int) -> Any:
+        """The reply in ``budget`` tokens if it holds a function_call item, else None."""
+        if budget not in seen:
+            reply = create(client, max_output_tokens=budget, parallel_tool_calls=False, **kwargs)
+            seen[budget] = reply if any(item.type == "function_call" for item in reply.output) else None
+        return seen[budget]
+
+    whole = call_at(200)
+    assert whole is not None and whole.status == "completed"
+    lo, hi = 0, whole.usage.output_tokens  # no call item within lo tokens; one within hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if call_at(mid) is not None else (mid, hi)
+    cut = call_at(hi)  # the fewest tokens that open the call: its arguments have only begun
+    assert cut.status == "incomplete" and cut.output[-1].type == "function_call"
+    assert cut.output[-1].status == "incomplete"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.output[-1].arguments)
+    after = create(client, previous_response_id=cut.id, input="Well?", tools=[PICK], max_output_tokens=4, temperature=0)
+    before_call = [{"role": "assistant", "content": item.content[0].text} for item in cut.output[:-1]]
+    messages = [ask, *before_call, {"role": "user", "content": "Well?"}]
+    expected = chat(client, messages, tools=[PICK_CHAT], max_tokens=4, temperature=0)
+    assert after.usage.input_tokens == expected.usage.prompt_tokens
+    # the whole call is kept
+    again = create(
+        client, previous_response_id=whole.id, input="Well?", tools=[PICK], max_output_tokens=4, temperature=0
+    )
+    assert again.usage.input_tokens > after.usage.input_tokens
+
+
 def test_store_false(client: Any) -> None:
     unstored = create(client, input="Hi", max_output_tokens=1, store=False)
     assert unstored.store is False

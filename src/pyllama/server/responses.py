@@ -412,7 +412,9 @@ def parse_request(body: dict[str, Any], store: ResponseStore) -> ChatRequest:
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
-        conversation = [*previous.conversation, *previous.response["output"]]
+        # a function call whose arguments max_output_tokens cut short is no call: it is left out
+        output = [item for item in previous.response["output"] if not _cut_call(item)]
+        conversation = [*previous.conversation, *output]
         sources = ["previous_response_id"] * len(conversation)
     if "input" not in body or body["input"] is None:
         raise invalid("input", "is required", "missing_required_parameter")
@@ -422,7 +424,12 @@ def parse_request(body: dict[str, Any], store: ResponseStore) -> ChatRequest:
         raise invalid("input", "must hold at least one item", "empty_array")
     conversation += new
     sources += ["input"] if isinstance(raw, str) else [f"input[{i}]" for i in range(len(new))]
-    messages, origin = to_chat(conversation, instructions, sources)
+    try:
+        messages, origin = to_chat(conversation, instructions, sources)
+    except APIError as e:  # an item of the stored conversation: the field is previous_response_id
+        if e.param is not None and e.param.startswith("previous_response_id"):
+            e.param = "previous_response_id"
+        raise
 
     kwargs: dict[str, Any] = {}
     for name, check in params.SAMPLING.items():  # temperature and top_p, and llama-server's extras
@@ -500,6 +507,16 @@ def parse_request(body: dict[str, Any], store: ResponseStore) -> ChatRequest:
     except InvalidRequestError as e:
         raise APIError(400, str(e), param=request.param(e.param)) from None
     return request
+
+
+def _cut_call(item: Item) -> bool:
+    """Whether an output item is a function call cut before its arguments were a JSON object."""
+    if item["type"] != "function_call" or item["status"] != "incomplete":
+        return False
+    try:
+        return not isinstance(json.loads(item["arguments"]), dict)
+    except json.JSONDecodeError:
+        return True
 
 
 def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
