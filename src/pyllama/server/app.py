@@ -86,37 +86,52 @@ def _status_type(status: int) -> str:
 
 
 class Guard:
-    """ASGI middleware: 401 without a valid ``Authorization: Bearer`` key (when keys are set), 413 for
-    a body over ``max_bytes`` (from Content-Length, or counted as it arrives), before any parsing."""
+    """ASGI middleware: 401 without a valid key (when keys are set) as ``Authorization: Bearer KEY``
+    or ``x-api-key: KEY`` (Anthropic's header), 413 for a body over ``max_bytes`` (from
+    Content-Length, or counted as it arrives), before any parsing. ``shaped(path, error)`` gives an
+    error in the shape of the API that the path belongs to."""
 
-    def __init__(self, app: ASGIApp, *, keys: Sequence[str], max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: Sequence[str],
+        max_bytes: int,
+        shaped: Callable[[str, APIError], APIError] | None = None,
+    ) -> None:
         self.app = app
         self.keys = [k.encode("utf-8") for k in keys]
         self.max_bytes = max_bytes
+        self.shaped = shaped or (lambda _, error: error)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        token = token.strip()
+        tokens = [token.strip()] if scheme.lower() == b"bearer" else []
+        if b"x-api-key" in headers:
+            tokens.append(headers[b"x-api-key"].strip())
         ok = False
-        for key in self.keys:
-            ok |= hmac.compare_digest(token, key)  # no early exit: every key is compared
+        for token in tokens:
+            for key in self.keys:
+                ok |= hmac.compare_digest(token, key)  # no early exit: every key is compared
         return ok
+
+    def respond(self, path: str, error: APIError) -> Response:
+        return error_response(self.shaped(path, error))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self.keys and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
+        path = scope["path"]
+        if self.keys and path not in PUBLIC_PATHS and not self._authorized(headers):
             error = APIError(
                 401,
-                "invalid or missing API key: send it as 'Authorization: Bearer KEY'",
+                "invalid or missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            await error_response(error)(scope, receive, send)
+            await self.respond(path, error)(scope, receive, send)
             return
         too_large = APIError(
             413,
@@ -129,10 +144,10 @@ class Guard:
             try:
                 declared = int(length)
             except ValueError:
-                await error_response(APIError(400, "invalid Content-Length header"))(scope, receive, send)
+                await self.respond(path, APIError(400, "invalid Content-Length header"))(scope, receive, send)
                 return
             if declared > self.max_bytes:
-                await error_response(too_large)(scope, receive, send)
+                await self.respond(path, too_large)(scope, receive, send)
                 return
         body = bytearray()
         more = True
@@ -143,7 +158,7 @@ class Guard:
             body += message.get("body", b"")
             more = bool(message.get("more_body", False))
             if len(body) > self.max_bytes:
-                await error_response(too_large)(scope, receive, send)
+                await self.respond(path, too_large)(scope, receive, send)
                 return
         replayed = False
 
@@ -305,6 +320,13 @@ class _Server:
         self.slots = slots
         self.prepare_timeout = prepare_timeout
         self.created = int(time.time())
+        # the routes of another API whose errors take that API's shape: path -> the error in it
+        self.error_shapes: dict[str, Callable[[APIError], APIError]] = {}
+
+    def shaped(self, path: str, error: APIError) -> APIError:
+        """``error`` in the shape of the API that ``path`` belongs to (OpenAI's unless a route says)."""
+        shape = self.error_shapes.get(path)
+        return error if shape is None else shape(error)
 
     def deadline(self) -> None:
         """Bound the preparation of this request (the calls it makes from here inherit the limit)."""
@@ -526,23 +548,23 @@ def create_app(
     )
     app.state.pyllama = server
 
-    async def on_api_error(_: Request, exc: Exception) -> Response:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        return error_response(exc)
+        return error_response(server.shaped(request.url.path, exc))
 
-    async def on_http_error(_: Request, exc: Exception) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         error = APIError(exc.status_code, str(exc.detail), type=_status_type(exc.status_code), code=code)
-        return error_response(error)
+        return error_response(server.shaped(request.url.path, error))
 
-    async def on_error(_: Request, exc: Exception) -> Response:
-        return error_response(translate(exc, ()))
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return error_response(server.shaped(request.url.path, translate(exc, ())))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_error)
-    app.add_middleware(Guard, keys=keys, max_bytes=max_request_bytes)
+    app.add_middleware(Guard, keys=keys, max_bytes=max_request_bytes, shaped=server.shaped)
 
     def named(result: dict[str, Any]) -> dict[str, Any]:
         result["model"] = server.model_id
@@ -696,6 +718,9 @@ def create_app(
     from .responses import add_responses_routes  # it uses this module's helpers
 
     add_responses_routes(app, server, max_stored_responses)
+    from .anthropic import add_anthropic_routes  # it uses this module's helpers
+
+    add_anthropic_routes(app, server)
     return app
 
 
