@@ -502,10 +502,11 @@ def create_app(
     allow_media_urls: bool = False,
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
 ) -> FastAPI:
-    """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes).
+    """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes), which also
+    speaks Anthropic's Messages API (``/v1/messages``).
 
-    ``api_key``: one key or several; requests must send one as ``Authorization: Bearer KEY``
-    (``/health`` excepted). ``alias``: the model id clients see (default: the file's stem).
+    ``api_key``: one key or several; requests must send one as ``Authorization: Bearer KEY`` or
+    ``x-api-key: KEY`` (``/health`` excepted). ``alias``: the model id clients see (default: the file's stem).
     At most ``llm.n_parallel`` requests generate at once; up to ``max_queue`` more wait in order,
     and past that the answer is 503 with ``Retry-After``. Bodies over ``max_request_bytes`` are 413.
     Preparing a request (template, schemas, grammar, sampler) happens off the event loop; one that takes
