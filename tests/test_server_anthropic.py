@@ -637,6 +637,30 @@ def test_an_error_during_a_stream_is_its_last_event(served: Running, monkeypatch
         stream.get_final_message()
 
 
+def test_a_full_queue_is_overloaded(tiny_chat_model_path: Path) -> None:
+    """One slot, no queue: while a stream holds the slot, a message, streamed or not, is a 503 of type
+    overloaded_error with Retry-After (the client's InternalServerError), before any event."""
+    with pyllama.Llama(tiny_chat_model_path, n_ctx=8192, n_threads=1) as llm:  # seconds of generation
+        running = Running(create_app(llm, alias="tiny", max_queue=0))
+        try:
+            body = {"messages": ASK, "max_tokens": 100_000, "stream": True}
+            with httpx.stream("POST", running.url + "/v1/messages", json=body, timeout=60) as holder:
+                assert holder.status_code == 200
+                lines = holder.iter_lines()  # kept: an iterator dropped closes the connection
+                next(lines)  # it generates, holding the only slot until it is closed
+                for stream in (False, True):
+                    request = {"messages": ASK, "max_tokens": 2, "stream": stream}
+                    busy = post(running, "/v1/messages", request, key=None)
+                    assert_error(busy, 503, "overloaded_error")
+                    assert int(busy.headers["Retry-After"]) >= 1
+                client = anthropic.Anthropic(base_url=running.url, api_key="none", max_retries=0)
+                with pytest.raises(anthropic.InternalServerError) as info:
+                    client.messages.create(model="tiny", max_tokens=2, messages=ASK)
+                assert info.value.status_code == 503
+        finally:
+            running.stop()
+
+
 # --- the translation alone ---------------------------------------------------------------------
 
 
