@@ -126,6 +126,7 @@ void check_grammar_bounds(const std::string & gbnf, const char * param);
 
 void register_backend(py::module_ & m);
 void register_model(py::module_ & m);
+void register_adapter(py::module_ & m);
 void register_context(py::module_ & m);
 void register_sampler(py::module_ & m);
 void register_chat(py::module_ & m);
