@@ -278,3 +278,49 @@ def test_bad_adapters_and_vectors_raise_typed_errors(files: dict[str, Path], tmp
             llm.set_control_vectors([files["cv"]], layer_range=(2, 1))
         # nothing was lost: the Llama serves the next request, without adapters
         assert llm.lora == [] and complete(llm)["usage"]["completion_tokens"] == N
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+def test_the_server_lists_sets_and_takes_adapters_per_request(files: dict[str, Path]) -> None:
+    """pyllama serve --lora A --lora-scaled B:0.5: GET /lora-adapters lists both at their scales; a
+    request's "lora" changes the scales it names for itself (llama-server's rule); POST /lora-adapters
+    changes the global scales. Every reply is a local Llama's with the same adapters."""
+    import httpx
+
+    from live_server import LiveServer
+
+    def local(lora: list[tuple[Path, float]]) -> str:
+        with pyllama.Llama(files["model"], n_ctx=256, n_threads=1, lora=lora) as llm:
+            return text(complete(llm))
+
+    body = {"prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True}
+    server = LiveServer(files["model"], 2, "--lora", str(files["a"]), "--lora-scaled", f"{files['b']}:0.5")
+    try:
+        url = server.url
+        listed = httpx.get(url + "/lora-adapters").json()
+        assert [(a["id"], a["path"], a["scale"]) for a in listed] == [
+            (0, str(files["a"]), 1.0),
+            (1, str(files["b"]), 0.5),
+        ]
+        got = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
+        assert got == local([(files["a"], 1.0), (files["b"], 0.5)])
+        only_b = {**body, "lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]}
+        got = httpx.post(url + "/v1/completions", json=only_b).json()["choices"][0]["text"]
+        assert got == local([(files["b"], 1.0)])
+        assert httpx.post(url + "/lora-adapters", json=[{"id": 0, "scale": 0.25}]).json() == {"success": True}
+        assert [a["scale"] for a in httpx.get(url + "/lora-adapters").json()] == [0.25, 0.5]
+        got = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
+        assert got == local([(files["a"], 0.25), (files["b"], 0.5)])
+        for bad, param in (
+            ({**body, "lora": [{"id": 7, "scale": 1.0}]}, "lora[0].id"),
+            ({**body, "lora": [{"scale": 1.0}]}, "lora[0].id"),
+            ({**body, "lora": {"id": 0}}, "lora"),
+        ):
+            r = httpx.post(url + "/v1/completions", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param
+        r = httpx.post(url + "/lora-adapters", json={"id": 0, "scale": 1.0})
+        assert r.status_code == 400
+    finally:
+        server.stop()

@@ -87,16 +87,25 @@ class Adapters:
 
     def describe(self) -> list[dict[str, Any]]:
         """The loaded adapters as llama-server's GET /lora-adapters lists them, with the default scales."""
-        scales = {id(a): s for a, s in self.default}
-        return [
-            {
+        scales: dict[int, float] = {}
+        for a, s in self.default:
+            scales[id(a)] = scales.get(id(a), 0.0) + s
+        out = []
+        for i, a in enumerate(self._loaded):
+            meta = a.meta
+            entry: dict[str, Any] = {
                 "id": i,
                 "path": a.path,
                 "scale": scales.get(id(a), 0.0),
-                **({"alora_invocation_tokens": list(a.invocation_tokens)} if a.is_alora else {}),
+                "task_name": meta.get("adapter.lora.task_name", ""),
+                "prompt_prefix": meta.get("adapter.lora.prompt_prefix", ""),
             }
-            for i, a in enumerate(self._loaded)
-        ]
+            if a.is_alora:
+                pieces = b"".join(self._model.token_to_piece(t, special=True) for t in a.invocation_tokens)
+                entry["alora_invocation_string"] = pieces.decode("utf-8", "replace")
+                entry["alora_invocation_tokens"] = list(a.invocation_tokens)
+            out.append(entry)
+        return out
 
 
 def control_vector_files(spec: Any) -> list[tuple[str, float]]:

@@ -129,8 +129,43 @@ def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
         if args.spec_draft_n_max is not None:
             spec["n_max"] = args.spec_draft_n_max
         kwargs["speculative"] = spec
+    kwargs.update(_adapter_options(args))
     with _progress_bar() as progress:
         return Llama(path, progress=progress, **kwargs)
+
+
+def _scaled(values: Sequence[str] | None, flag: str) -> list[tuple[str, float]]:
+    """``FNAME:SCALE`` items, comma-separated or given several times (llama.cpp's syntax)."""
+    out: list[tuple[str, float]] = []
+    for value in values or []:
+        for item in value.split(","):
+            path, sep, scale = item.rpartition(":")
+            try:
+                number = float(scale)
+            except ValueError:
+                number = None
+            if not sep or not path or number is None:
+                raise _UsageError(f"{flag} takes FNAME:SCALE, not {item!r}")
+            out.append((path, number))
+    return out
+
+
+def _adapter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Llama keywords of --lora, --lora-scaled, --lora-init-without-apply and the control vectors."""
+    out: dict[str, Any] = {}
+    lora = [(p, 1.0) for v in getattr(args, "lora", None) or [] for p in v.split(",")]
+    lora += _scaled(getattr(args, "lora_scaled", None), "--lora-scaled")
+    if getattr(args, "lora_init_without_apply", False):
+        lora = [(p, 0.0) for p, _ in lora]  # loaded, at scale 0 until POST /lora-adapters or a request says
+    if lora:
+        out["lora"] = lora
+    vectors = [(p, 1.0) for v in getattr(args, "control_vector", None) or [] for p in v.split(",")]
+    vectors += _scaled(getattr(args, "control_vector_scaled", None), "--control-vector-scaled")
+    if vectors:
+        out["control_vectors"] = vectors
+    if getattr(args, "control_vector_layer_range", None):
+        out["control_vector_layer_range"] = tuple(args.control_vector_layer_range)
+    return out
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +196,33 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--spec-draft-n-max", type=int, default=None, metavar="N", help="the most tokens drafted at once"
+    )
+    parser.add_argument(
+        "--lora", action="append", metavar="FNAME", help="a LoRA adapter (comma-separated or repeated: several)"
+    )
+    parser.add_argument(
+        "--lora-scaled", action="append", metavar="FNAME:SCALE", help="a LoRA adapter with a scale (FNAME:SCALE,...)"
+    )
+    parser.add_argument(
+        "--lora-init-without-apply",
+        action="store_true",
+        help="load the adapters at scale 0 (a request's lora or POST /lora-adapters applies them)",
+    )
+    parser.add_argument(
+        "--control-vector", action="append", metavar="FNAME", help="a control vector (comma-separated or repeated)"
+    )
+    parser.add_argument(
+        "--control-vector-scaled",
+        action="append",
+        metavar="FNAME:SCALE",
+        help="a control vector with a strength (FNAME:SCALE,...)",
+    )
+    parser.add_argument(
+        "--control-vector-layer-range",
+        nargs=2,
+        type=int,
+        metavar=("START", "END"),
+        help="the layers the control vectors apply to, inclusive (default: all)",
     )
 
 
