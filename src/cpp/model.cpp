@@ -461,7 +461,8 @@ Model::Model(const std::string &        path,
              bool                       vocab_only,
              bool                       check_tensors,
              const py::dict &           kv_overrides,
-             py::object                 progress_callback) :
+             py::object                 progress_callback,
+             bool                       repack) :
     path_(path) {
     backend_ensure_init();
 
@@ -471,6 +472,7 @@ Model::Model(const std::string &        path,
     params.load_mode          = load_mode_for(use_mmap, use_mlock);
     params.vocab_only         = vocab_only;
     params.check_tensors      = check_tensors;
+    params.use_extra_bufts    = repack;
 
     if (main_gpu < 0) {
         throw std::invalid_argument("main_gpu must be >= 0, not " + std::to_string(main_gpu));
@@ -614,20 +616,22 @@ A GGUF model loaded by llama.cpp.
 
 Model(path, *, n_gpu_layers=-1, split_mode="layer", main_gpu=0, tensor_split=None,
       use_mmap=None, use_mlock=False, vocab_only=False, check_tensors=False,
-      kv_overrides=None, progress_callback=None)
+      kv_overrides=None, progress_callback=None, repack=True)
 
 n_gpu_layers=-1 offloads every layer when a GPU backend is present (llama.cpp's default).
 use_mmap=None lets llama.cpp choose how to load the file; True or False forces memory-mapping on
 or off. progress_callback(progress: float) is called while loading; returning False cancels the
-load (LlamaError). The GIL is released while loading.
+load (LlamaError). The GIL is released while loading. repack=False keeps the weights as the file
+has them (llama.cpp's --no-repack): the CPU backend otherwise repacks some quantised types into
+layouts for faster kernels, whose rounding depends on the batch's shape.
 )doc");
 
     cls.def(py::init<const std::string &, int, const std::string &, int, const std::vector<float> &, py::object, bool,
-                     bool, bool, const py::dict &, py::object>(),
+                     bool, bool, const py::dict &, py::object, bool>(),
             py::arg("path"), py::kw_only(), py::arg("n_gpu_layers") = -1, py::arg("split_mode") = "layer",
             py::arg("main_gpu") = 0, py::arg("tensor_split") = std::vector<float>{}, py::arg("use_mmap") = py::none(),
             py::arg("use_mlock") = false, py::arg("vocab_only") = false, py::arg("check_tensors") = false,
-            py::arg("kv_overrides") = py::dict(), py::arg("progress_callback") = py::none());
+            py::arg("kv_overrides") = py::dict(), py::arg("progress_callback") = py::none(), py::arg("repack") = true);
 
     cls.def("close", &Model::close,
             "Free the model now (a Context that uses it keeps it until the Context is freed). "

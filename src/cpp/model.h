@@ -32,7 +32,8 @@ class Model {
           bool                       vocab_only,
           bool                       check_tensors,
           const py::dict &           kv_overrides,
-          py::object                 progress_callback);
+          py::object                 progress_callback,
+          bool                       repack = true);
     ~Model();
 
     Model(const Model &)             = delete;

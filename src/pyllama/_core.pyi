@@ -70,6 +70,7 @@ class Model:
         check_tensors: bool = False,
         kv_overrides: dict[str, bool | int | float | str] = ...,
         progress_callback: Callable[[float], bool | None] | None = None,
+        repack: bool = True,
     ) -> None: ...
     def close(self) -> None: ...
     @property

@@ -22,6 +22,7 @@ MODEL_OPTIONS = (
     "vocab_only",
     "check_tensors",
     "kv_overrides",
+    "repack",
 )
 
 

@@ -67,6 +67,7 @@ class LlamaBase:
         split_mode: str = "layer",
         tensor_split: Sequence[float] | None = None,
         kv_overrides: dict[str, bool | int | float | str] | None = None,
+        repack: bool = True,
         progress: Callable[[float], bool | None] | None = None,
         n_parallel: int = 1,
         mmproj: str | os.PathLike[str] | None = None,
@@ -103,6 +104,8 @@ class LlamaBase:
             options["tensor_split"] = [float(x) for x in tensor_split]
         if kv_overrides:
             options["kv_overrides"] = dict(kv_overrides)
+        if not repack:
+            options["repack"] = False
         unknown = set(context_params) & set(MODEL_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
