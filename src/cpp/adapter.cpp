@@ -119,7 +119,7 @@ LoraAdapter::LoraAdapter(Model & model, const std::string & path) : model_(model
 }
 
 LoraAdapter::~LoraAdapter() {
-    if (adapter_ != nullptr) {
+    if (adapter_ != nullptr && !model_failed(model_.get())) {
         llama_adapter_lora_free(adapter_);
     }
 }

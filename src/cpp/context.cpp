@@ -308,13 +308,19 @@ Context::~Context() {
     if (ctx_ == nullptr) {
         return;
     }
+    // a context whose model failed inside llama.cpp (an RPC worker that went away) is leaked: freeing
+    // it would ask the dead worker to free its buffers, and llama.cpp aborts when that fails
     if (PyGILState_Check()) {
         py::gil_scoped_release      nogil;
         std::lock_guard<std::mutex> lock(mtx_);
-        llama_free(ctx_);
+        if (!model_failed(model_.get())) {
+            llama_free(ctx_);
+        }
         ctx_ = nullptr;
     } else {
-        llama_free(ctx_);
+        if (!model_failed(model_.get())) {
+            llama_free(ctx_);
+        }
         ctx_ = nullptr;
     }
     model_.reset();
@@ -330,6 +336,10 @@ Context::use Context::acquire() {
     if (ctx_ == nullptr) {
         throw llama_error("this Context is closed");
     }
+    std::string why;
+    if (model_failed(model_.get(), &why)) {
+        throw llama_error("this model cannot be used any more (load it again): " + why);
+    }
     return use{ std::move(lock), ctx_ };
 }
 
@@ -339,7 +349,9 @@ void Context::close() {
     std::lock_guard<std::mutex> lock(mtx_);
     closing_.store(false);
     if (ctx_ != nullptr) {
-        llama_free(ctx_);
+        if (!model_failed(model_.get())) {
+            llama_free(ctx_);  // else leaked, as in the destructor
+        }
         ctx_ = nullptr;
     }
     lora_.clear();
@@ -514,6 +526,7 @@ int32_t Context::decode_nogil(const Batch & b, bool encode, std::string & reason
             sigint_guard sig(abort_);
             log_capture  capture;
             try {
+                ggml_abort_scope scope(model_.get());  // an RPC worker that goes away: an error, not an abort
                 rc = encode ? llama_encode(ctx_, lb) : llama_decode(ctx_, lb);
                 if (rc == 0) {
                     llama_synchronize(ctx_);  // the work is done when decode returns, and counted

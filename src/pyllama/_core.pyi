@@ -71,6 +71,7 @@ class Model:
         kv_overrides: dict[str, bool | int | float | str] = ...,
         progress_callback: Callable[[float], bool | None] | None = None,
         repack: bool = True,
+        rpc_servers: Sequence[str] = ...,
     ) -> None: ...
     def close(self) -> None: ...
     @property
@@ -181,6 +182,9 @@ class LoraAdapter:
     @property
     def meta(self) -> dict[str, str]: ...
 
+def rpc_serve(
+    host: str = "127.0.0.1", port: int = 50052, *, devices: Sequence[str] = ..., n_threads: int = 0, cache: bool = False
+) -> None: ...
 def load_control_vectors(model: Model, files: Sequence[tuple[str, float]]) -> npt.NDArray[np.float32]: ...
 
 class Batch:

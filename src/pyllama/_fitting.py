@@ -23,6 +23,7 @@ MODEL_OPTIONS = (
     "check_tensors",
     "kv_overrides",
     "repack",
+    "rpc_servers",
 )
 
 

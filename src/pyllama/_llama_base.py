@@ -68,6 +68,7 @@ class LlamaBase:
         tensor_split: Sequence[float] | None = None,
         kv_overrides: dict[str, bool | int | float | str] | None = None,
         repack: bool = True,
+        rpc_servers: Sequence[str] | None = None,
         progress: Callable[[float], bool | None] | None = None,
         n_parallel: int = 1,
         mmproj: str | os.PathLike[str] | None = None,
@@ -106,6 +107,10 @@ class LlamaBase:
             options["kv_overrides"] = dict(kv_overrides)
         if not repack:
             options["repack"] = False
+        if rpc_servers:
+            if isinstance(rpc_servers, str) or not all(isinstance(r, str) for r in rpc_servers):
+                raise invalid("rpc_servers must be a list of 'host:port' strings", "rpc_servers")
+            options["rpc_servers"] = list(rpc_servers)
         unknown = set(context_params) & set(MODEL_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
