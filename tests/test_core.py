@@ -192,8 +192,9 @@ def test_sequence_calls_refuse_a_sequence_in_use(tiny_chat_model_path: Path) -> 
         assert first + req.run() == text_alone
         taken = engine.snapshot(0)
         assert taken is not None
-        tokens, state = taken
+        tokens, state, lora = taken
         assert tokens[: len(prompt)] == prompt and len(tokens) == len(prompt) + 11
+        assert lora == ([], 0)  # computed without LoRA adapters
         engine.reset()
         assert engine.tokens(0) == []
         engine.restore(tokens, state, 0)

@@ -148,7 +148,9 @@ def test_a_request_takes_the_lowest_free_sequence_unless_another_saves_64_tokens
     tail = list(model.tokenize(" and then something else"))
     assert len(long) > 150
     with pyllama.Context(model, n_ctx=3072, n_seq_max=3, n_threads=1) as ctx:
-        engine = pyllama.Engine(ctx, 3)
+        # inline: a and b are both queued before the first step (a worker thread could finish a before
+        # b comes, and b would then take sequence 0)
+        engine = pyllama.Engine(ctx, 3, threaded=False)
         a = engine.submit(short, greedy(model), max_tokens=2, ignore_eos=True)  # sequence 0
         b = engine.submit(long, greedy(model), max_tokens=2, ignore_eos=True)  # sequence 1
         a.run(), b.run()

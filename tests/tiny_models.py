@@ -543,6 +543,75 @@ def write_tiny_reranker(
     return path
 
 
+def write_tiny_lora(
+    path: Path | str,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    rank: int = 4,
+    alpha: float | None = None,
+    strength: float = 1.0,
+    targets: Sequence[str] = ("attn_q", "attn_v", "ffn_up"),
+    invocation_tokens: Sequence[int] | None = None,
+    seed: int = 1,
+) -> Path:
+    """Write a random LoRA adapter for ``write_tiny_llama``'s model of the same shape (an aLoRA when
+    ``invocation_tokens`` is given): lora_a and lora_b for each target weight of each layer, as
+    llama.cpp's convert_lora_to_gguf.py writes them; returns its path. ``strength`` scales lora_b, so
+    that the adapter moves the logits well past the model's near-ties."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank if alpha is None else alpha))
+    if invocation_tokens is not None:
+        writer.add_key_value(
+            "adapter.alora.invocation_tokens",
+            [int(t) for t in invocation_tokens],
+            gguf.GGUFValueType.ARRAY,
+            sub_type=gguf.GGUFValueType.UINT32,
+        )
+    n_embd_kv = n_embd // n_head * n_head_kv
+    shapes = {  # (n_out, n_in) of each weight
+        "attn_q": (n_embd, n_embd),
+        "attn_k": (n_embd_kv, n_embd),
+        "attn_v": (n_embd_kv, n_embd),
+        "attn_output": (n_embd, n_embd),
+        "ffn_gate": (n_ff, n_embd),
+        "ffn_up": (n_ff, n_embd),
+        "ffn_down": (n_embd, n_ff),
+    }
+    for i in range(n_layer):
+        for name in targets:
+            n_out, n_in = shapes[name]
+            a = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)  # ggml ne [n_in, rank]
+            b = (strength * rng.standard_normal((n_out, rank)) / np.sqrt(rank)).astype(np.float32)  # ne [rank, n_out]
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
+    _finish(writer)
+    return path
+
+
+def write_tiny_control_vector(
+    path: Path | str, *, n_embd: int = 64, n_layer: int = 2, strength: float = 1.0, seed: int = 2
+) -> Path:
+    """Write a random control vector in llama.cpp's cvector-generator format (F32 tensors
+    direction.<layer> for layers 1 to n_layer); returns its path."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_int32("controlvector.layer_count", n_layer)
+    for layer in range(1, n_layer + 1):
+        writer.add_tensor(f"direction.{layer}", (strength * rng.standard_normal(n_embd)).astype(np.float32))
+    _finish(writer)
+    return path
+
+
 def generate_from_chat(model: pyllama.Model, result: pyllama.ChatResult, seed: int, max_tokens: int) -> str:
     """Greedy-free generation from the rendered prompt with a Sampler built from the chat result."""
     sampler = pyllama.Sampler(model, chat=result, seed=seed, temperature=1.0)

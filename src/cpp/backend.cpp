@@ -17,8 +17,10 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdarg>
+#include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <map>
 #include <mutex>
 
 namespace pyllama {
@@ -159,7 +161,13 @@ py::list devices() {
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev      = ggml_backend_dev_get(i);
         size_t             free_mem = 0, total_mem = 0;
-        ggml_backend_dev_memory(dev, &free_mem, &total_mem);
+        bool               reachable = true;
+        try {
+            ggml_abort_scope scope(nullptr);  // an RPC worker that went away
+            ggml_backend_dev_memory(dev, &free_mem, &total_mem);
+        } catch (const ggml_abort_error &) {
+            reachable = false;
+        }
         const char * type = "cpu";
         switch (ggml_backend_dev_type(dev)) {
             case GGML_BACKEND_DEVICE_TYPE_CPU: type = "cpu"; break;
@@ -175,12 +183,64 @@ py::list devices() {
         d["type"]         = type;
         d["memory_free"]  = free_mem;
         d["memory_total"] = total_mem;
+        d["backend"]      = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
+        if (!reachable) {
+            d["reachable"] = false;
+        }
         out.append(d);
     }
     return out;
 }
 
+// --- ggml aborts ---------------------------------------------------------------------------------
+
+thread_local int                             t_abort_depth = 0;
+thread_local const llama_model *             t_abort_model = nullptr;
+std::mutex &                                 g_failed_mtx  = *new std::mutex;
+std::map<const llama_model *, std::string> & g_failed      = *new std::map<const llama_model *, std::string>;
+
+void on_ggml_abort(const char * message) {
+    if (t_abort_depth > 0) {
+        // ggml writes "file:line: message": the source path says nothing to the caller
+        std::string  what  = message;
+        const size_t colon = what.find(": ");
+        if (colon != std::string::npos && colon > 0 && what.find_last_of("0123456789", colon) == colon - 1) {
+            what = what.substr(colon + 2);
+        }
+        if (t_abort_model != nullptr) {
+            std::lock_guard<std::mutex> lock(g_failed_mtx);
+            g_failed.emplace(t_abort_model, what);
+        }
+        throw ggml_abort_error("llama.cpp failed: " + what);
+    }
+    fprintf(stderr, "%s\n", message);  // ggml's own report; it aborts when this returns
+}
+
 }  // namespace
+
+ggml_abort_scope::ggml_abort_scope(const llama_model * model) : outer_(t_abort_model) {
+    ++t_abort_depth;
+    if (model != nullptr) {
+        t_abort_model = model;
+    }
+}
+
+ggml_abort_scope::~ggml_abort_scope() {
+    --t_abort_depth;
+    t_abort_model = outer_;
+}
+
+bool model_failed(const llama_model * model, std::string * why) {
+    std::lock_guard<std::mutex> lock(g_failed_mtx);
+    auto                        it = g_failed.find(model);
+    if (it == g_failed.end()) {
+        return false;
+    }
+    if (why != nullptr) {
+        *why = it->second;
+    }
+    return true;
+}
 
 void log_capture_add(int level, const std::string & line) {
     for (log_capture * c = t_capture; c != nullptr; c = c->outer_) {
@@ -217,6 +277,7 @@ void backend_ensure_init() {
         setenv("GGML_NO_BACKTRACE", "1", 0);
         llama_log_set(log_callback, nullptr);
         mtmd_helper_log_set(log_callback, nullptr);  // libmtmd and clip log through their own setter
+        ggml_set_abort_callback(on_ggml_abort);
         sync_common_verbosity(g_log_min_level.load());
         llama_backend_init();
     });

@@ -7,6 +7,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cmath>
 #include <csignal>
 #include <cstring>
 #include <map>
@@ -307,13 +308,19 @@ Context::~Context() {
     if (ctx_ == nullptr) {
         return;
     }
+    // a context whose model failed inside llama.cpp (an RPC worker that went away) is leaked: freeing
+    // it would ask the dead worker to free its buffers, and llama.cpp aborts when that fails
     if (PyGILState_Check()) {
         py::gil_scoped_release      nogil;
         std::lock_guard<std::mutex> lock(mtx_);
-        llama_free(ctx_);
+        if (!model_failed(model_.get())) {
+            llama_free(ctx_);
+        }
         ctx_ = nullptr;
     } else {
-        llama_free(ctx_);
+        if (!model_failed(model_.get())) {
+            llama_free(ctx_);
+        }
         ctx_ = nullptr;
     }
     model_.reset();
@@ -329,6 +336,10 @@ Context::use Context::acquire() {
     if (ctx_ == nullptr) {
         throw llama_error("this Context is closed");
     }
+    std::string why;
+    if (model_failed(model_.get(), &why)) {
+        throw llama_error("this model cannot be used any more (load it again): " + why);
+    }
     return use{ std::move(lock), ctx_ };
 }
 
@@ -338,8 +349,47 @@ void Context::close() {
     std::lock_guard<std::mutex> lock(mtx_);
     closing_.store(false);
     if (ctx_ != nullptr) {
-        llama_free(ctx_);
+        if (!model_failed(model_.get())) {
+            llama_free(ctx_);  // else leaked, as in the destructor
+        }
         ctx_ = nullptr;
+    }
+    lora_.clear();
+}
+
+void Context::apply_lora(const lora_set & set) {
+    auto u = acquire();
+    apply_lora_locked(u.ctx, set);
+}
+
+void Context::apply_lora_locked(llama_context * ctx, const lora_set & set) {
+    if (lora_equal(lora_, set)) {
+        return;
+    }
+    lora_apply(ctx, set);
+    lora_ = set;  // the previous adapters may go now: llama.cpp no longer points at them
+}
+
+void Context::set_control_vector(const control_vector & cv, int32_t il_start, int32_t il_end) {
+    auto          u       = acquire();
+    const int32_t n_layer = llama_model_n_layer(model_.get());
+    if (cv.data.empty()) {
+        llama_set_adapter_cvec(u.ctx, nullptr, 0, llama_model_n_embd(model_.get()), -1, -1);
+        return;
+    }
+    if (cv.n_embd != llama_model_n_embd(model_.get()) || cv.data.size() % static_cast<size_t>(cv.n_embd) != 0) {
+        throw invalid_request_error("the control vector is not of this model's width", "control_vectors");
+    }
+    il_start = il_start <= 0 ? 1 : il_start;
+    il_end   = il_end <= 0 ? n_layer : il_end;
+    if (il_start > il_end || il_end > n_layer) {
+        throw invalid_request_error(
+            "control_vector_layer_range must be 1 <= start <= end <= " + std::to_string(n_layer),
+            "control_vector_layer_range");
+    }
+    log_capture capture;
+    if (llama_set_adapter_cvec(u.ctx, cv.data.data(), cv.data.size(), cv.n_embd, il_start, il_end) != 0) {
+        throw llama_error("llama.cpp refused the control vector: " + capture.problems());
     }
 }
 
@@ -476,6 +526,7 @@ int32_t Context::decode_nogil(const Batch & b, bool encode, std::string & reason
             sigint_guard sig(abort_);
             log_capture  capture;
             try {
+                ggml_abort_scope scope(model_.get());  // an RPC worker that goes away: an error, not an abort
                 rc = encode ? llama_encode(ctx_, lb) : llama_decode(ctx_, lb);
                 if (rc == 0) {
                     llama_synchronize(ctx_);  // the work is done when decode returns, and counted
@@ -835,6 +886,53 @@ alive. One thread at a time: concurrent calls are serialised.
         py::arg("causal"),
         "Causal (each token sees those before it) or non-causal attention for the decodes that follow: "
         "Gemma 3 decodes an image's embeddings non-causally. A non-causal batch must fit one n_ubatch.");
+    cls.def(
+        "set_lora",
+        [](Context & self, const lora_set & lora) {
+            const lora_set         set = lora_canonical(lora, self.model(), "lora");
+            py::gil_scoped_release nogil;
+            self.apply_lora(set);
+        },
+        py::arg("lora"),
+        "The LoRA adapters the decodes that follow run with: [(LoraAdapter, scale), ...] (an empty list: "
+        "none). A scale of 0 leaves an adapter out. An Engine over this Context sets each batch's own "
+        "adapters (Engine.submit's lora=) and overrides this.");
+    cls.def_property_readonly(
+        "lora", [](Context & self) { return self.lora(); },
+        "The [(LoraAdapter, scale), ...] the context runs with now.");
+    cls.def(
+        "set_control_vector",
+        [](Context & self, const py::object & data, int32_t layer_start, int32_t layer_end) {
+            control_vector cv;
+            if (!data.is_none()) {
+                const auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(data);
+                if (!a || a.ndim() != 2) {
+                    throw invalid_request_error("a control vector is a 2-D array: n_layer rows of n_embd",
+                                                "control_vectors");
+                }
+                const int32_t n_embd  = llama_model_n_embd(self.model());
+                const int32_t n_layer = llama_model_n_layer(self.model());
+                if (a.shape(1) != n_embd || a.shape(0) < 1 || a.shape(0) > n_layer) {
+                    throw invalid_request_error("a control vector for this model has up to " + std::to_string(n_layer) +
+                                                    " rows of " + std::to_string(n_embd) + " values",
+                                                "control_vectors");
+                }
+                cv.n_embd = n_embd;
+                cv.data.assign(a.data(), a.data() + a.size());
+                for (float v : cv.data) {
+                    if (!std::isfinite(v)) {
+                        throw invalid_request_error("a control vector's values must be finite", "control_vectors");
+                    }
+                }
+            }
+            py::gil_scoped_release nogil;
+            self.set_control_vector(cv, layer_start, layer_end);
+        },
+        py::arg("data"), py::arg("layer_start") = -1, py::arg("layer_end") = -1,
+        "Add a control vector to the output of layers layer_start..layer_end (inclusive; by default layer 1 to "
+        "the last) in the decodes that follow: data has a row of n_embd per layer from layer 1 "
+        "(pyllama.load_control_vectors reads llama.cpp's files); None removes it. As in llama.cpp, the last "
+        "layer's row is not applied.");
 
     cls.def(
         "decode", [](Context & self, const Batch & b) { self.decode(b, false); }, py::arg("batch"),

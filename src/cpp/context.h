@@ -4,6 +4,8 @@
 #include "model.h"
 #include "pyllama.h"
 
+#include "adapter.h"
+
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -72,6 +74,17 @@ class Context {
     const llama_model * model() const { return model_.get(); }
     int32_t             n_vocab() const;
 
+    // The LoRA adapters the next decodes run with (a canonical set, see lora_canonical): applied when
+    // they differ from the context's, and kept alive while the context may use them. Call without
+    // the GIL; apply_lora_locked with acquire() held.
+    void             apply_lora(const lora_set & set);
+    void             apply_lora_locked(llama_context * ctx, const lora_set & set);
+    const lora_set & lora() const { return lora_; }
+
+    // A control vector (control_vector_load) added to the output of layers il_start..il_end
+    // (inclusive; <= 0: layer 1 and the last), or none when `cv` is empty. Call without the GIL.
+    void set_control_vector(const control_vector & cv, int32_t il_start, int32_t il_end);
+
   private:
     std::shared_ptr<llama_model> model_;
     llama_context *              ctx_ = nullptr;
@@ -79,6 +92,7 @@ class Context {
     std::atomic<bool>            abort_{ false };    // cancel(): stop the decode in progress
     std::atomic<bool>            closing_{ false };  // close(): stop whatever runs, then free
     bool                         causal_ = true;
+    lora_set                     lora_;  // what the context runs with (llama.cpp keeps raw pointers)
 
     // Outputs of the last successful decode: for each batch index, its output row or -1.
     std::vector<int32_t> output_rows_;

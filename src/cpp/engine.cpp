@@ -64,7 +64,8 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         "submit",
         [](Scheduler & e, const py::object & prompt_in, std::shared_ptr<Sampler> sampler, int32_t max_tokens,
            std::vector<std::string> stop, int32_t logprobs, bool ignore_eos, std::shared_ptr<Notifier> notifier,
-           std::shared_ptr<Projector> projector, bool speculative, std::vector<llama_token> prediction) {
+           std::shared_ptr<Projector> projector, bool speculative, std::vector<llama_token> prediction,
+           const lora_set & lora) {
             if (sampler->model() != e.context().model()) {
                 throw std::invalid_argument("the Sampler was built for another model than the Context's");
             }
@@ -91,6 +92,7 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
                 Model::check_token(vocab, t, "prediction");
             }
             generation_options opt;
+            opt.lora        = lora_canonical(lora, e.context().model(), "lora");
             opt.speculative = speculative;
             opt.prediction  = std::move(prediction);
             opt.max_tokens  = max_tokens;
@@ -104,7 +106,7 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         py::arg("prompt"), py::arg("sampler"), py::kw_only(), py::arg("max_tokens") = -1,
         py::arg("stop") = std::vector<std::string>(), py::arg("logprobs") = -1, py::arg("ignore_eos") = false,
         py::arg("notifier") = py::none(), py::arg("projector") = py::none(), py::arg("speculative") = true,
-        py::arg("prediction") = std::vector<llama_token>(),
+        py::arg("prediction") = std::vector<llama_token>(), py::arg("lora") = lora_set(),
         "Queue a generation from prompt tokens, or from the chunks of projector.tokenize() (text and media:\n"
         "each media chunk is encoded and decoded in a step of its own; n_prompt counts its tokens, and a\n"
         "prefix reused from a sequence is not encoded again); returns an EngineRequest: iterate it for text pieces, or "
@@ -113,7 +115,10 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         "text; logprobs >= 0 records each token's log-probability and that many alternatives. With a Notifier\n"
         "(threaded engines), its descriptor becomes readable whenever the request has new text or has ended.\n"
         "speculative=False: no drafts from the engine's speculator for this request. prediction: tokens the\n"
-        "reply is expected to repeat (OpenAI's predicted outputs), drafted from where the reply stands in them.");
+        "reply is expected to repeat (OpenAI's predicted outputs), drafted from where the reply stands in them.\n"
+        "lora: [(LoraAdapter, scale), ...], the adapters it runs with (requests with other sets decode in\n"
+        "batches of their own; a prefix is reused only where it was computed with the same adapters). An aLoRA\n"
+        "switches on at the last occurrence of its invocation tokens in the prompt (it stays off without one).");
     eng.def(
         "set_speculative",
         [](Scheduler & e, const py::object & types_in, Context * draft, int32_t n_max, int32_t n_min, float p_min,
@@ -243,20 +248,26 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
         [](Scheduler & e, int32_t seq) -> py::object {
             std::vector<llama_token> tokens;
             std::vector<uint8_t>     state;
+            lora_key                 lora;
             bool                     ok = false;
             {
                 py::gil_scoped_release nogil;
-                ok = e.snapshot(seq, tokens, state);
+                ok = e.snapshot(seq, tokens, state, lora);
             }
             if (!ok) {
                 return py::none();
             }
-            return py::make_tuple(tokens, py::bytes(reinterpret_cast<const char *>(state.data()), state.size()));
+            return py::make_tuple(tokens, py::bytes(reinterpret_cast<const char *>(state.data()), state.size()),
+                                  py::make_tuple(py::cast(lora.set), lora.set.empty() ? 0 : lora.from));
         },
-        py::arg("seq") = 0, "(tokens, state bytes) of a sequence, taken between steps; None while a request uses it.");
+        py::arg("seq") = 0,
+        "(tokens, state bytes, (lora, lora_from)) of a sequence, taken between steps; None while a request uses it.\n"
+        "lora: the [(LoraAdapter, scale), ...] its cells were computed with, from token lora_from on (an aLoRA's\n"
+        "invocation; the tokens before it without adapters).");
     eng.def(
         "restore",
-        [](Scheduler & e, std::vector<llama_token> tokens, const py::bytes & state, int32_t seq) {
+        [](Scheduler & e, std::vector<llama_token> tokens, const py::bytes & state, int32_t seq, const lora_set & lora,
+           size_t lora_from) {
             const std::string    data = state;
             std::vector<uint8_t> bytes(data.begin(), data.end());
             const llama_vocab *  vocab = llama_model_get_vocab(e.context().model());
@@ -265,11 +276,16 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
                     Model::check_token(vocab, t);
                 }
             }
+            lora_key key;
+            key.set  = lora_canonical(lora, e.context().model(), "lora");
+            key.from = lora_from;
             py::gil_scoped_release nogil;
-            e.restore(seq, tokens, bytes);
+            e.restore(seq, tokens, bytes, key);
         },
-        py::arg("tokens"), py::arg("state"), py::arg("seq") = 0,
-        "Load a snapshot() into a sequence (LlamaError while a request uses it, or when the state does not fit).");
+        py::arg("tokens"), py::arg("state"), py::arg("seq") = 0, py::kw_only(), py::arg("lora") = lora_set(),
+        py::arg("lora_from") = 0,
+        "Load a snapshot() into a sequence (LlamaError while a request uses it, or when the state does not fit);\n"
+        "lora and lora_from say which adapters its cells were computed with (snapshot()'s third item).");
     eng.def(
         "set_host_cache",
         [](Scheduler & e, int64_t budget) {

@@ -3,6 +3,7 @@
 #include "model.h"
 
 #include "gguf.h"
+#include "rpc.h"
 
 #include <cerrno>
 #include <climits>
@@ -451,26 +452,34 @@ py::str utf8_lenient(const std::string & s) {
     return py::reinterpret_steal<py::str>(o);
 }
 
-Model::Model(const std::string &        path,
-             int                        n_gpu_layers,
-             const std::string &        split_mode,
-             int                        main_gpu,
-             const std::vector<float> & tensor_split,
-             py::object                 use_mmap,
-             bool                       use_mlock,
-             bool                       vocab_only,
-             bool                       check_tensors,
-             const py::dict &           kv_overrides,
-             py::object                 progress_callback) :
+Model::Model(const std::string &              path,
+             int                              n_gpu_layers,
+             const std::string &              split_mode,
+             int                              main_gpu,
+             const std::vector<float> &       tensor_split,
+             py::object                       use_mmap,
+             bool                             use_mlock,
+             bool                             vocab_only,
+             bool                             check_tensors,
+             const py::dict &                 kv_overrides,
+             py::object                       progress_callback,
+             bool                             repack,
+             const std::vector<std::string> & rpc_servers) :
     path_(path) {
     backend_ensure_init();
 
-    llama_model_params params = llama_model_default_params();
-    params.n_gpu_layers       = n_gpu_layers;
-    params.split_mode         = parse_split_mode(split_mode);
-    params.load_mode          = load_mode_for(use_mmap, use_mlock);
-    params.vocab_only         = vocab_only;
-    params.check_tensors      = check_tensors;
+    llama_model_params params                     = llama_model_default_params();
+    params.n_gpu_layers                           = n_gpu_layers;
+    params.split_mode                             = parse_split_mode(split_mode);
+    params.load_mode                              = load_mode_for(use_mmap, use_mlock);
+    params.vocab_only                             = vocab_only;
+    params.check_tensors                          = check_tensors;
+    params.use_extra_bufts                        = repack;
+    // RPC workers first, then the local GPUs (ModelLoadError for a worker that cannot be reached)
+    const std::vector<ggml_backend_dev_t> devices = model_devices(rpc_servers);
+    if (!devices.empty()) {
+        params.devices = const_cast<ggml_backend_dev_t *>(devices.data());
+    }
 
     if (main_gpu < 0) {
         throw std::invalid_argument("main_gpu must be >= 0, not " + std::to_string(main_gpu));
@@ -544,7 +553,11 @@ Model::Model(const std::string &        path,
         }
         throw model_load_error("failed to load model '" + path + "': " + (reason.empty() ? "unknown reason" : reason));
     }
-    model_ = std::shared_ptr<llama_model>(raw, [](llama_model * m) { llama_model_free(m); });
+    model_ = std::shared_ptr<llama_model>(raw, [](llama_model * m) {
+        if (!model_failed(m)) {  // a model whose RPC worker went away is leaked (freeing it would abort)
+            llama_model_free(m);
+        }
+    });
 }
 
 Model::~Model() {
@@ -614,20 +627,25 @@ A GGUF model loaded by llama.cpp.
 
 Model(path, *, n_gpu_layers=-1, split_mode="layer", main_gpu=0, tensor_split=None,
       use_mmap=None, use_mlock=False, vocab_only=False, check_tensors=False,
-      kv_overrides=None, progress_callback=None)
+      kv_overrides=None, progress_callback=None, repack=True, rpc_servers=None)
 
 n_gpu_layers=-1 offloads every layer when a GPU backend is present (llama.cpp's default).
 use_mmap=None lets llama.cpp choose how to load the file; True or False forces memory-mapping on
 or off. progress_callback(progress: float) is called while loading; returning False cancels the
-load (LlamaError). The GIL is released while loading.
+load (LlamaError). The GIL is released while loading. repack=False keeps the weights as the file
+has them (llama.cpp's --no-repack): the CPU backend otherwise repacks some quantised types into
+layouts for faster kernels, whose rounding depends on the batch's shape. rpc_servers=["host:port",
+...] puts layers on llama.cpp RPC workers (pyllama.rpc_serve, llama.cpp's rpc-server) before the
+local GPUs, as llama.cpp's --rpc does, for this model only; ModelLoadError when one cannot be reached.
 )doc");
 
     cls.def(py::init<const std::string &, int, const std::string &, int, const std::vector<float> &, py::object, bool,
-                     bool, bool, const py::dict &, py::object>(),
+                     bool, bool, const py::dict &, py::object, bool, const std::vector<std::string> &>(),
             py::arg("path"), py::kw_only(), py::arg("n_gpu_layers") = -1, py::arg("split_mode") = "layer",
             py::arg("main_gpu") = 0, py::arg("tensor_split") = std::vector<float>{}, py::arg("use_mmap") = py::none(),
             py::arg("use_mlock") = false, py::arg("vocab_only") = false, py::arg("check_tensors") = false,
-            py::arg("kv_overrides") = py::dict(), py::arg("progress_callback") = py::none());
+            py::arg("kv_overrides") = py::dict(), py::arg("progress_callback") = py::none(), py::arg("repack") = true,
+            py::arg("rpc_servers") = std::vector<std::string>());
 
     cls.def("close", &Model::close,
             "Free the model now (a Context that uses it keeps it until the Context is freed). "

@@ -22,17 +22,19 @@ class Model {
         const llama_vocab *                 vocab;
     };
 
-    Model(const std::string &        path,
-          int                        n_gpu_layers,
-          const std::string &        split_mode,
-          int                        main_gpu,
-          const std::vector<float> & tensor_split,
-          py::object                 use_mmap,
-          bool                       use_mlock,
-          bool                       vocab_only,
-          bool                       check_tensors,
-          const py::dict &           kv_overrides,
-          py::object                 progress_callback);
+    Model(const std::string &              path,
+          int                              n_gpu_layers,
+          const std::string &              split_mode,
+          int                              main_gpu,
+          const std::vector<float> &       tensor_split,
+          py::object                       use_mmap,
+          bool                             use_mlock,
+          bool                             vocab_only,
+          bool                             check_tensors,
+          const py::dict &                 kv_overrides,
+          py::object                       progress_callback,
+          bool                             repack      = true,
+          const std::vector<std::string> & rpc_servers = {});
     ~Model();
 
     Model(const Model &)             = delete;

@@ -102,6 +102,8 @@ PYBIND11_MODULE(_core, m) {
 
     pyllama::register_backend(m);
     pyllama::register_model(m);
+    pyllama::register_adapter(m);
+    pyllama::register_rpc(m);
     pyllama::register_context(m);
     pyllama::register_sampler(m);
     pyllama::register_chat(m);

@@ -290,11 +290,12 @@ int32_t Projector::decode_media(Context &                  ctx,
                 "on a model with M-RoPE positions a prompt cannot end with an image or audio: put text after it",
                 "prompt");
         }
-        auto        p    = acquire();
-        auto        u    = ctx.acquire();
-        llama_pos   next = n_past;
-        log_capture capture;
-        const auto  rc =
+        auto             p    = acquire();
+        auto             u    = ctx.acquire();
+        llama_pos        next = n_past;
+        log_capture      capture;
+        ggml_abort_scope scope(ctx.model());
+        const auto       rc =
             mtmd_helper_decode_image_chunk(p.ctx, u.ctx, chunk.chunk.get(), const_cast<float *>(embd.data()), n_past,
                                            seq_id, n_batch, &next, nullptr, nullptr);
         ctx.outputs_lost_locked();

@@ -12,6 +12,8 @@
 
 namespace py = pybind11;
 
+struct llama_model;  // llama.h's
+
 namespace pyllama {
 
 // Exceptions thrown by the glue, one per Python type. They are translated once, in module.cpp:
@@ -85,6 +87,29 @@ class log_capture {
     friend void                              log_capture_add(int level, const std::string & line);
 };
 
+// ggml reports some failures by aborting the process (GGML_ABORT): an RPC worker that crashed or
+// went away is one. While a ggml_abort_scope lives on a thread, such an abort throws ggml_abort_error
+// on that thread instead, and the scope's model is marked failed: its later uses raise LlamaError, and
+// freeing it (or its contexts and adapters) leaks the memory instead of asking the dead worker.
+// Elsewhere the process aborts as llama.cpp would.
+struct ggml_abort_error : llama_error {
+    using llama_error::llama_error;
+};
+
+class ggml_abort_scope {
+  public:
+    explicit ggml_abort_scope(const llama_model * model);
+    ~ggml_abort_scope();
+    ggml_abort_scope(const ggml_abort_scope &)             = delete;
+    ggml_abort_scope & operator=(const ggml_abort_scope &) = delete;
+
+  private:
+    const llama_model * outer_;
+};
+
+// Whether a ggml abort was turned into an exception while `model` was in use (and why).
+bool model_failed(const llama_model * model, std::string * why = nullptr);
+
 // --- keyword arguments -----------------------------------------------------------------------
 
 // The keyword argument `name` of a call to `what` (a class), cast to T; `fallback` when it is absent
@@ -126,6 +151,8 @@ void check_grammar_bounds(const std::string & gbnf, const char * param);
 
 void register_backend(py::module_ & m);
 void register_model(py::module_ & m);
+void register_rpc(py::module_ & m);
+void register_adapter(py::module_ & m);
 void register_context(py::module_ & m);
 void register_sampler(py::module_ & m);
 void register_chat(py::module_ & m);

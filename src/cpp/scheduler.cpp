@@ -401,6 +401,8 @@ std::shared_ptr<Request> Scheduler::submit(std::shared_ptr<Sampler>        sampl
     auto req    = std::make_shared<Request>(std::move(sampler), std::move(prompt), std::move(opt), std::move(notifier),
                                             weak_from_this(), !threaded_);
     req->media_ = std::move(media);
+    req->lora_.set  = req->opt_.lora;
+    req->lora_.from = lora_alora_start(req->lora_.set, req->prompt_);
     if (req->opt_.max_tokens == 0) {
         req->end("length");
         return req;
@@ -538,6 +540,26 @@ static size_t common_prefix(const std::vector<llama_token> & a, const std::vecto
     return n;
 }
 
+// The longest common prefix whose cells were (or will be) computed alike: the same tokens under the
+// same adapters. Cells computed with one LoRA set are no use to a request that runs with another.
+static size_t shared_prefix(const std::vector<llama_token> & a,
+                            const lora_key &                 ka,
+                            const std::vector<llama_token> & b,
+                            const lora_key &                 kb) {
+    const size_t n  = common_prefix(a, b);
+    const size_t fa = ka.start(), fb = kb.start();
+    if (fa == fb && (fa == SIZE_MAX || lora_equal(ka.set, kb.set))) {
+        return n;
+    }
+    return std::min(n, std::min(fa, fb));  // before both starts, both ran without adapters
+}
+
+static const lora_set kNoLora;
+
+const lora_set & Scheduler::next_lora(const Request & r, size_t next) {
+    return next < r.lora_.start() ? kNoLora : r.lora_.set;
+}
+
 void Scheduler::admit() {
     for (auto it = queue_.begin(); it != queue_.end();) {
         auto req = *it;
@@ -555,7 +577,7 @@ void Scheduler::admit() {
             if (slots_[s].busy) {
                 continue;
             }
-            const size_t n = common_prefix(slots_[s].tokens, req->prompt_);
+            const size_t n = shared_prefix(slots_[s].tokens, slots_[s].lora, req->prompt_, req->lora_);
             if (lowest < 0) {
                 lowest     = static_cast<int32_t>(s);
                 lcp_lowest = n;
@@ -579,7 +601,9 @@ void Scheduler::admit() {
         int32_t src     = -1;
         size_t  lcp_src = 0;
         for (size_t s = 0; s < slots_.size(); ++s) {
-            const size_t n = static_cast<int32_t>(s) == best ? 0 : common_prefix(slots_[s].tokens, req->prompt_);
+            const size_t n = static_cast<int32_t>(s) == best
+                                 ? 0
+                                 : shared_prefix(slots_[s].tokens, slots_[s].lora, req->prompt_, req->lora_);
             if (n > lcp_src) {
                 src     = static_cast<int32_t>(s);
                 lcp_src = n;
@@ -589,7 +613,7 @@ void Scheduler::admit() {
         auto   hit      = host_.end();
         size_t lcp_host = 0;
         for (auto h = host_.begin(); h != host_.end(); ++h) {
-            const size_t n = common_prefix(h->tokens, req->prompt_);
+            const size_t n = shared_prefix(h->tokens, h->lora, req->prompt_, req->lora_);
             if (n > lcp_host) {
                 hit      = h;
                 lcp_host = n;
@@ -602,7 +626,7 @@ void Scheduler::admit() {
         bool         wait = false;
         for (const auto & r : active_) {
             if (!r->sampling_ && r->evaluated_ < r->prompt_.size()) {
-                const size_t shared = common_prefix(r->prompt_, req->prompt_);
+                const size_t shared = shared_prefix(r->prompt_, r->lora_, req->prompt_, req->lora_);
                 if (shared >= have + kReuseWorthAGap && r->evaluated_ < shared) {
                     wait = true;
                     break;
@@ -685,6 +709,7 @@ void Scheduler::admit() {
         }
         slots_[best].busy = true;
         slots_[best].tokens.resize(lcp);
+        slots_[best].lora = req->lora_;  // the kept prefix was computed as the request computes it
         cut_shifts(slots_[best].shifts, lcp);
         req->seq_       = best;
         req->evaluated_ = lcp;
@@ -709,6 +734,32 @@ void Scheduler::step() {
             continue;
         }
         stepping.push_back(r);
+    }
+    const auto fifo = stepping;
+    // llama.cpp runs a whole batch with one set of LoRA adapters: the requests whose next tokens run
+    // with another set wait for a step of theirs. The set of the request that waited longest (the
+    // first to come among equals) has the batch, so that sets take turns.
+    lora_set   batch_lora;
+    if (!stepping.empty()) {
+        const Request * pick = stepping.front().get();
+        for (const auto & r : stepping) {
+            if (r->lora_waited_ > pick->lora_waited_) {
+                pick = r.get();
+            }
+        }
+        batch_lora = next_lora(*pick, pick->sampling_ ? SIZE_MAX : pick->evaluated_);
+        std::vector<std::shared_ptr<Request>> in;
+        for (auto & r : stepping) {
+            if (lora_equal(next_lora(*r, r->sampling_ ? SIZE_MAX : r->evaluated_), batch_lora)) {
+                r->lora_waited_ = 0;
+                in.push_back(r);
+            } else {
+                ++r->lora_waited_;
+            }
+        }
+        stepping.swap(in);
+    }
+    for (auto & r : stepping) {
         if (r->sampling_) {
             ++n_tokens;  // the next tokens of the running streams come first
         }
@@ -726,6 +777,9 @@ void Scheduler::step() {
                     break;
                 }
             }
+            if (r->evaluated_ < r->lora_.start()) {
+                upto = std::min(upto, r->lora_.start());  // an aLoRA's invocation starts a batch of its own
+            }
             r->n_prompt_ = std::min(room, upto - std::min(upto, r->evaluated_));
             n_tokens += r->n_prompt_;
         }
@@ -737,7 +791,6 @@ void Scheduler::step() {
     // consecutive sequence ids with as many tokens each: the batch goes in sequence order, each
     // sequence's tokens together, or one step costs several passes over the weights.
     const auto newest = stepping.empty() ? nullptr : stepping.back();
-    const auto fifo   = stepping;
     std::sort(stepping.begin(), stepping.end(), [](const auto & x, const auto & y) { return x->seq_ < y->seq_; });
     Batch           b;
     const Request * sole = nullptr;
@@ -786,6 +839,7 @@ void Scheduler::step() {
     }
     // a cancel() of the only request in the batch stops the decode itself (a long prompt)
     alone_.store(n_in == 1 ? sole : nullptr);
+    ctx_.apply_lora(batch_lora);
     std::string reason;
     const auto  rc = ctx_.decode_nogil(b, false, reason);
     alone_.store(nullptr);
@@ -975,6 +1029,7 @@ void Scheduler::step_media(const std::vector<std::shared_ptr<Request>> & reqs) {
         auto &          slot  = slots_[r->seq_];
         const llama_pos first = pos_at(slot.shifts, m->start);
         try {
+            ctx_.apply_lora(next_lora(*r, m->start));
             const auto embd = m->projector->encode(m->chunk);
             r->row_ =
                 m->projector->decode_media(ctx_, m->chunk, embd, first, r->seq_, static_cast<int32_t>(n_batch_), last);
@@ -1077,6 +1132,7 @@ void Scheduler::release(const std::shared_ptr<Request> & r, const std::string & 
         slot.copying = false;
         slot.tokens.clear();
         slot.shifts.clear();
+        slot.lora = {};
         try {
             auto u = ctx_.acquire();
             llama_memory_seq_rm(llama_get_memory(u.ctx), r->seq_, -1, -1);
@@ -1100,6 +1156,7 @@ void Scheduler::fail_all(std::exception_ptr why) {
     for (auto & s : slots_) {
         s.tokens.clear();
         s.shifts.clear();
+        s.lora    = {};
         s.copying = false;
     }
     try {
@@ -1183,6 +1240,7 @@ void Scheduler::reset(int32_t seq) {
         llama_memory_seq_rm(mem, static_cast<llama_seq_id>(s), -1, -1);
         slots_[s].tokens.clear();
         slots_[s].shifts.clear();
+        slots_[s].lora = {};
     }
 }
 
@@ -1202,15 +1260,20 @@ void Scheduler::adopt(int32_t seq, std::vector<llama_token> tokens) {
     }
     slots_[seq].tokens = std::move(tokens);
     slots_[seq].shifts.clear();  // not known from tokens alone: M-RoPE media then do not match
+    slots_[seq].lora = {};       // computed without adapters, as the caller's low-level decodes are
 }
 
-bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state) {
+bool Scheduler::snapshot(int32_t                    seq,
+                         std::vector<llama_token> & tokens,
+                         std::vector<uint8_t> &     state,
+                         lora_key &                 lora) {
     auto step_lock = lock_step();
     purge_cancelled();
     if (seq < 0 || static_cast<size_t>(seq) >= slots_.size() || slots_[seq].busy || slots_[seq].copying) {
         return false;
     }
     tokens = slots_[seq].tokens;
+    lora   = slots_[seq].lora;
     state.clear();
     if (!tokens.empty()) {
         auto u = ctx_.acquire();
@@ -1220,7 +1283,10 @@ bool Scheduler::snapshot(int32_t seq, std::vector<llama_token> & tokens, std::ve
     return true;
 }
 
-void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state) {
+void Scheduler::restore(int32_t                          seq,
+                        const std::vector<llama_token> & tokens,
+                        const std::vector<uint8_t> &     state,
+                        const lora_key &                 lora) {
     auto step_lock = lock_step();
     check_idle(seq, "restore");
     {
@@ -1229,6 +1295,7 @@ void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, co
     }
     slots_[seq].tokens.clear();
     slots_[seq].shifts.clear();
+    slots_[seq].lora = {};
     if (tokens.empty()) {
         return;
     }
@@ -1243,6 +1310,7 @@ void Scheduler::restore(int32_t seq, const std::vector<llama_token> & tokens, co
     }
     slots_[seq].tokens = tokens;
     slots_[seq].shifts.clear();
+    slots_[seq].lora = lora;
 }
 
 // --- the host cache ----------------------------------------------------------------------------------
@@ -1260,14 +1328,15 @@ void Scheduler::host_trim(size_t room, std::list<host_entry>::const_iterator kee
 
 void Scheduler::host_save(int32_t seq, std::list<host_entry>::const_iterator keep) {
     const auto & tokens = slots_[seq].tokens;
+    const auto & key    = slots_[seq].lora;
     for (size_t s = 0; s < slots_.size(); ++s) {
-        if (static_cast<int32_t>(s) != seq && common_prefix(slots_[s].tokens, tokens) == tokens.size() &&
-            !slots_[s].copying) {
+        if (static_cast<int32_t>(s) != seq &&
+            shared_prefix(slots_[s].tokens, slots_[s].lora, tokens, key) == tokens.size() && !slots_[s].copying) {
             return;  // another sequence still holds all of it
         }
     }
     for (auto h = host_.begin(); h != host_.end(); ++h) {
-        if (common_prefix(h->tokens, tokens) == tokens.size()) {
+        if (shared_prefix(h->tokens, h->lora, tokens, key) == tokens.size()) {
             host_.splice(host_.end(), host_, h);  // already kept: now the most recently used
             return;
         }
@@ -1281,7 +1350,7 @@ void Scheduler::host_save(int32_t seq, std::list<host_entry>::const_iterator kee
         }
         // entries this one supersedes (prefixes of it) go first, then the least recently used
         for (auto h = host_.begin(); h != host_.end();) {
-            if (h != keep && common_prefix(h->tokens, tokens) == h->tokens.size()) {
+            if (h != keep && shared_prefix(h->tokens, h->lora, tokens, key) == h->tokens.size()) {
                 host_bytes_ -= h->state.size();
                 h = host_.erase(h);
             } else {
@@ -1304,6 +1373,7 @@ void Scheduler::host_save(int32_t seq, std::list<host_entry>::const_iterator kee
     }
     e.tokens = tokens;
     e.shifts = slots_[seq].shifts;
+    e.lora   = key;
     host_bytes_ += e.state.size();
     host_.push_back(std::move(e));
     ++host_saved_;

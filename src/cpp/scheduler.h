@@ -13,6 +13,7 @@
 // Nothing here touches Python: the binding (engine.cpp) converts arguments and releases the GIL.
 #pragma once
 
+#include "adapter.h"
 #include "context.h"
 #include "llama.h"
 #include "projector.h"
@@ -41,6 +42,18 @@ struct generation_options {
     bool                     ignore_eos  = false;
     bool                     speculative = true;  // draft with the engine's Speculator, when it has one
     std::vector<llama_token> prediction;          // predicted outputs: the tokens the reply is expected to repeat
+    lora_set                 lora;                // the LoRA adapters it runs with (canonical, see lora_canonical)
+};
+
+// Which adapters computed a sequence's cells: tokens [0, from) without any, the rest with `set` (an
+// aLoRA switches on at its invocation; a LoRA applies from 0). Prefixes are shared only where their
+// cells were computed alike.
+struct lora_key {
+    lora_set set;
+    size_t   from = 0;
+
+    // The first token computed with adapters (SIZE_MAX: none is).
+    size_t start() const { return set.empty() ? SIZE_MAX : from; }
 };
 
 // A media chunk of a prompt: it stands at prompt[start, start + n_tokens) as media_token()s.
@@ -194,6 +207,11 @@ class Request {
     std::exception_ptr         error_;  // what failed the request, raised once by next()
     std::vector<llama_token>   completion_;
     std::vector<token_logprob> logprobs_;
+
+    // the adapters its prompt and reply are computed with (an aLoRA's tokens before its invocation
+    // without), and the steps it had work but another adapter set had the batch (the scheduler's)
+    lora_key lora_;
+    size_t   lora_waited_ = 0;
 };
 
 class Scheduler : public std::enable_shared_from_this<Scheduler> {
@@ -231,8 +249,12 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     bool                     busy(int32_t seq);   // a request is using it
     void                     reset(int32_t seq);  // seq < 0: every sequence
     void                     adopt(int32_t seq, std::vector<llama_token> tokens);
-    bool                     snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state);
-    void restore(int32_t seq, const std::vector<llama_token> & tokens, const std::vector<uint8_t> & state);
+    // A sequence's tokens, its state and the adapters its cells were computed with.
+    bool snapshot(int32_t seq, std::vector<llama_token> & tokens, std::vector<uint8_t> & state, lora_key & lora);
+    void restore(int32_t                          seq,
+                 const std::vector<llama_token> & tokens,
+                 const std::vector<uint8_t> &     state,
+                 const lora_key &                 lora = {});
 
     // The host-memory prompt cache (llama-server's --cache-ram): when a sequence gives up a prefix
     // of kReuseWorthAGap tokens or more that no other sequence holds, its state is kept in RAM, within
@@ -263,12 +285,14 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
         bool                     copying = false;  // forked: llama.cpp copies its buffers at the next decode
         // M-RoPE: (end of a media chunk, its positions minus its tokens), where positions and indices part
         std::vector<std::pair<size_t, int32_t>> shifts;
+        lora_key                                lora;  // the adapters its cells were computed with
     };
 
     struct host_entry {
         std::vector<llama_token>                tokens;
         std::vector<uint8_t>                    state;  // llama_state_seq_get_data of a sequence holding `tokens`
         std::vector<std::pair<size_t, int32_t>> shifts;
+        lora_key                                lora;
     };
 
     // With the step lock held; `keep` (an entry about to be loaded, or end()) is never dropped.
@@ -294,6 +318,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
     void   purge_cancelled();  // with the step lock held
     void   check_idle(int32_t seq, const char * what);
     void   check_idle_range(int32_t seq) const;  // invalid_argument outside 0..n_parallel-1
+    // The adapters r's token at index `next` of prompt and reply runs with (SIZE_MAX: the reply's next).
+    static const lora_set & next_lora(const Request & r, size_t next);
 
     Context &                             ctx_;
     const bool                            threaded_;

@@ -11,7 +11,8 @@ from typing import Any
 
 from . import _core, streams
 from . import _openai as _oa
-from ._llama_base import Drafting, LlamaBase
+from ._adapters import LoraSpec
+from ._llama_base import Decoding, LlamaBase
 from .errors import ContextLengthError, InvalidRequestError, invalid
 from .media import MediaPrompt, has_media, read_media
 from .reply import ReplyStream, parse_reply
@@ -50,6 +51,7 @@ class ChatCalls(LlamaBase):
         truncate: bool = False,
         prediction: dict[str, Any] | None = None,
         speculative: bool = True,
+        lora: LoraSpec | None = None,
         n: int = 1,
         stream: bool = False,
         **sampling: Any,
@@ -104,7 +106,7 @@ class ChatCalls(LlamaBase):
             "chat_template_kwargs": chat_template_kwargs,
             "continue_final_message": continue_final_message,
             "truncate": truncate,
-            "drafting": self._drafting(prediction, speculative),
+            "decoding": self._decoding(prediction, speculative, lora),
             **sampling,
         }
         if run_tools:
@@ -183,7 +185,7 @@ class ChatCalls(LlamaBase):
         continue_final_message: bool | str | None,
         truncate: bool,
         stream: bool,
-        drafting: Drafting | None = None,
+        decoding: Decoding | None = None,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         json_schema = _oa.response_schema(response_format)
@@ -240,11 +242,11 @@ class ChatCalls(LlamaBase):
         if stream:
             use = Use(current_owner())
             return Stream(
-                self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta, drafting),
+                self._chat_stream(use, result, tokens, sampler, budget, stops, n_top, meta, decoding),
                 use,
                 pollable=self._engine.threaded,
             )
-        gen, text = self._run(tokens, sampler, budget, stops, n_top, drafting=drafting)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top, decoding=decoding)
         message = parse_reply(result, text, meta["id_seed"])
         finish = _oa.finish_reason(gen.finish_reason or "stop", bool(message.get("tool_calls")))
         choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -340,7 +342,7 @@ class ChatCalls(LlamaBase):
         stops: list[str],
         n_top: int,
         meta: dict[str, Any],
-        drafting: Drafting | None = None,
+        decoding: Decoding | None = None,
     ) -> Iterator[dict[str, Any]]:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
             return {
@@ -354,7 +356,7 @@ class ChatCalls(LlamaBase):
 
         self._enter(use)
         try:
-            gen = self._generate(use, tokens, sampler, budget, stops, n_top, drafting=drafting)
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top, decoding=decoding)
             reply = ReplyStream(result, meta["id_seed"])
             # the role comes with the first token, so that an error of the first step (a grammar no
             # token satisfies) ends the stream before any chunk, as a server's status

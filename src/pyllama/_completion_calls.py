@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _openai as _oa
 from . import streams
+from ._adapters import LoraSpec
 from ._llama_base import LlamaBase
 from .errors import invalid
 from .streams import Stream, Use, current_owner
@@ -74,6 +75,7 @@ class CompletionCalls(LlamaBase):
         stream: bool = False,
         prediction: dict[str, Any] | None = None,
         speculative: bool = True,
+        lora: LoraSpec | None = None,
         **sampling: Any,
     ) -> dict[str, Any] | Stream:
         """An OpenAI Completion dict, or with ``stream=True`` an iterator of completion chunks.
@@ -82,7 +84,7 @@ class CompletionCalls(LlamaBase):
         ``suffix``. ``truncate=True`` keeps the end of a prompt that does not fit (and its BOS).
         """
         _oa.check_sampling(sampling)
-        drafting = self._drafting(prediction, speculative)
+        decoding = self._decoding(prediction, speculative, lora)
         if suffix is not None:
             if not isinstance(prompt, str):
                 raise TypeError("suffix needs the prompt as text")
@@ -127,7 +129,7 @@ class CompletionCalls(LlamaBase):
             def pieces() -> Iterator[dict[str, Any]]:
                 self._enter(use)
                 try:
-                    gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos, drafting)
+                    gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos, decoding)
                     if echo:
                         yield shape(prompt_text, None, {})
                     for piece in streams.text_pieces(use, gen):
@@ -142,7 +144,7 @@ class CompletionCalls(LlamaBase):
                 yield shape("", _oa.finish_reason(gen.finish_reason or "stop", False), {"usage": _oa.usage(gen)})
 
             return Stream(pieces(), use, pollable=self._engine.threaded)
-        gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos, drafting)
+        gen, text = self._run(tokens, sampler, budget, stops, n_top, ignore_eos, decoding)
         out = shape(
             (prompt_text if echo else "") + text,
             _oa.finish_reason(gen.finish_reason or "stop", False),

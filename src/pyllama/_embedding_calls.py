@@ -61,6 +61,7 @@ class EmbeddingCalls(LlamaBase):
                 )
             tokens = tokens[: ctx.n_ctx]
         ctx.memory_clear()
+        ctx.set_lora(self._adapters.default)  # the Llama's adapters, as llama-server embeds with them
         batch = _core.Batch.from_tokens(tokens, logits_last=True)
         if self._model.has_decoder:
             ctx.decode(batch)

@@ -22,6 +22,8 @@ MODEL_OPTIONS = (
     "vocab_only",
     "check_tensors",
     "kv_overrides",
+    "repack",
+    "rpc_servers",
 )
 
 

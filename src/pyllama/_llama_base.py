@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import _core
+from ._adapters import Adapters, LoraSpec, control_vector_files
+from ._adapters import layer_range as cvec_layer_range
 from ._fitting import MODEL_OPTIONS, MODELS, default_n_ctx
 from .cache import LlamaState, RAMCache, StateCache, common_prefix
 from .chat import ChatTemplate
@@ -30,11 +32,13 @@ SPECULATIVE_KEYS = ("type", "n_max", "n_min", "p_min", "ngram_size_n", "ngram_si
 
 
 @dataclasses.dataclass
-class Drafting:
-    """A request's speculative decoding: the engine's drafts on or off, and a predicted output's tokens."""
+class Decoding:
+    """How a request decodes: the engine's speculative drafts on or off, a predicted output's tokens,
+    and the LoRA adapters it runs with (None: the Llama's)."""
 
     speculative: bool = True
     prediction: list[int] = dataclasses.field(default_factory=list)
+    lora: list[tuple[_core.LoraAdapter, float]] | None = None
 
 
 class LlamaBase:
@@ -63,6 +67,8 @@ class LlamaBase:
         split_mode: str = "layer",
         tensor_split: Sequence[float] | None = None,
         kv_overrides: dict[str, bool | int | float | str] | None = None,
+        repack: bool = True,
+        rpc_servers: Sequence[str] | None = None,
         progress: Callable[[float], bool | None] | None = None,
         n_parallel: int = 1,
         mmproj: str | os.PathLike[str] | None = None,
@@ -70,6 +76,9 @@ class LlamaBase:
         media: MediaPolicy | None = None,
         draft_model: str | os.PathLike[str] | None = None,
         speculative: str | dict[str, Any] | None = None,
+        lora: LoraSpec | None = None,
+        control_vectors: Sequence[Any] | None = None,
+        control_vector_layer_range: tuple[int, int] | None = None,
         **context_params: Any,
     ) -> None:
         self._closed = True
@@ -96,6 +105,12 @@ class LlamaBase:
             options["tensor_split"] = [float(x) for x in tensor_split]
         if kv_overrides:
             options["kv_overrides"] = dict(kv_overrides)
+        if not repack:
+            options["repack"] = False
+        if rpc_servers:
+            if isinstance(rpc_servers, str) or not all(isinstance(r, str) for r in rpc_servers):
+                raise invalid("rpc_servers must be a list of 'host:port' strings", "rpc_servers")
+            options["rpc_servers"] = list(rpc_servers)
         unknown = set(context_params) & set(MODEL_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -138,6 +153,12 @@ class LlamaBase:
             self._engine = _core.Engine(self._ctx, n_parallel)
             if speculative is not None or draft_model is not None:
                 self._set_up_speculative(speculative, draft_model, options, ctx_kwargs, n_parallel)
+            self._adapters = Adapters(self._model)
+            if lora is not None:
+                self._adapters.default = self._adapters.resolve(lora)
+            self._cvec_digest = ""
+            if control_vectors is not None or control_vector_layer_range is not None:
+                self._apply_control_vectors(control_vectors or [], control_vector_layer_range)
             if mmproj is not None:
                 # the projector (images, audio) goes to the GPU with the model unless told otherwise
                 use_gpu = n_gpu_layers != 0 if mmproj_use_gpu is None else bool(mmproj_use_gpu)
@@ -168,11 +189,18 @@ class LlamaBase:
         self.set_cache(cache)
         self.model_name = Path(self.model_path).stem
         # which model and context a saved state belongs to
-        self.fingerprint = hashlib.sha256(
+        self._fingerprint = hashlib.sha256(
             json.dumps(
                 [list(self._model_key[:3]), sorted((k, repr(v)) for k, v in ctx_kwargs.items()), self.mmproj_path]
             ).encode()
         ).hexdigest()[:32]
+
+    @property
+    def fingerprint(self) -> str:
+        """Which model, context settings and control vector a saved state belongs to."""
+        if not self._cvec_digest:
+            return self._fingerprint
+        return hashlib.sha256((self._fingerprint + self._cvec_digest).encode()).hexdigest()[:32]
 
     # --- basics -----------------------------------------------------------------------------
 
@@ -285,7 +313,7 @@ class LlamaBase:
             self._draft_ctx = _core.Context(draft, **kwargs, n_seq_max=n_parallel)
         self._engine.set_speculative(types, draft=self._draft_ctx, **spec)
 
-    def _drafting(self, prediction: dict[str, Any] | None, speculative: bool) -> Drafting:
+    def _decoding(self, prediction: dict[str, Any] | None, speculative: bool, lora: LoraSpec | None = None) -> Decoding:
         if not isinstance(speculative, bool):
             raise invalid("speculative must be True or False", "speculative")
         tokens: list[int] = []
@@ -293,7 +321,56 @@ class LlamaBase:
             from ._openai import prediction_text
 
             tokens = self._tokenize(prediction_text(prediction), add_special=False, parse_special=False)
-        return Drafting(speculative, tokens)
+        return Decoding(speculative, tokens, None if lora is None else self._adapters.resolve(lora))
+
+    # --- LoRA adapters and control vectors ----------------------------------------------------
+
+    @property
+    def lora(self) -> list[tuple[str, float]]:
+        """The LoRA adapters every request runs with unless it names its own: [(path, scale), ...]."""
+        return [(a.path, s) for a, s in self._adapters.default]
+
+    @property
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        """The adapters this Llama has loaded, in llama-server's ``/lora-adapters`` shape: ``id``,
+        ``path``, ``scale`` (in the default set; 0 when not in it) and an aLoRA's
+        ``alora_invocation_tokens``. A request's ``lora=[{"id": i, "scale": s}]`` names them by id."""
+        return self._adapters.describe()
+
+    def load_lora(self, path: str | os.PathLike[str]) -> int:
+        """Load a LoRA adapter without applying it (``lora_init_without_apply``); returns its id."""
+        self._check_open()
+        adapter = self._adapters.load(path)
+        return next(i for i, a in enumerate(self._adapters.loaded) if a is adapter)
+
+    def set_lora(self, lora: LoraSpec | None) -> None:
+        """Swap or rescale the adapters of the requests that follow, without reloading the model:
+        paths (scale 1.0), ``(path, scale)`` pairs, LoraAdapters or ``{"id", "scale"}`` objects; None
+        or ``[]``: none. Requests running now keep theirs. Cells computed with other adapters are not
+        reused for them."""
+        self._check_open()
+        self._adapters.default = [] if lora is None else self._adapters.resolve(lora)
+
+    def set_control_vectors(
+        self, control_vectors: Sequence[Any] | None, layer_range: tuple[int, int] | None = None
+    ) -> None:
+        """Add llama.cpp control vectors ([(path, strength), ...], summed) to the output of the layers
+        in ``layer_range`` (inclusive; default: every layer) from the next request on; None or ``[]``
+        removes them. What the sequences and the host cache hold was computed without the new vector
+        and is dropped. ``LlamaError`` while a generation runs."""
+        self._check_open()
+        self._engine.reset(-1)  # LlamaError while a generation uses a sequence
+        self._apply_control_vectors(control_vectors or [], layer_range)
+        self._engine.clear_host_cache()
+
+    def _apply_control_vectors(self, control_vectors: Sequence[Any], layer_range: tuple[int, int] | None) -> None:
+        files = control_vector_files(control_vectors)
+        start, end = cvec_layer_range(layer_range)
+        data = _core.load_control_vectors(self._model, files) if files else None
+        self._ctx.set_control_vector(data, start, end)
+        self._cvec_digest = (
+            "" if data is None else hashlib.sha256(data.tobytes() + f"{start},{end}".encode()).hexdigest()
+        )
 
     def _close_draft(self) -> None:
         if self._draft_ctx is not None:
@@ -372,12 +449,13 @@ class LlamaBase:
         stops: list[str],
         n_top: int,
         ignore_eos: bool = False,
-        drafting: Drafting | None = None,
+        decoding: Decoding | None = None,
     ) -> Gen:
         deadline = PREPARE_DEADLINE.get()
         if deadline is not None:
             deadline.check()
-        self._restore_from_cache(tokens)
+        if not self._request_lora(decoding):
+            self._restore_from_cache(tokens)  # a DiskCache keeps states computed without adapters
         media = isinstance(tokens, MediaPrompt)
         gen = self._engine.submit(
             tokens.chunks if isinstance(tokens, MediaPrompt) else tokens,
@@ -388,8 +466,9 @@ class LlamaBase:
             logprobs=n_top,
             ignore_eos=ignore_eos,
             notifier=None if use.waker is None else use.waker.notifier,
-            speculative=True if drafting is None else drafting.speculative,
-            prediction=[] if drafting is None else drafting.prediction,
+            speculative=True if decoding is None else decoding.speculative,
+            prediction=[] if decoding is None else decoding.prediction,
+            lora=self._request_lora(decoding),
         )
         use.attach(gen)
         handle = HANDLE.get()
@@ -405,12 +484,12 @@ class LlamaBase:
         stops: list[str],
         n_top: int,
         ignore_eos: bool = False,
-        drafting: Drafting | None = None,
+        decoding: Decoding | None = None,
     ) -> tuple[Gen, str]:
         use = Use(current_owner())
         self._enter(use)
         try:
-            gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos, drafting)
+            gen = self._generate(use, tokens, sampler, budget, stops, n_top, ignore_eos, decoding)
             text = gen.run()
             self._store_in_cache()
             return gen, text
@@ -419,11 +498,29 @@ class LlamaBase:
 
     # --- states and the prompt cache ---------------------------------------------------------
 
+    def _request_lora(self, decoding: Decoding | None) -> list[tuple[_core.LoraAdapter, float]]:
+        if decoding is None or decoding.lora is None:
+            return self._adapters.default
+        return decoding.lora
+
+    def _state_of(self, taken: tuple[list[int], bytes, Any]) -> LlamaState:
+        """A LlamaState of Engine.snapshot's (tokens, state, (lora, lora_from))."""
+        lora, lora_from = taken[2]
+        return LlamaState(
+            tuple(taken[0]), taken[1], self.fingerprint, tuple((a.path, s) for a, s in lora), lora_from if lora else 0
+        )
+
+    def _restore_into(self, state: LlamaState, seq: int) -> None:
+        """Load a state into a sequence, with the adapters its cells were computed with (loaded by path
+        when this Llama has not loaded them yet)."""
+        lora = [(self._adapters.load(path), scale) for path, scale in state.lora]
+        self._engine.restore(list(state.tokens), state.data, seq, lora=lora, lora_from=state.lora_from)
+
     def _restore(self, state: LlamaState) -> None:
         if state.fingerprint != self.fingerprint:
             raise ValueError("this state belongs to another model or context settings")
         try:
-            self._engine.restore(list(state.tokens), state.data, 0)
+            self._restore_into(state, 0)
         except _core.LlamaError as e:
             raise ValueError(f"the state could not be loaded: {e}") from e
 
@@ -444,10 +541,10 @@ class LlamaBase:
         if not isinstance(self._cache, StateCache):
             return
         taken = self._engine.snapshot(0)
-        if taken is None or not taken[0]:
-            return  # another call runs in the sequence now
+        if taken is None or not taken[0] or taken[2][0]:
+            return  # another call runs in the sequence now, or its cells were computed with adapters
         try:
-            self._cache.store(LlamaState(tuple(taken[0]), taken[1], self.fingerprint))
+            self._cache.store(self._state_of(taken))
         except (_core.LlamaError, OSError):
             pass  # a cache that cannot take the state only costs a later re-evaluation
 
@@ -477,7 +574,7 @@ class LlamaBase:
                 self._exit(use)
         if taken is None:
             raise _core.LlamaError(f"sequence {seq} is in use by a generation")
-        state = LlamaState(tuple(taken[0]), taken[1], self.fingerprint)
+        state = self._state_of(taken)
         if path is not None:
             state.save(path)
         return state
@@ -499,7 +596,7 @@ class LlamaBase:
             if self._engine.busy(seq):
                 raise _core.LlamaError(f"sequence {seq} is in use by a generation")
             try:
-                self._engine.restore(list(state.tokens), state.data, seq)
+                self._restore_into(state, seq)
             except (_core.LlamaError, ValueError) as e:  # a state that does not fit this context
                 raise ValueError(f"the state could not be loaded: {e}") from e
         finally:

@@ -9,6 +9,7 @@ restarts (one sequence). Use ``Llama(..., cache=...)`` or ``llm.set_cache(...)``
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 __all__ = ["DiskCache", "LlamaState", "RAMCache", "StateCache"]
 
 _MAGIC = b"PYLLAMA-STATE\x00\x01\x00"
+# a state whose cells were computed with LoRA adapters: the header also holds them, as JSON
+_MAGIC_LORA = b"PYLLAMA-STATE\x00\x02\x00"
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,16 @@ class LlamaState:
     """What a ``Llama``'s context holds: the tokens and the KV memory of its sequence.
 
     ``fingerprint`` names the model and context the state belongs to; loading it into another
-    raises ``ValueError``. ``save(path)`` and ``LlamaState.load(path)`` keep it on disk.
+    raises ``ValueError``. ``save(path)`` and ``LlamaState.load(path)`` keep it on disk. ``lora``
+    names the LoRA adapters (paths and scales) its cells were computed with, from token
+    ``lora_from`` on (an aLoRA's invocation; the tokens before it without adapters).
     """
 
     tokens: tuple[int, ...]
     data: bytes
     fingerprint: str
+    lora: tuple[tuple[str, float], ...] = ()
+    lora_from: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -44,13 +51,17 @@ class LlamaState:
 
     def to_bytes(self) -> bytes:
         fp = self.fingerprint.encode()
-        head = _MAGIC + struct.pack("<II", len(fp), len(self.tokens)) + fp
+        if self.lora:
+            extra = json.dumps({"lora": [list(e) for e in self.lora], "lora_from": self.lora_from}).encode()
+            head = _MAGIC_LORA + struct.pack("<III", len(fp), len(self.tokens), len(extra)) + fp + extra
+        else:
+            head = _MAGIC + struct.pack("<II", len(fp), len(self.tokens)) + fp
         return head + struct.pack(f"<{len(self.tokens)}i", *self.tokens) + self.data
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> LlamaState:
-        tokens, fingerprint, offset = _read_header(blob)
-        return cls(tokens, blob[offset:], fingerprint)
+        tokens, fingerprint, lora, lora_from, offset = _read_header(blob)
+        return cls(tokens, blob[offset:], fingerprint, lora, lora_from)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state to ``path`` (atomically: a partial file never appears under that name)."""
@@ -64,18 +75,48 @@ class LlamaState:
         return cls.from_bytes(Path(path).read_bytes())
 
 
-def _read_header(blob: bytes) -> tuple[tuple[int, ...], str, int]:
+def _header_size(head: bytes) -> int:
+    """The size of a state's header (up to its data) from its first bytes (_FIXED_SIZE of them)."""
     n = len(_MAGIC)
-    if len(blob) < n + 8 or blob[:n] != _MAGIC:
-        raise ValueError("not a pyllama state (bad magic)")
-    n_fp, n_tok = struct.unpack_from("<II", blob, n)
-    offset = n + 8
-    if offset + n_fp + 4 * n_tok > len(blob):
+    if len(head) >= n + 8 and head[:n] == _MAGIC:
+        n_fp, n_tok = struct.unpack_from("<II", head, n)
+        return int(n + 8 + n_fp + 4 * n_tok)
+    if len(head) >= n + 12 and head[:n] == _MAGIC_LORA:
+        n_fp, n_tok, n_extra = struct.unpack_from("<III", head, n)
+        return int(n + 12 + n_fp + n_extra + 4 * n_tok)
+    raise ValueError("not a pyllama state (bad magic)")
+
+
+_FIXED_SIZE = len(_MAGIC) + 12  # enough of the header to know its size
+
+
+def _read_header(blob: bytes) -> tuple[tuple[int, ...], str, tuple[tuple[str, float], ...], int, int]:
+    """(tokens, fingerprint, lora, lora_from, where the data starts) of a state's bytes."""
+    n = len(_MAGIC)
+    size = _header_size(blob[:_FIXED_SIZE])
+    if size > len(blob):
         raise ValueError("truncated pyllama state")
-    fingerprint = blob[offset : offset + n_fp].decode()
-    offset += n_fp
+    lora: tuple[tuple[str, float], ...] = ()
+    lora_from = 0
+    if blob[:n] == _MAGIC:
+        n_fp, n_tok = struct.unpack_from("<II", blob, n)
+        offset = n + 8
+        fingerprint = blob[offset : offset + n_fp].decode()
+        offset += n_fp
+    else:
+        n_fp, n_tok, n_extra = struct.unpack_from("<III", blob, n)
+        offset = n + 12
+        fingerprint = blob[offset : offset + n_fp].decode()
+        offset += n_fp
+        try:
+            extra = json.loads(blob[offset : offset + n_extra])
+            lora = tuple((str(path), float(scale)) for path, scale in extra["lora"])
+            lora_from = int(extra["lora_from"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"a damaged pyllama state (its adapters: {e})") from None
+        offset += n_extra
     tokens = struct.unpack_from(f"<{n_tok}i", blob, offset)
-    return tokens, fingerprint, offset + 4 * n_tok
+    return tokens, fingerprint, lora, lora_from, offset + 4 * n_tok
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -174,11 +215,9 @@ class DiskCache(StateCache):
         for path in self.directory.glob("*.state"):
             try:
                 with path.open("rb") as f:
-                    head = f.read(len(_MAGIC) + 8)
-                    if len(head) < len(_MAGIC) + 8:
-                        continue
-                    n_fp, n_tok = struct.unpack_from("<II", head, len(_MAGIC))
-                    tokens, fp, _ = _read_header(head + f.read(n_fp + 4 * n_tok))
+                    head = f.read(_FIXED_SIZE)
+                    size = _header_size(head)
+                    tokens, fp, *_ = _read_header(head + f.read(max(0, size - len(head))))
             except (OSError, ValueError, struct.error):
                 continue  # not ours, or damaged: left alone
             self._index[path.name] = (fp, tokens)

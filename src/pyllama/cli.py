@@ -129,8 +129,47 @@ def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
         if args.spec_draft_n_max is not None:
             spec["n_max"] = args.spec_draft_n_max
         kwargs["speculative"] = spec
+    kwargs.update(_adapter_options(args))
+    if getattr(args, "rpc", None):
+        kwargs["rpc_servers"] = [e for v in args.rpc for e in v.split(",") if e]
+    if getattr(args, "no_repack", False):
+        kwargs["repack"] = False
     with _progress_bar() as progress:
         return Llama(path, progress=progress, **kwargs)
+
+
+def _scaled(values: Sequence[str] | None, flag: str) -> list[tuple[str, float]]:
+    """``FNAME:SCALE`` items, comma-separated or given several times (llama.cpp's syntax)."""
+    out: list[tuple[str, float]] = []
+    for value in values or []:
+        for item in value.split(","):
+            path, sep, scale = item.rpartition(":")
+            try:
+                number = float(scale)
+            except ValueError:
+                number = None
+            if not sep or not path or number is None:
+                raise _UsageError(f"{flag} takes FNAME:SCALE, not {item!r}")
+            out.append((path, number))
+    return out
+
+
+def _adapter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Llama keywords of --lora, --lora-scaled, --lora-init-without-apply and the control vectors."""
+    out: dict[str, Any] = {}
+    lora = [(p, 1.0) for v in getattr(args, "lora", None) or [] for p in v.split(",")]
+    lora += _scaled(getattr(args, "lora_scaled", None), "--lora-scaled")
+    if getattr(args, "lora_init_without_apply", False):
+        lora = [(p, 0.0) for p, _ in lora]  # loaded, at scale 0 until POST /lora-adapters or a request says
+    if lora:
+        out["lora"] = lora
+    vectors = [(p, 1.0) for v in getattr(args, "control_vector", None) or [] for p in v.split(",")]
+    vectors += _scaled(getattr(args, "control_vector_scaled", None), "--control-vector-scaled")
+    if vectors:
+        out["control_vectors"] = vectors
+    if getattr(args, "control_vector_layer_range", None):
+        out["control_vector_layer_range"] = tuple(args.control_vector_layer_range)
+    return out
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +200,42 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--spec-draft-n-max", type=int, default=None, metavar="N", help="the most tokens drafted at once"
+    )
+    parser.add_argument(
+        "--rpc",
+        action="append",
+        metavar="SERVERS",
+        help="llama.cpp RPC workers, host:port, comma-separated (`pyllama rpc-server` there): layers go to them",
+    )
+    parser.add_argument(
+        "--no-repack", action="store_true", help="keep the weights as the file has them (llama.cpp's --no-repack)"
+    )
+    parser.add_argument(
+        "--lora", action="append", metavar="FNAME", help="a LoRA adapter (comma-separated or repeated: several)"
+    )
+    parser.add_argument(
+        "--lora-scaled", action="append", metavar="FNAME:SCALE", help="a LoRA adapter with a scale (FNAME:SCALE,...)"
+    )
+    parser.add_argument(
+        "--lora-init-without-apply",
+        action="store_true",
+        help="load the adapters at scale 0 (a request's lora or POST /lora-adapters applies them)",
+    )
+    parser.add_argument(
+        "--control-vector", action="append", metavar="FNAME", help="a control vector (comma-separated or repeated)"
+    )
+    parser.add_argument(
+        "--control-vector-scaled",
+        action="append",
+        metavar="FNAME:SCALE",
+        help="a control vector with a strength (FNAME:SCALE,...)",
+    )
+    parser.add_argument(
+        "--control-vector-layer-range",
+        nargs=2,
+        type=int,
+        metavar=("START", "END"),
+        help="the layers the control vectors apply to, inclusive (default: all)",
     )
 
 
@@ -449,6 +524,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- rpc-server ------------------------------------------------------------------------------------
+
+
+def _rpc_server(args: argparse.Namespace) -> int:
+    import ipaddress
+    import signal
+    import socket
+
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(
+            f"pyllama: WARNING: the RPC server listens on {args.host}, beyond this machine. llama.cpp's RPC protocol "
+            "has no authentication and no encryption: whoever reaches the port can run computations and read what "
+            "the clients send. Never expose it to an open network.",
+            file=sys.stderr,
+        )
+    # a port that cannot be bound is said here: llama.cpp's server only prints it and returns
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as e:
+            print(f"pyllama: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+            return 1
+    devices = [d for v in args.device or [] for d in v.split(",") if d]
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the worker, as it ends llama.cpp's
+    _core.rpc_serve(args.host, args.port, devices=devices, n_threads=args.threads or 0, cache=args.cache)
+    return 1  # rpc_serve returns only by raising
+
+
 class _UsageError(Exception):
     pass
 
@@ -467,6 +576,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     system = sub.add_parser("system", help="show the build's CPU features and devices")
     system.set_defaults(func=_system)
+
+    rpc = sub.add_parser(
+        "rpc-server",
+        help="serve this machine's devices to llama.cpp RPC clients (--rpc)",
+        description="llama.cpp's RPC worker for this machine's devices: clients (pyllama --rpc, Llama(rpc_servers=), "
+        "llama.cpp's --rpc) put layers on it. The protocol has no authentication: keep it on loopback (the "
+        "default) or a trusted network.",
+    )
+    rpc.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    rpc.add_argument("--port", type=int, default=50052, help="port to listen on (default 50052)")
+    rpc.add_argument(
+        "--device",
+        action="append",
+        metavar="NAMES",
+        help="devices to serve, comma-separated (pyllama system lists them)",
+    )
+    rpc.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: half the cores)")
+    rpc.add_argument("--cache", action="store_true", help="keep tensors clients send in llama.cpp's cache directory")
+    rpc.set_defaults(func=_rpc_server)
 
     run = sub.add_parser(
         "run",

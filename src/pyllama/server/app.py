@@ -256,7 +256,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def _json_body(request: Request, *, array: bool = False) -> Any:
+    """The request's JSON body: an object (or with ``array``, an array); 400 otherwise."""
     raw = await request.body()
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
@@ -264,7 +265,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the request body nests too deeply to be read", code="invalid_json") from None
-    if not isinstance(body, dict):
+    if array and not isinstance(body, list):
+        raise APIError(400, "the request body must be a JSON array", code="invalid_json")
+    if not array and not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     return body
 
@@ -593,6 +596,8 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body = await _json_body(request)
         messages, kwargs, stream, include_usage = params.chat_kwargs(body)
+        if "lora" in kwargs:
+            kwargs["lora"] = request_lora(llm, kwargs["lora"])
         server.deadline()
         if stream:
             chunks = await server.stream(body, llm.achat(messages, stream=True, **kwargs))
@@ -604,6 +609,8 @@ def create_app(
     async def completions(request: Request) -> Response:
         body = await _json_body(request)
         prompt, kwargs, stream, include_usage = params.completion_kwargs(body)
+        if "lora" in kwargs:
+            kwargs["lora"] = request_lora(llm, kwargs["lora"])
         server.deadline()
         if stream:
             chunks = await server.stream(body, llm.acomplete(prompt, stream=True, **kwargs))
@@ -713,9 +720,11 @@ def create_app(
             raise translate(e, body) from e
         return JSONBody({"prompt": result.prompt})
 
-    from .slots import add_slot_routes  # it uses this module's helpers
+    from .lora import add_lora_routes, request_lora  # they use this module's helpers
+    from .slots import add_slot_routes
 
     add_slot_routes(app, llm, slot_save_path)
+    add_lora_routes(app, llm)
     from .responses import add_responses_routes  # it uses this module's helpers
 
     add_responses_routes(app, server, max_stored_responses)

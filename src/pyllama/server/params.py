@@ -144,6 +144,20 @@ def logit_bias(name: str, value: Any) -> dict[int, float]:
     return out
 
 
+def lora(name: str, value: Any) -> list[tuple[int, float]]:
+    """llama-server's ``[{"id": int, "scale": number}, ...]`` (a request's or POST /lora-adapters'),
+    as (id, scale) pairs; which ids exist is the server's to say."""
+    out: list[tuple[int, float]] = []
+    for i, item in enumerate(array(name, value)):
+        entry = obj(f"{name}[{i}]", item)
+        if "id" not in entry:
+            raise invalid(f"{name}[{i}].id", "is required", "missing_required_parameter")
+        ident = int(integer(0)(f"{name}[{i}].id", entry["id"]))
+        scale = number()(f"{name}[{i}].scale", entry.get("scale", 0.0))
+        out.append((ident, scale))
+    return out
+
+
 def one_of(*choices: str) -> Check:
     def check(name: str, value: Any) -> str:
         if value not in choices:
@@ -184,6 +198,7 @@ CHAT: dict[str, Check] = {
     "max_tokens": max_tokens,
     "prediction": obj,  # OpenAI's predicted outputs; its shape is checked by Llama
     "speculative": boolean,  # off: no drafts from the server's --spec-type for this request
+    "lora": lora,  # the adapters' scales for this request (the server's ids)
     "seed": integer(0, SEED_MAX),
     "stop": stop,
     "logit_bias": logit_bias,
@@ -205,6 +220,7 @@ COMPLETION: dict[str, Check] = {
     "max_tokens": max_tokens,
     "prediction": obj,  # OpenAI's predicted outputs; its shape is checked by Llama
     "speculative": boolean,  # off: no drafts from the server's --spec-type for this request
+    "lora": lora,  # the adapters' scales for this request (the server's ids)
     "seed": integer(0, SEED_MAX),
     "stop": stop,
     "logit_bias": logit_bias,

@@ -102,7 +102,7 @@ def add_slot_routes(app: FastAPI, llm: Llama, save_path: str | os.PathLike[str] 
                 taken = engine.snapshot(slot)
                 if taken is None:
                     return None
-                state = LlamaState(tuple(taken[0]), taken[1], llm.fingerprint)
+                state = llm._state_of(taken)
                 state.save(path)
                 ms = (time.perf_counter() - start) * 1000
                 return {
