@@ -148,8 +148,11 @@ def test_a_worker_killed_during_a_generation_is_a_llama_error(tmp_path: Path) ->
                 print("call raised", type(e).__name__)
             llm.close()
             print("closed")
-            # a model without rpc_servers stays on this machine (the dead worker is still registered)
-            with pyllama.Llama(path, n_ctx=256, n_threads=1) as local:
+            # a model without rpc_servers, and its projector, stay on this machine (the worker's device is
+            # no GPU for them)
+            from tiny_models import write_tiny_mmproj_vision
+            vision = write_tiny_mmproj_vision(sys.argv[3] + ".mmproj", text_n_embd=128)
+            with pyllama.Llama(path, n_ctx=256, n_threads=1, mmproj=vision) as local:
                 assert local.complete("Once upon a time", max_tokens=4)["usage"]["completion_tokens"] == 4
             print("local ok")
         """

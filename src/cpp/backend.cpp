@@ -12,6 +12,7 @@
 #include "llama.h"
 #include "log.h"
 #include "mtmd-helper.h"
+#include "rpc.h"
 
 #include <atomic>
 #include <chrono>
@@ -22,6 +23,9 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#ifdef PYLLAMA_BACKEND_DL
+#include <dlfcn.h>
+#endif
 
 namespace pyllama {
 
@@ -157,9 +161,16 @@ void log_set_level(int level) {
 }
 
 py::list devices() {
-    py::list out;
+    py::list                        out;
+    std::vector<ggml_backend_dev_t> all;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev      = ggml_backend_dev_get(i);
+        all.push_back(ggml_backend_dev_get(i));
+    }
+    for (auto * dev : rpc_known_devices()) {  // the RPC workers' devices, kept out of ggml's registry
+        all.push_back(dev);
+    }
+    for (size_t i = 0; i < all.size(); ++i) {
+        ggml_backend_dev_t dev      = all[i];
         size_t             free_mem = 0, total_mem = 0;
         bool               reachable = true;
         try {
@@ -278,6 +289,16 @@ void backend_ensure_init() {
         llama_log_set(log_callback, nullptr);
         mtmd_helper_log_set(log_callback, nullptr);  // libmtmd and clip log through their own setter
         ggml_set_abort_callback(on_ggml_abort);
+#ifdef PYLLAMA_BACKEND_DL
+        // a portable build: the backends (the CPU variant that suits this CPU best, RPC) are libraries
+        // beside this module, which ggml scores and loads
+        Dl_info info{};
+        if (dladdr(reinterpret_cast<void *>(&backend_ensure_init), &info) != 0 && info.dli_fname != nullptr) {
+            std::string dir = info.dli_fname;
+            dir             = dir.substr(0, dir.find_last_of('/') == std::string::npos ? 0 : dir.find_last_of('/'));
+            ggml_backend_load_all_from_path(dir.empty() ? "." : dir.c_str());
+        }
+#endif
         sync_common_verbosity(g_log_min_level.load());
         llama_backend_init();
     });
@@ -305,6 +326,11 @@ void register_backend(py::module_ & m) {
     m.def("_log_close", &log_close, "Stop queueing log lines and wake the waiting thread (at exit).");
     m.def("_log_is_closed", &log_is_closed);
 
+#ifdef PYLLAMA_BACKEND_DL
+    m.attr("PORTABLE") = true;  // CPU backend variants loaded at run time (PYLLAMA_PORTABLE)
+#else
+    m.attr("PORTABLE") = false;
+#endif
     m.attr("LLAMA_CPP_COMMIT") = PYLLAMA_LLAMA_CPP_COMMIT;
     m.attr("__version__")      = PYLLAMA_VERSION;
 }

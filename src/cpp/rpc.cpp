@@ -7,16 +7,19 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <mutex>
-#include <set>
 #include <thread>
 
 namespace pyllama {
 
 namespace {
 
-std::mutex &            g_rpc_mtx        = *new std::mutex;
-std::set<std::string> & g_rpc_registered = *new std::set<std::string>;  // endpoints added to ggml's registry
+// The workers' registry entries, by endpoint. They are not added to ggml's registry, as llama.cpp's
+// --rpc does: every later model load, and libmtmd's choice of a GPU for a projector, would take the
+// workers' devices (a worker that has gone away then crashes them).
+std::mutex &                                g_rpc_mtx  = *new std::mutex;
+std::map<std::string, ggml_backend_reg_t> & g_rpc_regs = *new std::map<std::string, ggml_backend_reg_t>;
 
 // ggml-rpc's functions, looked up in its registry entry as llama.cpp's tools do (the backend may be
 // linked in or loaded at run time); LlamaError when this build has no RPC backend.
@@ -48,8 +51,7 @@ void check_endpoint(const std::string & endpoint) {
     }
 }
 
-// The devices of the worker at `endpoint`, added to ggml's registry once (pyllama.devices() lists
-// them, as llama.cpp's --rpc does).
+// The devices of the worker at `endpoint` (pyllama.devices() lists them from then on).
 std::vector<ggml_backend_dev_t> rpc_server_devices(const std::string & endpoint) {
     check_endpoint(endpoint);
     ggml_backend_reg_t reg = nullptr;
@@ -71,9 +73,7 @@ std::vector<ggml_backend_dev_t> rpc_server_devices(const std::string & endpoint)
     }
     {
         std::lock_guard<std::mutex> lock(g_rpc_mtx);
-        if (g_rpc_registered.insert(endpoint).second) {
-            ggml_backend_register(reg);
-        }
+        g_rpc_regs.emplace(endpoint, reg);
     }
     std::vector<ggml_backend_dev_t> out;
     for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); ++i) {
@@ -84,6 +84,17 @@ std::vector<ggml_backend_dev_t> rpc_server_devices(const std::string & endpoint)
 
 }  // namespace
 
+std::vector<ggml_backend_dev_t> rpc_known_devices() {
+    std::lock_guard<std::mutex>     lock(g_rpc_mtx);
+    std::vector<ggml_backend_dev_t> out;
+    for (const auto & [endpoint, reg] : g_rpc_regs) {
+        for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); ++i) {
+            out.push_back(ggml_backend_reg_dev_get(reg, i));
+        }
+    }
+    return out;
+}
+
 std::vector<ggml_backend_dev_t> model_devices(const std::vector<std::string> & rpc_servers) {
     std::vector<ggml_backend_dev_t> devs;
     for (const auto & endpoint : rpc_servers) {
@@ -91,14 +102,10 @@ std::vector<ggml_backend_dev_t> model_devices(const std::vector<std::string> & r
             devs.push_back(dev);
         }
     }
-    {
-        std::lock_guard<std::mutex> lock(g_rpc_mtx);
-        if (rpc_servers.empty() && g_rpc_registered.empty()) {
-            return {};  // llama.cpp's own choice
-        }
+    if (rpc_servers.empty()) {
+        return {};  // llama.cpp's own choice (the workers are not in ggml's registry)
     }
-    // then the local GPUs, as llama.cpp picks them (integrated ones only without discrete ones), and
-    // no other RPC workers: a model without rpc_servers stays on this machine
+    // then the local GPUs, as llama.cpp picks them (integrated ones only without discrete ones)
     std::vector<ggml_backend_dev_t> gpus, igpus;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);

@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 __version__: str
 LLAMA_CPP_COMMIT: str
+PORTABLE: bool
 JSON_GRAMMAR: str
 
 class LlamaError(RuntimeError): ...
