@@ -20,6 +20,7 @@ from . import tools
 from ._core import (
     JSON_GRAMMAR,
     LLAMA_CPP_COMMIT,
+    PORTABLE,
     Batch,
     ChatResult,
     ChatStream,
@@ -70,6 +71,7 @@ from .session import ChatSession
 __all__ = [
     "JSON_GRAMMAR",
     "LLAMA_CPP_COMMIT",
+    "PORTABLE",
     "AsyncStream",
     "Batch",
     "CancelledError",
