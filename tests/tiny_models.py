@@ -7,8 +7,10 @@ Each model has the llama architecture, a real vocabulary copied from one of llam
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -29,6 +31,31 @@ def template_text(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer_fields(vocab: Path) -> tuple[tuple[str, Any, Any, Any], ...]:
+    """The tokenizer.* keys of a vocabulary file: (key, value, type, sub-type). gguf-py takes seconds to
+    read a large vocabulary, so each file is read once per process."""
+    reader = gguf.GGUFReader(vocab)
+    out = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = None
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                value: Any = tuple(bytes(field.parts[i]) for i in field.data)
+            else:
+                value = tuple(field.parts[i].tolist()[0] for i in field.data)
+        elif vtype == gguf.GGUFValueType.STRING:
+            value = bytes(field.parts[field.data[0]])
+        else:
+            value = field.parts[field.data[0]].tolist()[0]
+        out.append((key, value, vtype, sub))
+    return tuple(out)
+
+
 def _copy_tokenizer(
     writer: gguf.GGUFWriter,
     vocab: Path,
@@ -42,19 +69,13 @@ def _copy_tokenizer(
     gets special tokens its base vocabulary lacks, at the ids its real vocabulary has them; each slot must hold the
     converter's ``[PAD{id}]`` filler.
     """
-    reader = gguf.GGUFReader(vocab)
     control_tokens = control_tokens or {}
     n_vocab = 0
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.") or key in skip_keys:
+    for key, value, vtype, sub in _tokenizer_fields(Path(vocab)):
+        if key in skip_keys:
             continue
-        vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
-            sub = field.types[1]
-            if sub == gguf.GGUFValueType.STRING:
-                values: list = [bytes(field.parts[i]) for i in field.data]
-            else:
-                values = [field.parts[i].tolist()[0] for i in field.data]
+            values = list(value)
             if key == "tokenizer.ggml.tokens":
                 n_vocab = len(values)
                 for i, text in control_tokens.items():
@@ -65,10 +86,8 @@ def _copy_tokenizer(
                 for i in control_tokens:
                     values[i] = int(gguf.TokenType.CONTROL)
             writer.add_key_value(key, values, vtype, sub_type=sub)
-        elif vtype == gguf.GGUFValueType.STRING:
-            writer.add_key_value(key, bytes(field.parts[field.data[0]]), vtype)
         else:
-            writer.add_key_value(key, field.parts[field.data[0]].tolist()[0], vtype)
+            writer.add_key_value(key, value, vtype)
     if n_vocab == 0:
         raise ValueError(f"{vocab} has no tokenizer.ggml.tokens")
     return n_vocab
