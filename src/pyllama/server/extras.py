@@ -71,7 +71,7 @@ def add_extra_routes(app: FastAPI, server: _Server, metrics: Metrics | None) -> 
         try:
             result = await server.run(
                 request,
-                body,
+                [*body, "documents"],  # the library's name for TEI's texts: renamed below
                 lambda: asyncio.to_thread(llm.rerank, query, documents, top_n=top_n, model=server.model_id),
             )
         except APIError as e:
@@ -124,7 +124,8 @@ def add_extra_routes(app: FastAPI, server: _Server, metrics: Metrics | None) -> 
             "is_sleeping": False,
         }
         tool_use = model.get_chat_template("tool_use")
-        if tool_use and template.source in (model.get_chat_template(), tool_use):  # the model's own templates
+        own = {(model.get_chat_template() or "").strip(), (tool_use or "").strip()}
+        if tool_use and template.source.strip() in own:  # the model's own templates, not one given instead
             props["chat_template_tool_use"] = tool_use
         return JSONBody(props)
 

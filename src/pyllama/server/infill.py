@@ -25,8 +25,9 @@ from .params import APIError
 
 __all__ = ["add_infill_route"]
 
-# llama-server sizes the extra context with its --n-predict (default -1), not the request's:
-# at most n_ctx - n_batch - 2 * N_PREDICT of its tokens are kept.
+# The extra context keeps at most n_ctx - n_batch - 2 * n_predict of its tokens (its end), as
+# llama-server's; llama-server takes its --n-predict (default -1) for n_predict, pyllama the request's
+# n_predict, or that default.
 N_PREDICT = -1
 
 
@@ -140,6 +141,8 @@ def add_infill_route(app: FastAPI, server: _Server, spm: bool) -> None:
                 out += llm.tokenize(item, False, False) if isinstance(item, str) else [item]
             return out
 
+        n_predict = kwargs["max_tokens"] if kwargs["max_tokens"] > 0 else N_PREDICT
+
         def build() -> tuple[list[int], str]:
             n_batch = int(llm.context.n_batch)
             tokens = llm._infill_tokens(
@@ -148,7 +151,7 @@ def add_infill_route(app: FastAPI, server: _Server, spm: bool) -> None:
                 extra=extra,
                 middle=llm.tokenize(prompt, False, True),
                 n_batch=n_batch,
-                n_extra=llm.n_ctx_seq() - n_batch - 2 * N_PREDICT,
+                n_extra=llm.n_ctx_seq() - n_batch - 2 * n_predict,
                 spm=spm,
             )
             return tokens, llm.detokenize(tokens, special=True)
