@@ -336,6 +336,8 @@ def test_infill_errors(fim_served: Running, served: Running) -> None:
     assert_error(post(fim_served, "/infill", bad_extra), 400, "input_extra[0].text")
     bad_extra = {"input_prefix": "a", "input_suffix": "b", "input_extra": {"text": "x"}}
     assert_error(post(fim_served, "/infill", bad_extra), 400, "input_extra")
+    too_long = {"input_prefix": "a", "input_suffix": "b", "n_predict": 5000}
+    assert assert_error(post(fim_served, "/infill", too_long), 400, "n_predict")["code"] == "context_length_exceeded"
     for field, bad in (("temperature", "hot"), ("n_predict", 0), ("n_probs", 3)):
         assert_error(post(fim_served, "/infill", {"input_prefix": "a", "input_suffix": "b", field: bad}), 400, field)
 

@@ -156,5 +156,5 @@ def add_extra_routes(app: FastAPI, server: _Server, metrics: Metrics | None) -> 
             raise not_supported("this server does not export metrics: start it with --metrics")
         from .metrics import CONTENT_TYPE
 
-        text = await asyncio.to_thread(metrics.render)
+        text = await asyncio.to_thread(metrics.render, metrics.slot_counts())
         return Response(text, media_type=CONTENT_TYPE)

@@ -164,7 +164,14 @@ def add_infill_route(app: FastAPI, server: _Server, spm: bool) -> None:
         except Exception as e:
             raise translate(e, body) from e
         server.deadline()
-        chunks = await server.stream(body, server.acomplete(tokens, stream=True, **kwargs))
+        # Llama.complete's names: its prompt is the whole FIM prompt (not the request's "prompt")
+        fields = [name for name in body if name != "prompt"] + ["max_tokens"]
+        try:
+            chunks = await server.stream(fields, server.acomplete(tokens, stream=True, **kwargs))
+        except APIError as e:
+            if e.param == "max_tokens" and "max_tokens" not in body:
+                e.param = "n_predict"  # llama-server's name, which the request used
+            raise
         timed = chunks if isinstance(chunks, TimedStream) else TimedStream(chunks)
         answer = _Answer(server, timed, prompt_text)
         if stream:

@@ -78,19 +78,19 @@ class _State(Collector):
     def __init__(self, server: _Server) -> None:
         self.server = server
         self.perf = _Perf(server)
+        # (holding a slot, waiting for one), read on the event loop that owns the queue (see render)
+        self.slots = (0, 0)
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
-        slots = server.slots
         engine = server.llm._engine
+        processing, deferred = self.slots
         self.perf.update()
+        yield GaugeMetricFamily("llamacpp:requests_processing", "Number of requests holding a slot", value=processing)
         yield GaugeMetricFamily(
-            "llamacpp:requests_processing", "Number of requests holding a slot", value=slots.n - slots.free
+            "llamacpp:requests_deferred", "Number of requests waiting for a free slot", value=deferred
         )
-        yield GaugeMetricFamily(
-            "llamacpp:requests_deferred", "Number of requests waiting for a free slot", value=slots.queued
-        )
-        yield GaugeMetricFamily("pyllama_slots", "Slots: requests generated at once (n_parallel)", value=slots.n)
+        yield GaugeMetricFamily("pyllama_slots", "Slots: requests generated at once (n_parallel)", value=server.slots.n)
         kv = GaugeMetricFamily("pyllama_kv_tokens", "Tokens a slot holds in the KV memory", labels=["slot"])
         for i in range(server.llm.n_parallel):
             kv.add_metric([str(i)], len(engine.tokens(i)))
@@ -156,7 +156,10 @@ class Metrics:
             "llamacpp:n_tokens_max", "Largest observed sequence length (prompt + generation)", registry=registry
         )
         self._n_tokens_max = 0
-        registry.register(_State(server))
+        self.server = server
+        self.state = _State(server)
+        self.lock = threading.Lock()
+        registry.register(self.state)
 
     def observe_usage(self, usage: dict[str, Any]) -> None:
         """Count the tokens of a generation that ended (OpenAI's usage)."""
@@ -176,9 +179,17 @@ class Metrics:
             self._n_tokens_max = prompt + completion
             self.n_tokens_max.set(self._n_tokens_max)
 
-    def render(self) -> bytes:
-        """The text exposition (reads the slots and llama.cpp's counters: call it off the event loop)."""
-        return generate_latest(self.registry)
+    def slot_counts(self) -> tuple[int, int]:
+        """(requests holding a slot, requests waiting for one): on the event loop, which owns the queue."""
+        slots = self.server.slots
+        return slots.n - slots.free, slots.queued
+
+    def render(self, slot_counts: tuple[int, int]) -> bytes:
+        """The text exposition, with ``slot_counts`` read on the event loop; it reads the KV memory and
+        llama.cpp's counters, which may wait for a decode step: call it off the event loop."""
+        with self.lock:
+            self.state.slots = slot_counts
+            return generate_latest(self.registry)
 
     def endpoint(self, scope: Scope) -> str:
         """The path of the route that serves ``scope`` (a bounded label), or ``unmatched``."""
