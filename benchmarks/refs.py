@@ -1,12 +1,13 @@
 """The references pyllama is measured against, built once and kept in benchmarks/.work/.
 
-* llama.cpp's own tools (llama-bench, llama-completion, llama-server), built from
-  vendor/llama.cpp -- the commit pyllama compiles -- as a Release build with GGML_NATIVE=ON
-  and the same AMX-off flags as pyllama's CMakeLists.txt.
+* llama.cpp's own tools (llama-bench, llama-completion, llama-server) and its example
+  llama-speculative-simple, built from vendor/llama.cpp -- the commit pyllama compiles -- as a
+  Release build with GGML_NATIVE=ON and the same AMX-off flags as pyllama's CMakeLists.txt.
 * llama-cpp-python==0.3.35 (the same llama.cpp commit), built from its sdist with the same CPU
   flags into a virtual environment of its own, with its server extra.
 
-Both are rebuilt only when missing (``--rebuild`` forces it).
+Both are built only when missing (``--rebuild`` forces it); of the tools, only those the sections
+run need.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ WORK = ROOT / "benchmarks" / ".work"
 TOOLS_BUILD = WORK / "llama.cpp-build"
 LCP_VENV = WORK / "venv-llama-cpp-python"
 LCP_VERSION = "0.3.35"
-TOOLS = ("llama-bench", "llama-completion", "llama-server")
+TOOLS = ("llama-bench", "llama-completion", "llama-server", "llama-speculative-simple")
 
 # The AMX features pyllama's CMakeLists.txt turns off in native x86 builds.
 AMX_FEATURES = (
@@ -76,15 +77,17 @@ def tool_path(name: str) -> Path:
     return TOOLS_BUILD / "bin" / name
 
 
-def build_llama_cpp_tools(rebuild: bool = False) -> dict[str, Path]:
-    """llama-bench, llama-completion and llama-server from vendor/llama.cpp."""
+def build_llama_cpp_tools(rebuild: bool = False, tools: tuple[str, ...] = TOOLS) -> dict[str, Path]:
+    """The tools named (llama-bench, llama-completion, llama-server, llama-speculative-simple) from
+    vendor/llama.cpp; those already built are kept."""
     if not (LLAMA_CPP / "include" / "llama.h").exists():
         raise SystemExit("vendor/llama.cpp is empty: run `python scripts/fetch_llama_cpp.py` first")
     if rebuild and TOOLS_BUILD.exists():
         shutil.rmtree(TOOLS_BUILD)
-    if all(tool_path(t).exists() for t in TOOLS):
-        return {t: tool_path(t) for t in TOOLS}
-    log(f"building {', '.join(TOOLS)} from vendor/llama.cpp (several minutes, once)")
+    missing = [t for t in tools if not tool_path(t).exists()]
+    if not missing:
+        return {t: tool_path(t) for t in tools}
+    log(f"building {', '.join(missing)} from vendor/llama.cpp (several minutes, once)")
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(ROOT / "vendor"))
     configure = [
         "cmake",
@@ -95,7 +98,7 @@ def build_llama_cpp_tools(rebuild: bool = False) -> dict[str, Path]:
         *cmake_cpu_args(),
         "-DBUILD_SHARED_LIBS=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=ON",  # llama-speculative-simple
         "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_SERVER=ON",
         "-DLLAMA_BUILD_UI=OFF",
@@ -106,12 +109,12 @@ def build_llama_cpp_tools(rebuild: bool = False) -> dict[str, Path]:
         configure += ["-G", "Ninja"]
     subprocess.run(configure, check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(
-        ["cmake", "--build", str(TOOLS_BUILD), "--config", "Release", "-j", str(jobs()), "--target", *TOOLS],
+        ["cmake", "--build", str(TOOLS_BUILD), "--config", "Release", "-j", str(jobs()), "--target", *missing],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    return {t: tool_path(t) for t in TOOLS}
+    return {t: tool_path(t) for t in tools}
 
 
 def lcp_python() -> Path:

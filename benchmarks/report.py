@@ -7,7 +7,9 @@ docs/benchmarks.md is kept as it is (hand-written remarks on the figures).
 
 from __future__ import annotations
 
+import re
 import statistics
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -267,19 +269,370 @@ def solo_agreement(pr: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def write(res: dict[str, Any], doc: Path = DOC) -> Path:
-    """Writes the report to ``doc`` and its plots to ``img/`` beside it; returns ``doc``."""
+def same_start(a: str, b: str) -> bool:
+    """Whether the shorter text is where the longer one starts (runs that generated more tokens agree
+    with those that generated fewer when they start with them)."""
+    a, b = a.rstrip(), b.rstrip()
+    return a.startswith(b) or b.startswith(a)
+
+
+def agreement(texts: list[str], truth: dict[str, Any], prefix: bool = False) -> tuple[int, list[float]]:
+    """How many of ``texts`` equal the truth's text (or, with ``prefix``, agree with it as far as the
+    shorter goes), and for the others the truth's smallest top-2 logprob margin up to where they part."""
+    equal, margins = 0, []
+    for t in texts:
+        if t == truth["text"] or (prefix and same_start(t, truth["text"])):
+            equal += 1
+        else:
+            m = parting_margin(t, truth)
+            if m is not None:
+                margins.append(m)
+    return equal, sorted(margins)
+
+
+def equal_cell(texts: list[str], truth: dict[str, Any] | None, prefix: bool = False) -> str:
+    if not truth or not texts:
+        return "-"
+    equal, margins = agreement(texts, truth, prefix)
+    cell = f"{equal} of {len(texts)}"
+    if margins:
+        cell += " (the others part where the plain decode's top-2 margin was " + ", ".join(f"{m:.3f}" for m in margins)
+        cell += ")"
+    return cell
+
+
+def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list[list[str]]) -> None:
+    """Section 7: n-gram drafts on a copy-heavy prompt (pyllama against its own plain decode, and
+    llama-speculative-simple against llama-completion), predicted outputs on an editing request, and
+    the cost of the drafts when there is nothing to draft."""
+    cp, ed, fr = sp["copy"], sp.get("edit"), sp.get("free")
+    py = cp["pyllama"]
+    plain = med(py["plain"]["decode_tps"])
+    types = [t for t in py if t != "plain"]
+    n_runs = len(py["plain"]["decode_tps"])
+    cpus = meta.get("logical_cpus", "?")
+    d(
+        "## 7. Speculative decoding and predicted outputs",
+        "",
+        f"Measured on {sp.get('date', meta.get('date', '?'))} on the machine above ({cpus} logical CPUs), in one",
+        f"run (`{sp.get('command', 'python benchmarks/run.py --only spec')}`). Gemma 3 270M, greedy",
+        f"(temperature 0), a {sp['n_ctx']}-token context, {meta.get('threads', '?')} threads. Every pyllama run",
+        "is a streamed `Llama.complete()` on a `Llama` of its own (the n-gram types keep what they saw",
+        "between the requests of one `Llama`, so a repeated request would draft from the one before);",
+        "its decode rate is the tokens after the first over the time from the first token to the last.",
+        f"Medians over {n_runs} runs; the compared runs alternate one by one inside each process, and the",
+        "processes (and llama.cpp's tools) alternate in rounds, so that the machine's drift hits both",
+        "sides alike. **Ratios are to the decode without drafts measured in the same run: above 1 is",
+        "faster.**",
+        "",
+        "### Copy-heavy prompt",
+        "",
+        f"A passage of {cp['passage_words']} words, then its first 20 words again"
+        f" ({span(py['plain']['prompt_tokens'])} prompt tokens); each run generates {cp['max_tokens']}",
+        "tokens (`ignore_eos`), and the greedy continuation repeats the passage. pyllama: `Llama(path,",
+        "speculative=TYPE)` with llama.cpp's default settings for each type. llama.cpp:",
+        "`llama-completion`, whose decode time here is its `eval time` plus its `sampling time`, and",
+        "`llama-speculative-simple --spec-type ngram-simple`, whose time is its `decoded N tokens in T",
+        "seconds` (its loop counts the first token too and runs past `-n` by the last draft). The last",
+        "column compares each run's text with pyllama's decode without drafts (llama.cpp's tools as far",
+        "as the shorter text goes).",
+        "",
+    )
+    rows = [
+        [
+            "pyllama, no drafts",
+            fmt(plain),
+            "1.000",
+            "-",
+            equal_cell(py["plain"]["text"], cp.get("truth")),
+        ]
+    ]
+    for t in types:
+        a = py[t]
+        rate = med(a["decode_tps"])
+        rows.append(
+            [
+                f"pyllama, `{t}`",
+                fmt(rate),
+                ratio(rate, plain),
+                f"{med(a['accepted']):.0f} / {med(a['rejected']):.0f}",
+                equal_cell(a["text"], cp.get("truth")),
+            ]
+        )
+    lc = cp.get("llama.cpp", {})
+    ref_plain = med(lc["llama-completion"]["decode_tps"]) if lc.get("llama-completion") else None
+    ref_spec = med(lc["llama-speculative-simple"]["decode_tps"]) if lc.get("llama-speculative-simple") else None
+    if ref_plain:
+        rows.append(
+            [
+                "llama.cpp `llama-completion`",
+                fmt(ref_plain),
+                "1.000",
+                "-",
+                equal_cell(lc["llama-completion"]["text"], cp.get("truth"), prefix=True),
+            ]
+        )
+    if ref_spec:
+        runs = lc["llama-speculative-simple"]["runs"]
+        acc = med([r["n_accept"] for r in runs])
+        rej = med([r["n_drafted"] - r["n_accept"] for r in runs])
+        rows.append(
+            [
+                "llama.cpp `llama-speculative-simple`, `ngram-simple`",
+                fmt(ref_spec),
+                ratio(ref_spec, ref_plain),
+                f"{acc:.0f} / {rej:.0f}",
+                equal_cell(lc["llama-speculative-simple"]["text"], cp.get("truth"), prefix=True),
+            ]
+        )
+    d.table(["", "decode tok/s", "vs no drafts", "draft tokens accepted / rejected", "text equal, runs"], rows)
+    rates = {t: med(py[t]["decode_tps"]) for t in types}
+    best = max(rates, key=lambda t: rates[t]) if rates else None
+    if best:
+        line = f"The best type here is `{best}`: {rates[best] / plain:.2f}x pyllama's decode without drafts."
+        if ref_plain and ref_spec:
+            line += (
+                f" llama.cpp's `ngram-simple` gives {ref_spec / ref_plain:.2f}x its own; pyllama's `ngram-simple`"
+                f" {rates.get('ngram-simple', float('nan')) / plain:.2f}x. Between the two: pyllama's plain decode"
+                f" is {plain / ref_plain:.3f}x llama-completion's, its `ngram-simple`"
+                f" {rates.get('ngram-simple', float('nan')) / ref_spec:.3f}x llama-speculative-simple's."
+            )
+        d(line, "")
+    for name, argv in cp.get("argv", {}).items():
+        d(f"- {name}: {show([a if a != cp['prompt'] else 'PROMPT' for a in argv])}")
+    d("")
+    if best:
+        r = rates[best] / plain
+        targets.append(
+            [
+                "copy-heavy prompt: the best n-gram type ≥ 3x the decode without drafts",
+                f"`{best}` {r:.2f}x",
+                verdict(r >= 3),
+            ]
+        )
+        if cp.get("truth"):
+            texts = [x for t in types for x in py[t]["text"]]
+            equal, _ = agreement(texts, cp["truth"])
+            targets.append(
+                [
+                    "copy-heavy prompt: the n-gram types' text equal to the decode without drafts",
+                    f"{equal} of {len(texts)} runs",
+                    verdict(equal == len(texts)),
+                ]
+            )
+
+    if ed and ed.get("pyllama"):
+        e = ed["pyllama"]
+        off, on = e["plain"], e["prediction"]
+        d(
+            "### Predicted outputs: an editing request",
+            "",
+            f"A file of {ed['file_tokens']} tokens in a fenced block, then a header saying that the same file",
+            "follows with one change (Monday to Tuesday) and an opening fence; the reply is",
+            f"`complete(prompt, max_tokens={ed['kwargs']['max_tokens']}, stop=['```'], temperature=0)`, with",
+            "and without `prediction={'type': 'content', 'content': FILE}` (the original file). Gemma 3 270M is",
+            "a base model without a chat template, so the request is a completion that it answers by copying.",
+        )
+        if "copied" in ed:
+            made = "makes" if ed.get("changed") else "does not make"
+            d(
+                f"Its reply without the prediction is {ed['reply_tokens']} tokens and copies {ed['copied']} of the",
+                f"file's {ed['file_tokens']} tokens (in order, by `difflib`); it {made} the change asked for.",
+            )
+        d("")
+        w_off, w_on = med(off["wall_s"]), med(on["wall_s"])
+        r_off, r_on = med(off["decode_tps"]), med(on["decode_tps"])
+        d.table(
+            [
+                "",
+                "reply wall s",
+                "decode tok/s",
+                "completion tokens",
+                "prediction tokens accepted / rejected",
+                "text equal, runs",
+            ],
+            [
+                [
+                    "without the prediction",
+                    fmt(w_off, 2),
+                    fmt(r_off),
+                    span(off["tokens"]),
+                    "-",
+                    equal_cell(off["text"], ed.get("truth")),
+                ],
+                [
+                    "with the prediction",
+                    fmt(w_on, 2),
+                    fmt(r_on),
+                    span(on["tokens"]),
+                    f"{med(on['accepted']):.0f} / {med(on['rejected']):.0f}",
+                    equal_cell(on["text"], ed.get("truth")),
+                ],
+                ["ratio (with / without)", f"{w_off / w_on:.2f}x as fast", f"{r_on / r_off:.2f}x", "", "", ""],
+            ],
+        )
+        d("The wall time of the reply includes the prompt's evaluation, the same with and without.", "")
+        targets.append(
+            [
+                "predicted outputs: the reply ≥ 2x as fast with the prediction (wall time)",
+                f"{w_off / w_on:.2f}x",
+                verdict(w_off / w_on >= 2),
+            ]
+        )
+        if ed.get("truth"):
+            equal, _ = agreement(on["text"], ed["truth"])
+            targets.append(
+                [
+                    "predicted outputs: the reply equal to the one without",
+                    f"{equal} of {len(on['text'])} runs",
+                    verdict(equal == len(on["text"])),
+                ]
+            )
+
+    if fr and fr.get("pyllama"):
+        f = fr["pyllama"]
+        off, on = f["plain"], f["best"]
+        kw = fr["kwargs"]
+        d(
+            "### Nothing to draft: free text",
+            "",
+            f'Story prompts ("{fr["prompts"][0]}" and {len(fr["prompts"]) - 1} others like it),',
+            f"{kw['max_tokens']} tokens (`ignore_eos`), temperature 0, with the best type of the copy-heavy prompt",
+            f"(`{fr['type']}`) on and off.",
+            "At temperature 0 Gemma 3 270M soon repeats itself in loops, which the n-gram types then draft; a",
+            f"repetition penalty ({kw.get('repeat_penalty', 1.0)}, on both sides) keeps the text from repeating,",
+            "so that there is nothing to draft (the draft counts below say whether anything was).",
+            "",
+        )
+        a, b = med(off["decode_tps"]), med(on["decode_tps"])
+        drafted = sum(on["accepted"]) + sum(on["rejected"])
+        d.table(
+            ["", "decode tok/s", "vs off", "draft tokens accepted / rejected, all runs"],
+            [
+                [f"`{fr['type']}` off", fmt(a), "1.000", "-"],
+                [f"`{fr['type']}` on", fmt(b), ratio(b, a), f"{sum(on['accepted'])} / {sum(on['rejected'])}"],
+            ],
+        )
+        if drafted:
+            d(f"The type drafted {drafted} tokens in these runs: the text was not free of repeats everywhere.", "")
+        targets.append(["nothing to draft: the best type at most 3% slower", f"{b / a:.3f}x", verdict(b / a >= 0.97)])
+
+
+def write(res: dict[str, Any], doc: Path = DOC, only: Collection[str] | None = None) -> Path:
+    """Writes the report to ``doc`` and its plots to ``img/`` beside it; returns ``doc``.
+
+    Without ``only``, the page is the report of ``res`` (the notes kept). With ``only``, the sections
+    named there are written from ``res``; when the page already holds other sections, the page is kept
+    and only these are put in: each replaces its own section or goes in at its place, and their rows
+    of the Peak RSS and Targets tables replace the rows of the same name or are added. The rest of the
+    page (its other sections, the machine, the notes) stays as it was."""
+    keys = [k for k in SECTIONS if k in res and (only is None or k in only)]
+    text = render({"meta": res.get("meta", {}), **{k: res[k] for k in keys}}, doc)
+    if only is not None and doc.exists():
+        old = doc.read_text()
+        rendered = {key for key, _ in blocks(text)[1]}
+        if any(key in SECTIONS and key not in rendered for key, _ in blocks(old)[1]):
+            text = splice(old, text)
+    doc.write_text(text)
+    return doc
+
+
+# The sections in the order of the page, and the beginning of each one's title.
+SECTIONS = {
+    "speed": "Prompt and decode speed",
+    "overhead": "Per-token overhead",
+    "ttft": "Second-turn time to first token",
+    "server": "Server: concurrent streaming clients",
+    "prompt": "Server: prompt-heavy load",
+    "media": "An image in the prompt",
+    "spec": "Speculative decoding and predicted outputs",
+}
+PAGE = [*SECTIONS, "rss", "targets"]
+TITLES = {**SECTIONS, "rss": "Peak RSS", "targets": "Targets"}
+
+
+def block_key(heading: str) -> str | None:
+    """The section a ``## `` heading starts (a key of TITLES), or None."""
+    title = re.sub(r"^## (\d+\. )?", "", heading)
+    return next((k for k, t in TITLES.items() if title.startswith(t)), None)
+
+
+def blocks(text: str) -> tuple[list[str], list[tuple[str | None, list[str]]], str]:
+    """A page cut into its lines before the first ``## `` heading, its blocks (each heading's section
+    key and lines, up to the next heading), and the notes block with what follows it."""
+    head, notes = text, ""
+    if NOTES_BEGIN in text:
+        head, rest = text.split(NOTES_BEGIN, 1)
+        notes = NOTES_BEGIN + rest
+    lead: list[str] = []
+    out: list[tuple[str | None, list[str]]] = []
+    for line in head.split("\n"):
+        if line.startswith("## "):
+            out.append((block_key(line), [line]))
+        elif out:
+            out[-1][1].append(line)
+        else:
+            lead.append(line)
+    return lead, out, notes
+
+
+def merge_table(old: list[str], new: list[str]) -> list[str]:
+    """``old``'s block with the table rows of ``new``'s: a row replaces the row of the same first cell,
+    the others are added at the end of the table."""
+
+    def rows(lines: list[str]) -> list[int]:
+        at = [i for i, line in enumerate(lines) if line.startswith("|")]
+        return at[2:]  # past the header and its rule
+
+    out = list(old)
+    old_rows = rows(out)
+    if not old_rows:
+        return out
+    first = {out[i].split("|")[1].strip(): i for i in old_rows}
+    end = old_rows[-1] + 1
+    for i in rows(new):
+        name = new[i].split("|")[1].strip()
+        if name in first:
+            out[first[name]] = new[i]
+        else:
+            out.insert(end, new[i])
+            end += 1
+    return out
+
+
+def splice(old: str, new: str) -> str:
+    """``old`` with the sections that ``new`` holds put in (see ``write``)."""
+    lead, page, notes = blocks(old)
+    for key, lines in blocks(new)[1]:
+        if key is None:
+            continue
+        at = next((i for i, (k, _) in enumerate(page) if k == key), None)
+        if at is not None:
+            page[at] = (key, merge_table(page[at][1], lines) if key in ("rss", "targets") else lines)
+            continue
+        later = [i for i, (k, _) in enumerate(page) if k in PAGE and PAGE.index(k) > PAGE.index(key)]
+        page.insert(later[0] if later else len(page), (key, lines))
+    # each section's number is its place in PAGE (as the full page numbers them)
+    for key, lines in page:
+        if key in PAGE and re.match(r"## \d+\. ", lines[0]):
+            lines[0] = re.sub(r"^## \d+\. ", f"## {PAGE.index(key) + 1}. ", lines[0])
+    return "\n".join(lead + [line for _, lines in page for line in lines]) + notes
+
+
+def render(res: dict[str, Any], doc: Path = DOC) -> str:
+    """The page for ``res`` (the notes kept from ``doc``); its plots go to ``img/`` beside ``doc``."""
     img = doc.parent / "img"
     meta = res.get("meta", {})
     d = Doc()
     d(
         "# Benchmarks",
         "",
-        "pyllama against llama.cpp's own tools (`llama-bench`, `llama-completion`, `llama-server`, built",
-        "from the same vendored commit with the same CPU flags) and against llama-cpp-python 0.3.35 (the",
-        "same llama.cpp commit, built from source with the same flags), on one machine, in one run, with",
-        "the same model files and thread count. One command runs everything, builds the references the",
-        "first time (about 15 minutes on 2 cores) and rewrites this page and its plots:",
+        "pyllama against llama.cpp's own tools (`llama-bench`, `llama-completion`, `llama-server`,",
+        "`llama-speculative-simple`, built from the same vendored commit with the same CPU flags) and",
+        "against llama-cpp-python 0.3.35 (the same llama.cpp commit, built from source with the same",
+        "flags), on one machine, in one run, with the same model files and thread count. One command runs",
+        "everything, builds the references the first time (about 15 minutes on 2 cores) and rewrites this",
+        "page and its plots (a run of some sections rewrites only those):",
         "",
         "```bash",
         "pip install -e '.[bench]'",
@@ -609,9 +962,12 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
         d.table(["", "llama-mtmd-cli ms", "pyllama ms", "llama-mtmd-cli / pyllama"], rows)
         d(f"- llama-mtmd-cli: {show(me['argv'])}", "")
 
+    if "spec" in res:
+        spec_section(d, res["spec"], res.get("meta", {}), targets)
+
     rss = peak_rss_rows(res)
     if rss:
-        d("## 7. Peak RSS", "", "Each process's peak resident memory (MiB).", "")
+        d("## 8. Peak RSS", "", "Each process's peak resident memory (MiB).", "")
         d.table(["measurement", "llama.cpp", "pyllama", "llama-cpp-python"], rss)
 
     if targets:
@@ -619,8 +975,7 @@ def write(res: dict[str, Any], doc: Path = DOC) -> Path:
         d.table(["target", "measured", ""], targets)
 
     d(NOTES_BEGIN, *old_notes(doc), NOTES_END, "")
-    doc.write_text("\n".join(d.lines))
-    return doc
+    return "\n".join(d.lines)
 
 
 def peak_rss_rows(res: dict[str, Any]) -> list[list[str]]:
@@ -674,6 +1029,16 @@ def peak_rss_rows(res: dict[str, Any]) -> list[list[str]]:
                 "an image in the prompt (tiny llama)",
                 fmt(me["llama-mtmd-cli"].get("peak_rss_mib"), 0),
                 fmt(me["pyllama"].get("peak_rss_mib"), 0),
+                "-",
+            ]
+        )
+    if "spec" in res and res["spec"].get("copy", {}).get("pyllama"):
+        cp = res["spec"]["copy"]
+        rows.append(
+            [
+                "n-gram drafts, copy-heavy prompt",
+                fmt(cp.get("llama.cpp", {}).get("llama-speculative-simple", {}).get("peak_rss_mib"), 0),
+                fmt(cp.get("pyllama_peak_rss_mib"), 0),
                 "-",
             ]
         )

@@ -3,12 +3,14 @@
     python benchmarks/run.py            # everything; writes docs/benchmarks.md and its plots
     python benchmarks/run.py --only speed,server --reps 3
     python benchmarks/run.py --only prompt --no-llama-cpp-python --reps 3
+    python benchmarks/run.py --only spec --no-llama-cpp-python --reps 3
     python benchmarks/run.py --report   # only rewrite the report from the last results
 
-The first run builds llama-bench, llama-completion and llama-server from vendor/llama.cpp and
-installs llama-cpp-python==0.3.35 into a virtual environment of its own (see refs.py); both are
-kept in benchmarks/.work/. Every measurement runs in a process of its own, so each one's peak
-RSS is its own. Results: benchmarks/.work/results.json.
+The first run builds the llama.cpp tools the sections need (llama-bench, llama-completion,
+llama-server, llama-speculative-simple) from vendor/llama.cpp and installs llama-cpp-python==0.3.35
+into a virtual environment of its own (see refs.py); both are kept in benchmarks/.work/. Every
+measurement runs in a process of its own, so each one's peak RSS is its own. Results:
+benchmarks/.work/results.json.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import os
 import platform
 import re
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -610,6 +614,229 @@ def bench_media(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     res["media"] = out
 
 
+# --- 7. speculative decoding and predicted outputs ------------------------------------------------
+
+NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+
+# About 150 words; the copy-heavy prompt is the passage, then its first 20 words again.
+SPEC_PASSAGE = (
+    "The lighthouse on the northern cliffs was built in 1871 by a company of stonemasons who came "
+    "from the southern quarries with their families, their tools and a herd of goats. For two years "
+    "they cut granite blocks from the hillside, dragged them up the slope on wooden sledges and laid "
+    "them in rings, each ring a little narrower than the one below it. The keeper's cottage was "
+    "finished first, so that the masons had somewhere dry to sleep when the winter storms came in "
+    "from the sea. When the tower was done, a lens of polished glass arrived by ship from the capital, "
+    "packed in straw inside a crate as large as a wagon. It took eleven men a whole day to carry it up "
+    "the spiral stairs. On the first night the lamp was lit, the fishermen of the harbour stood on the "
+    "quay and cheered, and the keeper wrote in his log that the light could be seen for twenty miles."
+)
+
+# The file of the editing request (about 400 tokens) and the one change asked for.
+SPEC_FILE = "\n\n".join(
+    [
+        "Harbour office notes for the spring season",
+        (
+            "The harbour office opens at seven in the morning and closes at six in the evening from the "
+            "first of April to the end of September. Outside those hours, the night watchman keeps the "
+            "keys to the main gate and the fuel store. Boats that arrive after dark should tie up at the "
+            "visitors' pontoon and report to the office the next morning."
+        ),
+        (
+            "Mooring fees are paid by the week or by the season. A boat under eight metres pays twelve "
+            "pounds a week, and a larger boat pays twenty. Fees for the season are due before the end of "
+            "April; boats that have not paid by then lose their place on the list. Fishing boats "
+            "registered in the town pay no mooring fees, but they must still sign the register each "
+            "month."
+        ),
+        (
+            "The slipway may be used at any state of the tide except the two hours either side of low "
+            "water, when the lower end is too shallow for most trailers. Please do not leave cars or "
+            "trailers on the slipway itself. The car park behind the fish market has space for twenty "
+            "trailers, and the key to its barrier can be borrowed from the office."
+        ),
+        (
+            "Fresh water is available from the taps on the north quay. Diesel can be bought from the fuel "
+            "store on weekday mornings; ask at the office and someone will come down with you. Petrol is "
+            "not sold in the harbour, but the garage on the high street is open every day."
+        ),
+        (
+            "The harbour master holds a meeting for all berth holders on the first Monday of every month, "
+            "in the room above the office. The meetings begin at half past seven and usually last an "
+            "hour. Anyone who cannot come may send questions in writing beforehand."
+        ),
+        (
+            "In an emergency, call the coastguard first and then the harbour office. The lifeboat station "
+            "is at the end of the south pier, and its crew trains there every Thursday evening."
+        ),
+    ]
+)
+SPEC_CHANGE = ("first Monday of every month", "first Tuesday of every month")
+
+SPEC_TOPICS = ("a clockmaker who finds a strange key", "a lighthouse keeper and a storm", "a fox who learns to read")
+SPEC_TOPICS += ("a baker at dawn",)
+
+
+def copy_prompt(passage: str = SPEC_PASSAGE, n_words: int = 20) -> str:
+    """The passage, then its first words again: a greedy continuation repeats the passage."""
+    return passage + "\n\n" + " ".join(passage.split()[:n_words])
+
+
+def edit_prompt(text: str = SPEC_FILE) -> str:
+    """A file-editing request a base model answers by copying the file: the file in a fence, then the
+    header of the edited file and an opening fence. The reply ends at its closing fence (a stop string)."""
+    return (
+        f"Here is a file, notes.txt:\n\n```\n{text}\n```\n\n"
+        "Here is notes.txt after the edit (Monday changed to Tuesday; every other line unchanged):\n\n```\n"
+    )
+
+
+def story_prompt(topic: str) -> str:
+    return f"Write a short story about {topic}. Once upon a time,"
+
+
+SPEC_SIMPLE = {
+    "encoded": r"encoded\s+(\d+) tokens in\s+([\d.]+) seconds",
+    "decoded": r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds",
+    "n_drafted": r"n_drafted\s*=\s*(\d+)",
+    "n_accept": r"n_accept\s*=\s*(\d+)",
+}
+
+
+def parse_spec_simple(text: str) -> dict[str, float]:
+    """llama-speculative-simple's closing lines: the prompt's tokens and seconds, the tokens it
+    generated and the seconds of its decode loop, the draft tokens it evaluated and accepted."""
+    got: dict[str, float] = {}
+    for key, pattern in SPEC_SIMPLE.items():
+        m = re.findall(pattern, text)
+        if not m:
+            raise RuntimeError(f"llama-speculative-simple printed no '{key}' line:\n{text[-2000:]}")
+        if isinstance(m[-1], tuple):
+            got[f"{key}_tokens"], got[f"{key}_s"] = int(m[-1][0]), float(m[-1][1])
+        else:
+            got[key] = int(m[-1])
+    return got
+
+
+def generated_text(stdout: str, prompt: str) -> str:
+    """What a llama.cpp tool printed after the prompt (both print the prompt, then each token's text)."""
+    at = stdout.find(prompt)
+    if at < 0:
+        raise RuntimeError(f"the tool's output does not hold the prompt:\n{stdout[:2000]}")
+    return stdout[at + len(prompt) :]
+
+
+def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
+    """Speculative decoding with llama.cpp's n-gram types, and OpenAI's predicted outputs, against the
+    same greedy decode without drafts, alternating in rounds; llama.cpp's llama-speculative-simple
+    against llama-completion on the copy-heavy prompt."""
+    import pyllama
+
+    tools, threads, reps, n_ctx = cfg["tools"], cfg["threads"], cfg["reps"], 2048
+    model = str(cfg["gemma"])
+    vocab = pyllama.Model(model, vocab_only=True)
+    base = {"model": model, "threads": threads, "reps": reps, "n_ctx": n_ctx}
+    copy = copy_prompt()
+    n_copy = cfg["spec_tokens"]
+    copy_kwargs = {"max_tokens": n_copy, "ignore_eos": True}
+    arms = [{"name": "plain"}] + [{"name": t, "speculative": t} for t in NGRAM_TYPES]
+    common = ["-m", model, "-p", copy, "-n", str(n_copy), "--ignore-eos", "--temp", "0", "--seed", "1"]
+    common += ["-t", str(threads), "-tb", str(threads), "-c", str(n_ctx), "-b", "2048", "-ub", "512"]
+    ref_argv = {
+        "llama-completion": [str(tools["llama-completion"]), *common, "-no-cnv"],
+        "llama-speculative-simple": [str(tools["llama-speculative-simple"]), *common, "--spec-type", "ngram-simple"],
+    }
+    out: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "n_ctx": n_ctx,
+        "copy": {"prompt": copy, "max_tokens": n_copy, "passage_words": len(SPEC_PASSAGE.split()), "argv": ref_argv},
+    }
+    cp = out["copy"]
+    refs_out: dict[str, Any] = {name: {"decode_tps": [], "text": [], "runs": []} for name in ref_argv}
+    for rnd in range(cfg["rounds"]):
+        log(f"spec, round {rnd + 1}/{cfg['rounds']}: copy-heavy prompt, pyllama: {', '.join(a['name'] for a in arms)}")
+        spec = {**base, "arms": arms, "prompts": [copy], "kwargs": copy_kwargs, "truth": rnd == 0}
+        got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
+        if "truth" in got:
+            cp["truth"] = got.pop("truth")
+        merge(cp, {"pyllama": got["arms"], "pyllama_peak_rss_mib": got["peak_rss_mib"]})
+        names = list(ref_argv) if rnd % 2 == 0 else list(ref_argv)[::-1]
+        for i in range(reps + 1):
+            for name in names:
+                log(f"spec, round {rnd + 1}/{cfg['rounds']}: {name} ({i}/{reps})")
+                r = run_measured(ref_argv[name])
+                if not i:
+                    continue
+                text = r["stderr"] + r["stdout"]
+                if name == "llama-completion":
+                    perf = parse_perf(text)
+                    # the decode loop: its decodes and its samples (llama-speculative-simple's loop times both)
+                    tps = perf["eval_runs"] / ((perf["eval_ms"] + perf["sampling_ms"]) / 1000)
+                    figures = {**perf, "prompt_tokens": int(re.findall(PERF["prompt_eval_ms"], text)[-1][1])}
+                else:
+                    figures = parse_spec_simple(text)
+                    tps = figures["decoded_tokens"] / figures["decoded_s"]
+                e = refs_out[name]
+                e["decode_tps"].append(tps)
+                e["text"].append(generated_text(r["stdout"], copy))
+                e["runs"].append(figures)
+                e["peak_rss_mib"] = max(e.get("peak_rss_mib", 0.0), r["peak_rss_mib"])
+    cp["llama.cpp"] = refs_out
+
+    # The best n-gram type on the copy-heavy prompt (the highest median decode rate) for the free text.
+    rates = {t: statistics.median(cp["pyllama"][t]["decode_tps"]) for t in NGRAM_TYPES}
+    best = max(rates, key=lambda t: rates[t])
+    out["best"] = best
+
+    # Predicted outputs: an editing request with the file as the prediction.
+    n_file = len(vocab.tokenize(SPEC_FILE, add_special=False, parse_special=False))
+    edit = edit_prompt()
+    ed: dict[str, Any] = {"prompt": edit, "file": SPEC_FILE, "file_tokens": n_file, "change": list(SPEC_CHANGE)}
+    ed["kwargs"] = {"max_tokens": n_file + 64, "stop": ["```"]}
+    out["edit"] = ed
+    edit_arms = [{"name": "plain"}, {"name": "prediction", "prediction": SPEC_FILE}]
+    # Free text: story prompts at temperature 0 with the best type on and off. Gemma 3 270M falls into
+    # loops at temperature 0 (which the n-gram types then draft); a repetition penalty keeps the text
+    # from repeating itself, so that there is nothing to draft.
+    free_kwargs = {"max_tokens": cfg["spec_free_tokens"], "ignore_eos": True, "repeat_penalty": 1.3}
+    prompts = [story_prompt(t) for t in SPEC_TOPICS]
+    fr: dict[str, Any] = {"type": best, "prompts": prompts, "kwargs": free_kwargs}
+    out["free"] = fr
+    for rnd in range(cfg["rounds"]):
+        log(f"spec, round {rnd + 1}/{cfg['rounds']}: editing request, with and without the prediction")
+        spec = {**base, "arms": edit_arms, "prompts": [edit], "kwargs": ed["kwargs"], "truth": rnd == 0}
+        got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
+        if "truth" in got:
+            ed["truth"] = got.pop("truth")
+        merge(ed, {"pyllama": got["arms"], "pyllama_peak_rss_mib": got["peak_rss_mib"]})
+        log(f"spec, round {rnd + 1}/{cfg['rounds']}: free text, {best} on and off")
+        free_arms = [{"name": "plain"}, {"name": best, "speculative": best}]
+        spec = {**base, "arms": free_arms, "prompts": prompts, "kwargs": free_kwargs, "prompt_offset": rnd * reps}
+        got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
+        merge(fr, {"pyllama": {"plain": got["arms"]["plain"], "best": got["arms"][best]}})
+        fr["pyllama_peak_rss_mib"] = max(fr.get("pyllama_peak_rss_mib", 0.0), got["peak_rss_mib"])
+
+    # How much of the file the reply copies (its tokens that line up with the file's, by difflib).
+    file_ids = vocab.tokenize(SPEC_FILE, add_special=False, parse_special=False)
+    reply = ed["truth"]["text"] if "truth" in ed else ed["pyllama"]["plain"]["text"][0]
+    reply_ids = vocab.tokenize(reply, add_special=False, parse_special=False)
+    ed["copied"] = copied_tokens(file_ids, reply_ids)
+    ed["reply_tokens"] = len(reply_ids)
+    ed["changed"] = SPEC_CHANGE[1] in reply and SPEC_CHANGE[0] not in reply
+    log(
+        f"spec: the reply copies {ed['copied']} of the file's {len(file_ids)} tokens ({len(reply_ids)} tokens); "
+        f"the change was {'made' if ed['changed'] else 'not made'}"
+    )
+    res["spec"] = out
+
+
+def copied_tokens(a: list[int], b: list[int]) -> int:
+    """How many tokens of ``a`` appear, in order, in ``b`` (difflib's matching blocks)."""
+    import difflib
+
+    return sum(m.size for m in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks())
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -632,6 +859,18 @@ SECTIONS = {
     "server": bench_server,
     "prompt": bench_prompt,
     "media": bench_media,
+    "spec": bench_spec,
+}
+
+# The sections that measure llama-cpp-python too.
+LCP_SECTIONS = {"speed", "overhead", "ttft", "server"}
+# The llama.cpp tools each section runs (only those are built).
+SECTION_TOOLS = {
+    "speed": ("llama-bench",),
+    "overhead": ("llama-completion",),
+    "server": ("llama-server",),
+    "prompt": ("llama-server",),
+    "spec": ("llama-completion", "llama-speculative-simple"),
 }
 
 
@@ -648,11 +887,13 @@ def main() -> int:
     ap.add_argument("--users-interval", type=float, default=1.0, help="seconds between its waves of 4 users")
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="leave llama-cpp-python out")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the reference tools and venv")
-    ap.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md from the results")
+    ap.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md's sections from the results")
     args = ap.parse_args()
 
     if args.report:
-        report.write(json.loads(RESULTS.read_text()))
+        res = json.loads(RESULTS.read_text())
+        # the sections the results hold; the page keeps the others as they are
+        report.write(res, only=[k for k in report.SECTIONS if k in res])
         return 0
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -662,8 +903,12 @@ def main() -> int:
     import pyllama
 
     cfg: dict[str, Any] = {
-        "tools": refs.build_llama_cpp_tools(args.rebuild),
-        "lcp": None if args.no_llama_cpp_python else str(refs.ensure_llama_cpp_python(args.rebuild)),
+        "tools": refs.build_llama_cpp_tools(
+            args.rebuild, tuple(dict.fromkeys(t for s in sections for t in SECTION_TOOLS.get(s, ())))
+        ),
+        "lcp": None
+        if args.no_llama_cpp_python or not set(sections) & LCP_SECTIONS
+        else str(refs.ensure_llama_cpp_python(args.rebuild)),
         "gemma": refs.gemma_path(),
         "tiny": refs.tiny_model_path(),
         "reps": args.reps,
@@ -681,6 +926,8 @@ def main() -> int:
         "users_wave": 4,
         "users_interval": args.users_interval,
         "rounds": args.rounds,
+        "spec_tokens": 160,
+        "spec_free_tokens": 128,
     }
     cfg["threads"] = args.threads or default_threads(cfg["tiny"])
     res: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -700,7 +947,7 @@ def main() -> int:
         SECTIONS[s](cfg, res)
         res.setdefault("took_s", {})[s] = round(time.perf_counter() - t, 1)
         RESULTS.write_text(json.dumps(res, indent=1, default=str))
-    report.write(res)
+    report.write(res, only=sections)
     return 0
 
 

@@ -258,7 +258,73 @@ def media(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-TASKS = {"speed": speed, "overhead": overhead, "ttft": ttft, "media": media}
+def speculative(spec: dict[str, Any]) -> dict[str, Any]:
+    """Greedy completions with and without drafts: each arm (a name, ``speculative`` for the Llama,
+    ``prediction`` text for the request) on a fresh ``Llama`` for every run, since the n-gram types keep
+    what they saw between the requests of one Llama and would draft a repeated request from the last
+    one. The arms alternate run by run (their order turned each time); the first pass is a warm-up that
+    is not kept. Each run streams: the wall time of the call, the time to its first token, and the decode
+    rate after it (the tokens after the first over the time from the first to the end), the counts of
+    draft tokens accepted and rejected, and the text. With ``truth``, one more (unmeasured) run without
+    drafts gives each token's text and the margin between its two best logprobs."""
+    path, threads, reps, n_ctx = spec["model"], spec["threads"], spec["reps"], spec["n_ctx"]
+    arms, prompts, kwargs = spec["arms"], spec["prompts"], spec["kwargs"]
+    keys = ("wall_s", "ttft_s", "decode_tps", "tokens", "accepted", "rejected", "text", "prompt_tokens")
+    out: dict[str, Any] = {"arms": {a["name"]: {k: [] for k in keys} for a in arms}}
+
+    def one(arm: dict[str, Any], prompt: str) -> dict[str, Any]:
+        llm = pyllama.Llama(path, n_ctx=n_ctx, n_threads=threads, speculative=arm.get("speculative"))
+        extra: dict[str, Any] = {}
+        if arm.get("prediction"):
+            extra["prediction"] = {"type": "content", "content": arm["prediction"]}
+        text: list[str] = []
+        usage: dict[str, Any] = {}
+        first = None
+        t = now()
+        for chunk in llm.complete(prompt, stream=True, temperature=0, **kwargs, **extra):
+            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = now()
+            if chunk["choices"]:
+                text.append(chunk["choices"][0]["text"])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+        end = now()
+        llm.close()
+        n = usage["completion_tokens"]
+        details = usage.get("completion_tokens_details") or {}
+        first = end if first is None else first
+        return {
+            "wall_s": end - t,
+            "ttft_s": first - t,
+            "decode_tps": (n - 1) / (end - first) if n > 1 and end > first else float("nan"),
+            "tokens": n,
+            "accepted": details.get("accepted_prediction_tokens", 0),
+            "rejected": details.get("rejected_prediction_tokens", 0),
+            "text": "".join(text),
+            "prompt_tokens": usage["prompt_tokens"],
+        }
+
+    for i in range(reps + 1):
+        prompt = prompts[(spec.get("prompt_offset", 0) + i) % len(prompts)]
+        k = i % len(arms)
+        for arm in arms[k:] + arms[:k]:
+            got = one(arm, prompt)
+            if i:
+                for key in keys:
+                    out["arms"][arm["name"]][key].append(got[key])
+    if spec.get("truth"):
+        with pyllama.Llama(path, n_ctx=n_ctx, n_threads=threads) as llm:
+            r = llm.complete(prompts[0], temperature=0, logprobs=2, **kwargs)
+        lp = r["choices"][0]["logprobs"]
+        margins = []
+        for top in lp["top_logprobs"]:
+            values = sorted(top.values(), reverse=True)
+            margins.append(values[0] - values[1] if len(values) > 1 else float("inf"))
+        out["truth"] = {"text": r["choices"][0]["text"], "pieces": lp["tokens"], "margins": margins}
+    return out
+
+
+TASKS = {"speed": speed, "overhead": overhead, "ttft": ttft, "media": media, "spec": speculative}
 
 if __name__ == "__main__":
     task, spec = sys.argv[1], json.loads(sys.argv[2])

@@ -218,7 +218,7 @@ def test_report_prompt_section(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     report.write(prompt_results(tmp_path), doc)
     text = doc.read_text()
-    assert "## 5. Server: prompt-heavy load" in text and "## 7. Peak RSS" in text
+    assert "## 5. Server: prompt-heavy load" in text and "## 8. Peak RSS" in text
     assert "1,450-1,452 tokens" in text  # the system prompts' own counts, chats and long prompt together
     assert "above 1,\npyllama is faster" in text
     # cold wall: medians 6.5 and 5.2; first tokens of all 6 requests: 5.75 and 4.70; the last of each round: 6.1, 5.1
@@ -333,3 +333,192 @@ def test_report_media_section_and_targets(tmp_path: Path) -> None:
     assert "| time to first token with an image: pyllama ≥ 0.98x llama-mtmd-cli | 0.92x | **missed** |" in text
     assert "| an image in the prompt (tiny llama) | 90 | 120 | - |" in text
     assert str(tmp_path) not in text
+
+
+def test_parse_spec_simple_reads_what_llama_speculative_simple_prints() -> None:
+    """llama-speculative-simple's closing lines, made from its own format strings
+    (examples/speculative-simple/speculative-simple.cpp) with known values, parse back to those values."""
+    src = (ROOT / "vendor/llama.cpp/examples/speculative-simple/speculative-simple.cpp").read_text()
+    fmts = [bytes(m, "utf-8").decode("unicode_escape") for m in re.findall(r'LOG_INF\("((?:[^"\\]|\\.)*)"', src)]
+    values = {
+        "encoded": (216, 0.303, 712.467),
+        "decoded": (209, 1.003, 208.396),
+        "n_draft ": (3,),
+        "n_predict": (209,),
+        "n_drafted": (204,),
+        "n_accept ": (201,),
+        "accept    =": (98.529,),
+    }
+    lines = []
+    for f in fmts:
+        key = next((k for k in values if f.startswith(k)), None)
+        if key:
+            lines.append("0.02.355.797 I " + f % values[key])
+    assert len(lines) == len(values), fmts
+    assert run.parse_spec_simple("".join(lines)) == {
+        "encoded_tokens": 216,
+        "encoded_s": 0.303,
+        "decoded_tokens": 209,
+        "decoded_s": 1.003,
+        "n_drafted": 204,
+        "n_accept": 201,
+    }
+    with pytest.raises(RuntimeError, match=r"decoded|encoded"):
+        run.parse_spec_simple("main: error: failed to load model\n")
+
+
+def test_spec_prompts_and_the_tools_generated_text() -> None:
+    """The copy-heavy prompt is the passage and its first 20 words; the editing request holds the file and
+    ends with an opening fence; what a tool generated is what it printed after the prompt."""
+    prompt = run.copy_prompt("a b c d e f", 3)
+    assert prompt == "a b c d e f\n\na b c"
+    words = run.SPEC_PASSAGE.split()
+    assert 140 <= len(words) <= 170 and run.copy_prompt().endswith("\n\n" + " ".join(words[:20]))
+    edit = run.edit_prompt()
+    assert run.SPEC_FILE in edit and edit.endswith("```\n") and run.SPEC_CHANGE[0] in run.SPEC_FILE
+    assert run.generated_text("\n\n<bos>a b c d e f\n\na b c d e f\n\n", prompt) == " d e f\n\n"
+    with pytest.raises(RuntimeError):
+        run.generated_text("error", prompt)
+    assert run.copied_tokens([1, 2, 3, 4, 5], [1, 2, 9, 4, 5, 6]) == 4
+
+
+def spec_results(tmp_path: Path) -> dict:
+    truth_text = "one two three four"
+    truth = {"text": truth_text, "pieces": ["one", " two", " three", " four"], "margins": [2.0, 0.3, 1.5, 0.8]}
+
+    def arm(rates: list[float], texts: list[str], acc=(0, 0, 0), rej=(0, 0, 0), wall=(1.0, 1.0, 1.0)) -> dict:
+        return {
+            "decode_tps": rates,
+            "wall_s": list(wall),
+            "ttft_s": [0.3] * 3,
+            "tokens": [160, 160, 160],
+            "accepted": list(acc),
+            "rejected": list(rej),
+            "text": texts,
+            "prompt_tokens": [216] * 3,
+        }
+
+    same = [truth_text] * 3
+    runs = [
+        {"n_drafted": 204, "n_accept": 200},
+        {"n_drafted": 204, "n_accept": 204},
+        {"n_drafted": 210, "n_accept": 202},
+    ]
+    return {
+        "meta": {"cpu": "Test CPU", "logical_cpus": 2, "threads": 2, "reps": 3},
+        "spec": {
+            "date": "2026-12-06",
+            "n_ctx": 2048,
+            "copy": {
+                "prompt": "PASSAGE",
+                "max_tokens": 160,
+                "passage_words": 164,
+                "argv": {"llama-completion": [str(tmp_path / "llama-completion"), "-m", "model.gguf", "-p", "PASSAGE"]},
+                "truth": truth,
+                "pyllama": {
+                    "plain": arm([60.0, 64.0, 62.0], same),
+                    # one run parts from the plain decode after " two", where the plain decode's margin was 0.3
+                    "ngram-simple": arm(
+                        [150.0, 160.0, 155.0], [truth_text, "one two four", truth_text], (140, 150, 145)
+                    ),
+                    "ngram-mod": arm([200.0, 210.0, 190.0], same, (156, 156, 156)),
+                },
+                "pyllama_peak_rss_mib": 400.0,
+                "llama.cpp": {
+                    "llama-completion": {"decode_tps": [65.0, 66.0, 64.0], "text": [truth_text + "\n"] * 3, "runs": []},
+                    "llama-speculative-simple": {
+                        "decode_tps": [190.0, 200.0, 195.0],
+                        "text": [truth_text + " five"] * 3,  # it runs past -n: equal as far as the shorter goes
+                        "runs": runs,
+                        "peak_rss_mib": 310.0,
+                    },
+                },
+            },
+            "edit": {
+                "file_tokens": 375,
+                "kwargs": {"max_tokens": 439, "stop": ["```"]},
+                "truth": {"text": "file", "pieces": ["file"], "margins": [1.0]},
+                "copied": 354,
+                "reply_tokens": 380,
+                "changed": False,
+                "pyllama": {
+                    "plain": arm([60.0, 62.0, 64.0], ["file"] * 3, wall=(7.0, 6.0, 6.5)),
+                    "prediction": arm([200.0, 180.0, 190.0], ["file"] * 3, (341,) * 3, (16,) * 3, (2.5, 2.0, 3.0)),
+                },
+            },
+            "free": {
+                "type": "ngram-mod",
+                "prompts": ["Write a short story about a fox. Once upon a time,", "another"],
+                "kwargs": {"max_tokens": 128, "ignore_eos": True, "repeat_penalty": 1.3},
+                "pyllama": {"plain": arm([60.0, 62.0, 61.0], ["a"] * 3), "best": arm([58.0, 60.5, 59.0], ["a"] * 3)},
+            },
+        },
+    }
+
+
+def test_report_spec_section_and_targets(tmp_path: Path) -> None:
+    """The speculative section: medians and ratios to the decode without drafts computed by hand, the runs
+    whose text parts from the plain decode with the plain decode's margin there, llama.cpp's tools against
+    each other, the prediction's wall-time ratio, and the targets' verdicts."""
+    doc = tmp_path / "benchmarks.md"
+    report.write(spec_results(tmp_path), doc)
+    text = doc.read_text()
+    assert "## 7. Speculative decoding and predicted outputs" in text and "Measured on 2026-12-06" in text
+    assert "| pyllama, no drafts | 62.0 | 1.000 | - | 3 of 3 |" in text
+    # medians 155 and 200 over 62; accepted 145, rejected 0
+    assert "| pyllama, `ngram-simple` | 155.0 | 2.500 | 145 / 0 | 2 of 3 (the others part where" in text
+    assert "top-2 margin was 0.300) |" in text
+    assert "| pyllama, `ngram-mod` | 200.0 | 3.226 | 156 / 0 | 3 of 3 |" in text
+    assert "| llama.cpp `llama-completion` | 65.0 | 1.000 | - | 3 of 3 |" in text
+    # 195 / 65; accepted 202 (median of 200, 204, 202), rejected 4 (of 4, 0, 8)
+    assert "| llama.cpp `llama-speculative-simple`, `ngram-simple` | 195.0 | 3.000 | 202 / 4 | 3 of 3 |" in text
+    assert "- llama-completion: `llama-completion -m model.gguf -p PROMPT`" in text
+    assert "| without the prediction | 6.50 | 62.0 | 160 | - | 3 of 3 |" in text
+    assert "| with the prediction | 2.50 | 190.0 | 160 | 341 / 16 | 3 of 3 |" in text
+    assert "copies 354 of the\nfile's 375 tokens" in text and "does not make the change" in text
+    assert "| `ngram-mod` on | 59.0 | 0.967 | 0 / 0 |" in text
+    assert "| n-gram drafts, copy-heavy prompt | 310 | 400 | - |" in text
+    assert (
+        "| copy-heavy prompt: the best n-gram type ≥ 3x the decode without drafts | `ngram-mod` 3.23x | met |" in text
+    )
+    assert (
+        "| copy-heavy prompt: the n-gram types' text equal to the decode without drafts | 5 of 6 runs | **missed** |"
+        in text
+    )
+    assert "| predicted outputs: the reply ≥ 2x as fast with the prediction (wall time) | 2.60x | met |" in text
+    assert "| nothing to draft: the best type at most 3% slower | 0.967x | **missed** |" in text
+    assert str(tmp_path) not in text
+
+
+def test_report_puts_one_section_into_a_page_and_keeps_the_rest(tmp_path: Path) -> None:
+    """Writing one section's results into a page that holds others keeps the others, the machine table and
+    the notes as they were, puts the section in at its place with the sections numbered in order, and adds
+    or replaces only its own rows of the Peak RSS and Targets tables."""
+    doc = tmp_path / "benchmarks.md"
+    report.write(synthetic(tmp_path), doc)
+    page = doc.read_text().replace("<!-- notes -->\n", "<!-- notes -->\n## Notes\nHand-written.\n")
+    page = page.replace("## 3. Second-turn", "Added by hand to section 1.\n\n## 3. Second-turn")
+    doc.write_text(page)
+    res = spec_results(tmp_path)
+    res["meta"]["cpu"] = "Another CPU"
+    res["speed"] = {"llama-bench": {}}  # results of another section that is not asked for are not used
+    report.write(res, doc, only=["spec"])
+    text = doc.read_text()
+    before = page.split("## 8. Peak RSS")[0]  # the full page numbers Peak RSS after section 7
+    spec_at = text.index("## 7. Speculative decoding")
+    assert text[:spec_at] == before.replace("## 8. Peak RSS", "")  # sections 1 and 3, the machine, unchanged
+    assert "Test CPU" in text and "Another CPU" not in text and "Added by hand to section 1." in text
+    assert text.index("## 3. Second-turn") < spec_at < text.index("## 8. Peak RSS") < text.index("## Targets")
+    assert "## Notes\nHand-written." in text
+    assert "| pp512 + tg128 (speed section) | - | 400 | - |" in text  # the old rows stay
+    assert "| n-gram drafts, copy-heavy prompt | 310 | 400 | - |" in text
+    assert "| second-turn TTFT ≤ 1.2x the new turn alone | 1.25x | **missed** |" in text
+    assert "| nothing to draft: the best type at most 3% slower | 0.967x | **missed** |" in text
+
+    # again with other figures: the section and its rows are replaced, not added twice
+    res["spec"]["free"]["pyllama"]["best"]["decode_tps"] = [61.0, 61.0, 61.0]
+    report.write(res, doc, only=["spec"])
+    text = doc.read_text()
+    assert text.count("## 7. Speculative decoding") == 1 and text.count("| nothing to draft:") == 1
+    assert "| nothing to draft: the best type at most 3% slower | 1.000x | met |" in text
+    assert text.count("| n-gram drafts, copy-heavy prompt |") == 1

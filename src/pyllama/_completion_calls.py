@@ -156,15 +156,60 @@ class CompletionCalls(LlamaBase):
 
     __call__ = complete
 
-    def _infill_tokens(self, prefix: str, suffix: str) -> list[int]:
-        """Fill-in-the-middle prompt, as llama-server builds it: [BOS] PRE prefix SUF suffix MID."""
-        pre, suf, mid = self._model.token_fim_pre, self._model.token_fim_suf, self._model.token_fim_mid
+    def _infill_tokens(
+        self,
+        prefix: str | Sequence[int],
+        suffix: str | Sequence[int],
+        *,
+        extra: Sequence[tuple[str, str]] | None = None,
+        middle: Sequence[int] = (),
+        n_batch: int | None = None,
+        n_extra: int | None = None,
+        spm: bool = False,
+    ) -> list[int]:
+        """The fill-in-the-middle prompt as llama-server builds it (format_prompt_infill):
+
+        ``[extra] [BOS] PRE prefix middle SUF suffix MID`` (``SUF suffix`` first with ``spm``). Text is
+        tokenised without special tokens. ``extra`` (llama-server's ``/infill``; None: the single-file
+        prompt of ``complete(suffix=)``): ``(filename, text)`` chunks of other files, in the repo-level
+        pattern where the vocabulary has FIM_REP and FIM_SEP (``REP myproject\\n``, then
+        ``SEP filename\\n text`` per chunk, then ``SEP filename\\n``), else each after a snippet line.
+        With ``n_batch`` the prefix keeps its last ``3 * (n_batch // 4)`` tokens and the suffix its
+        first ``n_batch // 4 - 2 - len(middle)``; with ``n_extra`` the extra context its last
+        ``n_extra`` tokens. ``middle``: tokens that continue the prefix (llama-server's ``prompt``)."""
+        m = self._model
+        pre, suf, mid = m.token_fim_pre, m.token_fim_suf, m.token_fim_mid
         if pre is None or suf is None or mid is None:
             raise invalid("suffix needs a model with fill-in-the-middle tokens (FIM_PRE, FIM_SUF, FIM_MID)", "suffix")
-        tokens = [pre, *self._tokenize(prefix, add_special=False), suf, *self._tokenize(suffix, add_special=False), mid]
-        if self._model.add_bos and self._model.token_bos is not None:
-            tokens.insert(0, self._model.token_bos)
-        return tokens
+
+        def tokens_of(text: str | Sequence[int]) -> list[int]:
+            return self._tokenize(text, add_special=False) if isinstance(text, str) else [int(t) for t in text]
+
+        head: list[int] = []
+        if extra is not None:
+            if m.token_fim_rep is not None:
+                head += [m.token_fim_rep, *tokens_of("myproject\n")]
+            for filename, text in extra:
+                if m.token_fim_sep is not None:
+                    head += [m.token_fim_sep, *tokens_of(filename + "\n")]
+                else:
+                    head += tokens_of("\n\n--- snippet ---\n\n")
+                head += tokens_of(text)
+            if m.token_fim_sep is not None:
+                head += [m.token_fim_sep, *tokens_of("filename\n")]
+        if n_extra is not None:
+            head = head[len(head) - min(max(0, n_extra), len(head)) :]
+        before, after = tokens_of(prefix), tokens_of(suffix)
+        if n_batch is not None:
+            before = before[len(before) - min(len(before), 3 * (n_batch // 4)) :]
+            after = after[: min(len(after), max(0, n_batch // 4 - (2 + len(middle))))]
+        first = [pre, *before, *middle]
+        second = [suf, *after]
+        if spm:
+            first, second = second, first
+        if m.add_bos and m.token_bos is not None:
+            first.insert(0, m.token_bos)
+        return [*head, *first, *second, mid]
 
     async def acomplete(self, prompt: str | Sequence[int], **kwargs: Any) -> Any:
         """``complete`` without blocking the event loop (see ``achat``)."""

@@ -480,6 +480,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="responses of /v1/responses kept for previous_response_id, least recently used dropped (default 1024)",
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="Prometheus metrics at GET /metrics (pip install 'pyllama[metrics]')"
+    )
+    parser.add_argument(
+        "--reranking",
+        "--rerank",
+        action="store_true",
+        help="score pairs with the model's rank pooling (POST /v1/rerank) even where the file does not declare it",
+    )
+    parser.add_argument(
+        "--spm-infill", action="store_true", help="/infill puts the suffix before the prefix (some models want it)"
+    )
     parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
 
 
@@ -491,6 +503,12 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         print(f"pyllama: the server needs {e.name}: pip install 'pyllama[server]'", file=sys.stderr)
         return 1
+    if args.metrics:
+        try:
+            import prometheus_client  # noqa: F401
+        except ModuleNotFoundError:
+            print("pyllama: --metrics needs prometheus-client: pip install 'pyllama[metrics]'", file=sys.stderr)
+            return 1
     if (
         args.parallel < 1
         or args.max_queue < 0
@@ -503,7 +521,8 @@ def _serve(args: argparse.Namespace) -> int:
             "--parallel and --max-request-bytes must be >= 1, --max-queue, --cache-ram and --max-stored-responses"
             " >= 0, --prepare-timeout > 0"
         )
-    with _load(args, args.model, n_parallel=args.parallel, cache_ram=args.cache_ram << 20) as llm:
+    extra: dict[str, Any] = {"pooling_type": "rank", "embedding": True} if args.reranking else {}
+    with _load(args, args.model, n_parallel=args.parallel, cache_ram=args.cache_ram << 20, **extra) as llm:
         try:
             serve(
                 llm,
@@ -517,6 +536,8 @@ def _serve(args: argparse.Namespace) -> int:
                 slot_save_path=args.slot_save_path,
                 allow_media_urls=args.allow_media_urls,
                 max_stored_responses=args.max_stored_responses,
+                metrics=args.metrics,
+                spm_infill=args.spm_infill,
                 log_level=args.log_level,
             )
         except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it

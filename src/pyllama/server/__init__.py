@@ -46,6 +46,8 @@ def serve(
     slot_save_path: str | os.PathLike[str] | None = None,
     allow_media_urls: bool = False,
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
+    metrics: bool = False,
+    spm_infill: bool = False,
     log_level: str = "info",
 ) -> None:
     """Serve ``llm`` until SIGINT or SIGTERM. On shutdown the server stops accepting connections and
@@ -62,6 +64,8 @@ def serve(
         slot_save_path=slot_save_path,
         allow_media_urls=allow_media_urls,
         max_stored_responses=max_stored_responses,
+        metrics=metrics,
+        spm_infill=spm_infill,
     )
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S

@@ -424,13 +424,17 @@ def prompt_tokens(llm: Llama, messages: list[dict[str, Any]], kwargs: dict[str, 
     if has_media(messages):
         messages, media = read_media(messages, llm.projector, llm.media)
     prefill = messages[-1].get("role") == "assistant"  # continued, as Llama.chat continues it
+    template_kwargs = kwargs.get("chat_template_kwargs")
+    if kwargs.get("reasoning_effort") is not None:  # as Llama.chat hands it to the template
+        template_kwargs = {"reasoning_effort": kwargs["reasoning_effort"], **(template_kwargs or {})}
     result = llm.chat_template.apply(
         messages,
         tools=kwargs.get("tools"),
         tool_choice=kwargs.get("tool_choice"),
         parallel_tool_calls=kwargs.get("parallel_tool_calls"),
         enable_thinking=kwargs.get("enable_thinking"),
-        chat_template_kwargs=kwargs.get("chat_template_kwargs"),
+        reasoning_format=kwargs.get("reasoning_format") or "auto",
+        chat_template_kwargs=template_kwargs,
         json_schema=response_schema(kwargs.get("response_format")),
         continue_final_message=True if prefill else None,
     )
@@ -778,15 +782,15 @@ class MessageEvents(EventStream):
 # --- the routes --------------------------------------------------------------------------------
 
 
-async def _chat_stream(llm: Llama, request: MessagesRequest) -> AsyncStream:
+async def _chat_stream(server: _Server, request: MessagesRequest) -> AsyncStream:
     try:
-        return await llm.achat(request.messages, stream=True, **request.kwargs)  # type: ignore[no-any-return]
+        return await server.achat(request.messages, stream=True, **request.kwargs)  # type: ignore[no-any-return]
     except ContextLengthError as e:
         if e.param != "max_tokens":
             raise
     # The prompt and max_tokens exceed the context: as Anthropic's models do, the reply then goes on
     # until the context is full (stop_reason "model_context_window_exceeded").
-    return await llm.achat(request.messages, stream=True, **{**request.kwargs, "max_tokens": -1})  # type: ignore[no-any-return]
+    return await server.achat(request.messages, stream=True, **{**request.kwargs, "max_tokens": -1})  # type: ignore[no-any-return]
 
 
 def add_anthropic_routes(app: FastAPI, server: _Server) -> None:
@@ -799,7 +803,7 @@ def add_anthropic_routes(app: FastAPI, server: _Server) -> None:
         body = await _json_body(request)
         chat = parse_request(body, llm)
         server.deadline()
-        chunks = await server.stream(chat.fields, _chat_stream(llm, chat))
+        chunks = await server.stream(chat.fields, _chat_stream(server, chat))
         builder = Builder(
             server.model_id,
             max_tokens=chat.max_tokens,

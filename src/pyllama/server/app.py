@@ -314,6 +314,45 @@ def translate(error: BaseException, fields: Iterable[str]) -> APIError:
     return APIError(500, "internal error: the server could not complete the request", type="server_error")
 
 
+class TimedStream(AsyncStream):
+    """An AsyncStream that notes when it was first read (``started``), when its first text came
+    (``first``), when it ended, and its usage (handed to ``on_usage`` as it comes)."""
+
+    def __init__(self, inner: AsyncStream, on_usage: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__(inner._stream)
+        self.on_usage = on_usage
+        self.started: float | None = None
+        self.first: float | None = None
+        self.ended: float | None = None
+        self.usage: dict[str, Any] | None = None
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.started is None:
+            self.started = time.perf_counter()
+        try:
+            chunk = await super().__anext__()
+        except StopAsyncIteration:
+            if self.ended is None:
+                self.ended = time.perf_counter()
+            raise
+        if self.first is None and any(_has_text(c) for c in chunk.get("choices", ())):
+            self.first = time.perf_counter()
+        usage = chunk.get("usage")
+        if usage is not None:
+            self.ended = time.perf_counter()
+            self.usage = usage
+            if self.on_usage is not None:
+                self.on_usage(usage)
+        return chunk
+
+
+def _has_text(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return any(delta.get(k) for k in ("content", "reasoning_content", "tool_calls"))
+    return bool(choice.get("text"))
+
+
 class _Server:
     """What the routes share: the Llama, the model's id, the slots and the time limit on preparing."""
 
@@ -325,6 +364,24 @@ class _Server:
         self.created = int(time.time())
         # the routes of another API whose errors take that API's shape: path -> the error in it
         self.error_shapes: dict[str, Callable[[APIError], APIError]] = {}
+        # counts the tokens of every generation (create_app(metrics=True)): usage -> None
+        self.on_usage: Callable[[dict[str, Any]], None] | None = None
+
+    async def achat(self, messages: list[Any], **kwargs: Any) -> Any:
+        """``llm.achat``, its usage counted (a stream's when its last chunk comes)."""
+        return self._observed(await self.llm.achat(messages, **kwargs))
+
+    async def acomplete(self, prompt: Any, **kwargs: Any) -> Any:
+        """``llm.acomplete``, its usage counted (a stream's when its last chunk comes)."""
+        return self._observed(await self.llm.acomplete(prompt, **kwargs))
+
+    def _observed(self, result: Any) -> Any:
+        if self.on_usage is None:
+            return result
+        if isinstance(result, AsyncStream):
+            return TimedStream(result, self.on_usage)
+        self.on_usage(result["usage"])
+        return result
 
     def shaped(self, path: str, error: APIError) -> APIError:
         """``error`` in the shape of the API that ``path`` belongs to (OpenAI's unless a route says)."""
@@ -504,6 +561,8 @@ def create_app(
     slot_save_path: str | os.PathLike[str] | None = None,
     allow_media_urls: bool = False,
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
+    metrics: bool = False,
+    spm_infill: bool = False,
 ) -> FastAPI:
     """An OpenAI-compatible FastAPI app over ``llm`` (which the caller keeps and closes), which also
     speaks Anthropic's Messages API (``/v1/messages``).
@@ -519,6 +578,10 @@ def create_app(
     are fetched only with ``allow_media_urls``; the server never reads its own files for a client
     (this sets ``llm.media``). ``max_stored_responses``: the responses of ``/v1/responses`` kept in
     memory for ``previous_response_id`` (the least recently used dropped first; 0: none).
+    ``metrics``: Prometheus metrics at ``GET /metrics`` (needs ``prometheus-client``: the ``metrics``
+    extra), in a registry of this app's own; else that path is 501, as llama-server's without
+    ``--metrics``. ``spm_infill``: ``/infill`` puts the suffix before the prefix (llama-server's
+    ``--spm-infill``), as some models were trained.
     """
     llm.media = dataclasses.replace(llm.media, files=False, urls=allow_media_urls)
     keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
@@ -569,6 +632,19 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_error)
     app.add_middleware(Guard, keys=keys, max_bytes=max_request_bytes, shaped=server.shaped)
+    counting = None
+    if metrics:
+        try:
+            from .metrics import Metrics
+        except ModuleNotFoundError as e:
+            if e.name != "prometheus_client":
+                raise
+            raise ModuleNotFoundError(
+                "metrics need prometheus-client: pip install 'pyllama[metrics]'", name=e.name
+            ) from None
+        counting = Metrics(server, app.router.routes)
+        server.on_usage = counting.observe_usage
+        app.add_middleware(counting.middleware)  # the outermost: the guard's answers are counted too
 
     def named(result: dict[str, Any]) -> dict[str, Any]:
         result["model"] = server.model_id
@@ -600,9 +676,9 @@ def create_app(
             kwargs["lora"] = request_lora(llm, kwargs["lora"])
         server.deadline()
         if stream:
-            chunks = await server.stream(body, llm.achat(messages, stream=True, **kwargs))
+            chunks = await server.stream(body, server.achat(messages, stream=True, **kwargs))
             return EventStream(server, chunks, include_usage=include_usage, fields=body)
-        result = await server.run(request, body, lambda: llm.achat(messages, **kwargs))
+        result = await server.run(request, body, lambda: server.achat(messages, **kwargs))
         return _disconnected_response() if result is None else JSONBody(named(result))
 
     @app.post("/v1/completions")
@@ -613,9 +689,9 @@ def create_app(
             kwargs["lora"] = request_lora(llm, kwargs["lora"])
         server.deadline()
         if stream:
-            chunks = await server.stream(body, llm.acomplete(prompt, stream=True, **kwargs))
+            chunks = await server.stream(body, server.acomplete(prompt, stream=True, **kwargs))
             return EventStream(server, chunks, include_usage=include_usage, fields=body)
-        result = await server.run(request, body, lambda: llm.acomplete(prompt, **kwargs))
+        result = await server.run(request, body, lambda: server.acomplete(prompt, **kwargs))
         return _disconnected_response() if result is None else JSONBody(named(result))
 
     @app.post("/v1/embeddings")
@@ -731,6 +807,11 @@ def create_app(
     from .anthropic import add_anthropic_routes  # it uses this module's helpers
 
     add_anthropic_routes(app, server)
+    from .extras import add_extra_routes  # they use this module's helpers
+    from .infill import add_infill_route
+
+    add_infill_route(app, server, spm_infill)
+    add_extra_routes(app, server, counting)
     return app
 
 

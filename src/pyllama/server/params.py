@@ -16,7 +16,7 @@ from .. import sampling
 from .._validate import check_messages, check_tools
 from ..errors import InvalidRequestError
 
-__all__ = ["APIError", "chat_kwargs", "completion_kwargs", "embedding_inputs"]
+__all__ = ["APIError", "chat_kwargs", "completion_kwargs", "embedding_inputs", "infill_request", "rerank_inputs"]
 
 
 class APIError(Exception):
@@ -332,3 +332,75 @@ def embedding_inputs(body: dict[str, Any]) -> tuple[list[str], str, int | None]:
     if model is not None:
         string("model", model)
     return texts, encoding, dimensions
+
+
+# llama-server's /infill: the completion fields that apply to a fill-in-the-middle prompt, and its own
+# name for max_tokens. Fields of llama-server's that only tune its own scheduling or output
+# (cache_prompt, n_indent, t_max_prompt_ms, t_max_predict_ms, response_fields...) are ignored.
+INFILL: dict[str, Check] = {
+    name: check for name, check in COMPLETION.items() if name not in ("echo", "suffix", "logprobs", "prediction")
+}
+
+
+def _mixed(name: str, value: Any) -> str | list[str | int]:
+    """llama-server's mixed prompt: a string, or an array of strings and token ids."""
+    if isinstance(value, str):
+        return value
+    out: list[str | int] = []
+    for i, item in enumerate(array(name, value)):
+        out.append(item if isinstance(item, str) else integer(0, TOKEN_MAX)(f"{name}[{i}]", item))
+    return out
+
+
+def infill_request(
+    body: dict[str, Any],
+) -> tuple[str | list[str | int], str | list[str | int], list[tuple[str, str]], str, dict[str, Any], bool]:
+    """``(input_prefix, input_suffix, input_extra as (filename, text) pairs, prompt, keywords of
+    Llama.complete, stream)`` of an ``/infill`` request."""
+    for name in ("input_prefix", "input_suffix"):
+        if body.get(name) is None:
+            raise invalid(name, "is required", "missing_required_parameter")
+    prefix = _mixed("input_prefix", body["input_prefix"])
+    suffix = _mixed("input_suffix", body["input_suffix"])
+    extra: list[tuple[str, str]] = []
+    for i, chunk in enumerate(array("input_extra", body.get("input_extra") or [])):
+        where = f"input_extra[{i}]"
+        obj(where, chunk)
+        if chunk.get("text") is None:
+            raise invalid(f"{where}.text", "is required", "missing_required_parameter")
+        text = string(f"{where}.text", chunk["text"])
+        filename = chunk.get("filename")
+        extra.append(("tmp" if filename is None else string(f"{where}.filename", filename), text))
+    prompt = body.get("prompt")
+    prompt = "" if prompt is None else string("prompt", prompt)
+    if body.get("n_probs"):
+        raise invalid("n_probs", "token probabilities are not supported on /infill", "unsupported_parameter")
+    kwargs, stream, _ = _common({k: v for k, v in body.items() if k != "stream_options"}, INFILL)
+    if body.get("n_predict") is not None:
+        kwargs["max_tokens"] = max_tokens("n_predict", body["n_predict"])
+    kwargs.setdefault("max_tokens", -1)  # llama-server's default: until the end of the text or the context
+    return prefix, suffix, extra, prompt, kwargs, stream
+
+
+def rerank_inputs(body: dict[str, Any]) -> tuple[str, list[str], int | None, bool, bool]:
+    """``(query, documents, top_n, tei, return_text)`` of a rerank request: Jina's shape
+    (``documents``), or TEI's (``texts``, answered as a bare array, ``return_text``)."""
+    if body.get("query") is None:
+        raise invalid("query", "is required", "missing_required_parameter")
+    query = string("query", body["query"])
+    tei = body.get("texts") is not None
+    name = "texts" if tei else "documents"
+    if body.get(name) is None:
+        raise invalid("documents", "is required", "missing_required_parameter")
+    documents = strings(name, body[name])
+    if not documents:
+        raise invalid(name, "must hold at least one document", "empty_array")
+    top_n = body.get("top_n")
+    if top_n is not None:
+        top_n = integer(1)("top_n", top_n)
+    return_text = body.get("return_text")
+    return_text = False if return_text is None else boolean("return_text", return_text)
+    model = body.get("model")
+    if model is not None:
+        string("model", model)
+    return query, documents, top_n, tei, return_text

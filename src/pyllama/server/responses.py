@@ -794,13 +794,13 @@ def add_responses_routes(app: FastAPI, server: _Server, max_stored: int) -> Resp
         server.deadline()
         if chat.stream:
             try:
-                chunks = await server.stream(chat.fields, llm.achat(chat.messages, stream=True, **chat.kwargs))
+                chunks = await server.stream(chat.fields, server.achat(chat.messages, stream=True, **chat.kwargs))
             except APIError as e:
                 raise chat.renamed(e) from None
             return ResponseEvents(server, chunks, chat, builder, keep)
 
         async def generate() -> dict[str, Any]:
-            chunks = await llm.achat(chat.messages, stream=True, **chat.kwargs)
+            chunks = await server.achat(chat.messages, stream=True, **chat.kwargs)
             try:
                 async for chunk in chunks:
                     builder.feed(chunk)
