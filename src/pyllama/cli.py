@@ -16,6 +16,7 @@ from .models import DefaultModelMissing, resolve_model_path
 
 if TYPE_CHECKING:
     from .llama import Llama
+    from .server import ModelSpec
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -112,6 +113,13 @@ def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
     from .llama import Llama
 
     path = resolve_model_path(model)
+    kwargs = _llama_options(args, **extra)
+    with _progress_bar() as progress:
+        return Llama(path, progress=progress, **kwargs)
+
+
+def _llama_options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The Llama keywords of the model options (_add_model_options) in ``args``, and ``extra``."""
     kwargs: dict[str, Any] = {"n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers, **extra}
     if args.n_threads is not None:
         kwargs["n_threads"] = args.n_threads
@@ -134,8 +142,7 @@ def _load(args: argparse.Namespace, model: str | None, **extra: Any) -> Llama:
         kwargs["rpc_servers"] = [e for v in args.rpc for e in v.split(",") if e]
     if getattr(args, "no_repack", False):
         kwargs["repack"] = False
-    with _progress_bar() as progress:
-        return Llama(path, progress=progress, **kwargs)
+    return kwargs
 
 
 def _scaled(values: Sequence[str] | None, flag: str) -> list[tuple[str, float]]:
@@ -428,7 +435,12 @@ def _reply(pieces: Iterator[str]) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", metavar="MODEL", help="path of a GGUF file (default: the demo model)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="path of a GGUF file (default: the demo model; none with --models-dir or --config)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument(
@@ -493,6 +505,51 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--spm-infill", action="store_true", help="/infill puts the suffix before the prefix (some models want it)"
     )
     parser.add_argument("--log-level", default="info", metavar="LEVEL", help="uvicorn's log level (default info)")
+    parser.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help="serve every model of DIR (NAME.gguf, or NAME/ with its projector), each loaded on first use",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="serve the models a TOML file lists, each with its own options (see docs/server.md)",
+    )
+    parser.add_argument(
+        "--models-max",
+        type=int,
+        default=4,
+        metavar="N",
+        help="with several models: the most loaded at once, the least recently used unloaded first (default 4; "
+        "0: no limit)",
+    )
+    parser.add_argument(
+        "--no-models-autoload",
+        dest="models_autoload",
+        action="store_false",
+        help="with several models: a request for a model that is not loaded is refused (POST /models/load loads it)",
+    )
+
+
+def _check_serve_numbers(args: argparse.Namespace, where: str = "") -> None:
+    if (
+        args.parallel < 1
+        or args.max_queue < 0
+        or args.max_request_bytes < 1
+        or not args.prepare_timeout > 0
+        or args.cache_ram < 0
+        or args.max_stored_responses < 0
+    ):
+        raise _UsageError(
+            f"{where}--parallel and --max-request-bytes must be >= 1, --max-queue, --cache-ram and "
+            "--max-stored-responses >= 0, --prepare-timeout > 0"
+        )
+
+
+def _serve_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """The Llama keywords of serve's own options of a model."""
+    extra: dict[str, Any] = {"pooling_type": "rank", "embedding": True} if args.reranking else {}
+    return {"n_parallel": args.parallel, "cache_ram": args.cache_ram << 20, **extra}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -509,20 +566,10 @@ def _serve(args: argparse.Namespace) -> int:
         except ModuleNotFoundError:
             print("pyllama: --metrics needs prometheus-client: pip install 'pyllama[metrics]'", file=sys.stderr)
             return 1
-    if (
-        args.parallel < 1
-        or args.max_queue < 0
-        or args.max_request_bytes < 1
-        or not args.prepare_timeout > 0
-        or args.cache_ram < 0
-        or args.max_stored_responses < 0
-    ):
-        raise _UsageError(
-            "--parallel and --max-request-bytes must be >= 1, --max-queue, --cache-ram and --max-stored-responses"
-            " >= 0, --prepare-timeout > 0"
-        )
-    extra: dict[str, Any] = {"pooling_type": "rank", "embedding": True} if args.reranking else {}
-    with _load(args, args.model, n_parallel=args.parallel, cache_ram=args.cache_ram << 20, **extra) as llm:
+    _check_serve_numbers(args)
+    if args.models_dir is not None or args.config is not None:
+        return _serve_models(args)
+    with _load(args, args.model, **_serve_extra(args)) as llm:
         try:
             serve(
                 llm,
@@ -543,6 +590,183 @@ def _serve(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it
             pass
     return 0
+
+
+# --- serve, several models ------------------------------------------------------------------------
+
+# serve's options that a model of --models-dir or --config may set for itself (the others are the server's)
+SERVE_MODEL_OPTIONS = ("parallel", "cache_ram", "reranking", "spm_infill")
+# options that name files: relative paths in a config file are relative to the file's directory
+FILE_OPTIONS = ("mmproj", "draft_model", "lora", "control_vector")
+SCALED_FILE_OPTIONS = ("lora_scaled", "control_vector_scaled")
+
+
+def _serve_models(args: argparse.Namespace) -> int:
+    from .server import serve_models
+
+    if args.model is not None:
+        raise _UsageError("give a MODEL, or --models-dir / --config for several: not both")
+    if args.alias is not None:
+        raise _UsageError("--alias names the one MODEL; with several, each model's id is its name (aliases: --config)")
+    if args.models_max < 0:
+        raise _UsageError("--models-max must be >= 0 (0: no limit)")
+    specs = _model_specs(args)
+    try:
+        serve_models(
+            specs,
+            host=args.host,
+            port=args.port,
+            models_max=args.models_max,
+            autoload=args.models_autoload,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_request_bytes=args.max_request_bytes,
+            prepare_timeout=args.prepare_timeout,
+            slot_save_path=args.slot_save_path,
+            allow_media_urls=args.allow_media_urls,
+            max_stored_responses=args.max_stored_responses,
+            metrics=args.metrics,
+            log_level=args.log_level,
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class _OptionsParser(argparse.ArgumentParser):
+    """serve's parser for the options of one model in a config file: errors are raised, not printed."""
+
+    def error(self, message: str) -> Any:
+        raise _UsageError(message)
+
+
+def _model_option_actions() -> dict[str, argparse.Action]:
+    """The argparse actions of the options a model may set, by their dest."""
+    parser = _OptionsParser(add_help=False)
+    _add_model_options(parser)
+    names = {a.dest for a in parser._actions} | set(SERVE_MODEL_OPTIONS)
+    parser = _OptionsParser(prog="pyllama serve", add_help=False)
+    add_serve_arguments(parser)
+    return {a.dest: a for a in parser._actions if a.dest in names}
+
+
+def _rebased(dest: str, value: Any, base: Path) -> Any:
+    """A file option's value with its relative paths made relative to ``base``."""
+
+    def rebase(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    def each(item: Any, scaled: bool) -> Any:
+        if not isinstance(item, str):
+            return item  # its type is refused later
+        parts = []
+        for part in item.split(","):
+            if scaled:
+                path, sep, scale = part.rpartition(":")
+                parts.append(rebase(path) + sep + scale if sep and path else part)
+            else:
+                parts.append(rebase(part) if part else part)
+        return ",".join(parts)
+
+    if dest == "chat_template":
+        if isinstance(value, str) and "{" not in value and (base / Path(value).expanduser()).is_file():
+            return str(base / Path(value).expanduser())
+        return value
+    if dest in FILE_OPTIONS or dest in SCALED_FILE_OPTIONS:
+        scaled = dest in SCALED_FILE_OPTIONS
+        return [each(v, scaled) for v in value] if isinstance(value, list) else each(value, scaled)
+    return value
+
+
+def _apply_options(
+    args: argparse.Namespace, options: dict[str, Any], where: str, actions: dict[str, argparse.Action], base: Path
+) -> None:
+    """Set a config table's options on ``args`` as serve's command line would (the same checks)."""
+    parser = _OptionsParser(prog=where, add_help=False)
+    add_serve_arguments(parser)
+    for key, raw in options.items():
+        action = actions.get(key)
+        if action is None:
+            raise _UsageError(f"{where}: unknown option {key!r} (serve's model options, without dashes)")
+        value = _rebased(key, raw, base)
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise _UsageError(f"{where}: {key} must be true or false")
+            setattr(args, key, value if action.const is True else not value)
+            continue
+        repeated = isinstance(action, argparse._AppendAction)
+        items = value if isinstance(value, list) and (repeated or action.nargs == 2) else [value]
+        if any(isinstance(v, (bool, dict, list)) or v is None for v in items):
+            kind = "a list of two values" if action.nargs == 2 else "a string or a number"
+            raise _UsageError(f"{where}: {key} takes {kind}, not {raw!r}")
+        if action.nargs == 2:
+            if len(items) != 2:
+                raise _UsageError(f"{where}: {key} takes a list of two values, not {raw!r}")
+            tokens = [flag, *(str(v) for v in items)]
+        else:
+            tokens = [f"{flag}={v}" for v in items]
+        setattr(args, key, None)  # the file's value replaces the command line's
+        try:
+            parser.parse_args(tokens, namespace=args)
+        except _UsageError as e:
+            raise _UsageError(f"{where}: {e}") from None
+
+
+def _model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """The models of --models-dir and --config, each with its Llama keywords: the command line's
+    model options, under the config's [defaults], under a model's own table."""
+    import copy
+
+    from .server import ModelSpec
+    from .server.config import ConfigModel, read_config, scan_models_dir
+
+    found = {m.id: m for m in scan_models_dir(args.models_dir)} if args.models_dir is not None else {}
+    config = read_config(args.config) if args.config is not None else None
+    tables: dict[str, ConfigModel] = {m.id: m for m in config.models} if config is not None else {}
+    ids = list(found) + [i for i in tables if i not in found]
+    if not ids:
+        raise _UsageError(f"no model in {args.models_dir}: it holds no .gguf file (NAME.gguf or NAME/model.gguf)")
+    actions = _model_option_actions()
+    specs = []
+    for model_id in ids:
+        ns = copy.copy(args)
+        load = False
+        if config is not None:
+            _apply_options(ns, config.defaults, f"{args.config}: [defaults]", actions, config.base)
+            load = config.load_on_startup
+        where = f"{args.models_dir}: {model_id}"
+        dir_model = found.get(model_id)
+        path = dir_model.path if dir_model is not None else None
+        if dir_model is not None and dir_model.mmproj is not None:
+            ns.mmproj = str(dir_model.mmproj)
+        table = tables.get(model_id)
+        aliases: tuple[str, ...] = ()
+        if table is not None:
+            assert config is not None
+            where = f"{args.config}: [models.{model_id}]"
+            _apply_options(ns, table.options, where, actions, config.base)
+            path = table.path or path
+            aliases = table.aliases
+            load = load if table.load_on_startup is None else table.load_on_startup
+        if path is None:
+            raise _UsageError(f"{where}: no path, and no model of --models-dir has this id")
+        if not path.is_file():
+            raise _UsageError(f"{where}: model file not found: '{path}'")
+        _check_serve_numbers(ns, f"{where}: ")
+        specs.append(
+            ModelSpec(
+                model_id,
+                path,
+                aliases=aliases,
+                options=_llama_options(ns, **_serve_extra(ns)),
+                spm_infill=ns.spm_infill,
+                load_on_startup=load,
+                source="config" if table is not None and table.path is not None else "models_dir",
+            )
+        )
+    return specs
 
 
 # --- rpc-server ------------------------------------------------------------------------------------
