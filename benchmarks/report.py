@@ -398,6 +398,18 @@ def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list
                 f" {rates.get('ngram-simple', float('nan')) / ref_spec:.3f}x llama-speculative-simple's."
             )
         d(line, "")
+    vm = cp.get("verify_ms")
+    if vm and "1" in vm:
+        big = max(int(k) for k in vm)
+        d(
+            "What a verified token costs (a bare `Context.decode` after the prompt, with logits for every",
+            "token of the batch, as a draft needs): "
+            + ", ".join(f"{k} token{'s' if int(k) > 1 else ''}: {v:.2f} ms a token" for k, v in vm.items())
+            + f". Drafts that are all accepted therefore make the decode at most {vm['1'] / vm[str(big)]:.1f}x",
+            f"as fast with batches of {big} (before the time to draft and to sample): each token of a draft",
+            "still needs its logits over Gemma 3's 262,144-token vocabulary.",
+            "",
+        )
     for name, argv in cp.get("argv", {}).items():
         d(f"- {name}: {show([a if a != cp['prompt'] else 'PROMPT' for a in argv])}")
     d("")
@@ -493,29 +505,47 @@ def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list
         f = fr["pyllama"]
         off, on = f["plain"], f["best"]
         kw = fr["kwargs"]
+        n_pairs = len(on["decode_tps"])
         d(
             "### Nothing to draft: free text",
             "",
             f'Story prompts ("{fr["prompts"][0]}" and {len(fr["prompts"]) - 1} others like it),',
             f"{kw['max_tokens']} tokens (`ignore_eos`), temperature 0, with the best type of the copy-heavy prompt",
-            f"(`{fr['type']}`) on and off.",
-            "At temperature 0 Gemma 3 270M soon repeats itself in loops, which the n-gram types then draft; a",
-            f"repetition penalty ({kw.get('repeat_penalty', 1.0)}, on both sides) keeps the text from repeating,",
-            "so that there is nothing to draft (the draft counts below say whether anything was).",
+            f"(`{fr['type']}`) on and off, {n_pairs} times each. At temperature 0 Gemma 3 270M soon repeats",
+            "itself in loops, which the n-gram types then draft; a repetition penalty",
+            f"({kw.get('repeat_penalty', 1.0)}, on both sides) keeps the text from repeating, so that there is",
+            "nothing to draft (the draft counts below say whether anything was). The 3% asked about is less",
+            "than this machine's spread from one run to the next, so the target is judged on the runs in",
+            "pairs: each pair is the same prompt with the type off and on, one right after the other (in",
+            "turn which goes first), and the figure is the median of the pairs' ratios, which drift between",
+            "pairs does not move; the ratio of the medians is given too.",
             "",
         )
         a, b = med(off["decode_tps"]), med(on["decode_tps"])
+        pairs = med([y / x for x, y in zip(off["decode_tps"], on["decode_tps"], strict=True)])
         drafted = sum(on["accepted"]) + sum(on["rejected"])
         d.table(
-            ["", "decode tok/s", "vs off", "draft tokens accepted / rejected, all runs"],
+            ["", "decode tok/s", "vs off (ratio of the medians)", "vs off (median of the pairs)", "draft tokens"],
             [
-                [f"`{fr['type']}` off", fmt(a), "1.000", "-"],
-                [f"`{fr['type']}` on", fmt(b), ratio(b, a), f"{sum(on['accepted'])} / {sum(on['rejected'])}"],
+                [f"`{fr['type']}` off", fmt(a), "1.000", "1.000", "-"],
+                [
+                    f"`{fr['type']}` on",
+                    fmt(b),
+                    ratio(b, a),
+                    f"{pairs:.3f}",
+                    f"{sum(on['accepted'])} accepted, {sum(on['rejected'])} rejected",
+                ],
             ],
         )
         if drafted:
             d(f"The type drafted {drafted} tokens in these runs: the text was not free of repeats everywhere.", "")
-        targets.append(["nothing to draft: the best type at most 3% slower", f"{b / a:.3f}x", verdict(b / a >= 0.97)])
+        targets.append(
+            [
+                "nothing to draft: the best type at most 3% slower",
+                f"{pairs:.3f}x (pairs), {b / a:.3f}x (medians)",
+                verdict(pairs >= 0.97),
+            ]
+        )
 
 
 def write(res: dict[str, Any], doc: Path = DOC, only: Collection[str] | None = None) -> Path:

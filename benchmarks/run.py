@@ -756,9 +756,13 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     for rnd in range(cfg["rounds"]):
         log(f"spec, round {rnd + 1}/{cfg['rounds']}: copy-heavy prompt, pyllama: {', '.join(a['name'] for a in arms)}")
         spec = {**base, "arms": arms, "prompts": [copy], "kwargs": copy_kwargs, "truth": rnd == 0}
+        if rnd == 0:
+            spec["verify_cost"] = [1, 16, 32, 48, 64]
         got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
         if "truth" in got:
             cp["truth"] = got.pop("truth")
+        if "verify_ms" in got:
+            cp["verify_ms"] = got.pop("verify_ms")
         merge(cp, {"pyllama": got["arms"], "pyllama_peak_rss_mib": got["peak_rss_mib"]})
         names = list(ref_argv) if rnd % 2 == 0 else list(ref_argv)[::-1]
         for i in range(reps + 1):
@@ -811,7 +815,9 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         merge(ed, {"pyllama": got["arms"], "pyllama_peak_rss_mib": got["peak_rss_mib"]})
         log(f"spec, round {rnd + 1}/{cfg['rounds']}: free text, {best} on and off")
         free_arms = [{"name": "plain"}, {"name": best, "speculative": best}]
-        spec = {**base, "arms": free_arms, "prompts": prompts, "kwargs": free_kwargs, "prompt_offset": rnd * reps}
+        n_free = cfg["spec_free_reps"]
+        spec = {**base, "reps": n_free, "arms": free_arms, "prompts": prompts, "kwargs": free_kwargs}
+        spec["prompt_offset"] = rnd * (n_free + 1)
         got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
         merge(fr, {"pyllama": {"plain": got["arms"]["plain"], "best": got["arms"][best]}})
         fr["pyllama_peak_rss_mib"] = max(fr.get("pyllama_peak_rss_mib", 0.0), got["peak_rss_mib"])
@@ -928,6 +934,7 @@ def main() -> int:
         "rounds": args.rounds,
         "spec_tokens": 160,
         "spec_free_tokens": 128,
+        "spec_free_reps": 3 * args.reps,  # the pairs of the free text (cheap runs, a small difference)
     }
     cfg["threads"] = args.threads or default_threads(cfg["tiny"])
     res: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -312,6 +312,8 @@ def speculative(spec: dict[str, Any]) -> dict[str, Any]:
             if i:
                 for key in keys:
                     out["arms"][arm["name"]][key].append(got[key])
+    if spec.get("verify_cost"):
+        out["verify_ms"] = verify_cost(spec, spec["verify_cost"])
     if spec.get("truth"):
         with pyllama.Llama(path, n_ctx=n_ctx, n_threads=threads) as llm:
             r = llm.complete(prompts[0], temperature=0, logprobs=2, **kwargs)
@@ -321,6 +323,30 @@ def speculative(spec: dict[str, Any]) -> dict[str, Any]:
             values = sorted(top.values(), reverse=True)
             margins.append(values[0] - values[1] if len(values) > 1 else float("inf"))
         out["truth"] = {"text": r["choices"][0]["text"], "pieces": lp["tokens"], "margins": margins}
+    return out
+
+
+def verify_cost(spec: dict[str, Any], sizes: list[int]) -> dict[str, float]:
+    """What verifying drafts costs: after the first prompt, the median time of one ``Context.decode`` of
+    n tokens with logits for each (what a draft of n - 1 tokens and the token before it cost), for each
+    n of ``sizes``, in ms per token."""
+    model = pyllama.Model(spec["model"])
+    threads = spec["threads"]
+    prompt = model.tokenize(spec["prompts"][0])
+    out = {}
+    with pyllama.Context(model, n_ctx=spec["n_ctx"], n_threads=threads, n_threads_batch=threads) as ctx:
+        for n in sizes:
+            times = []
+            for _ in range(7):
+                ctx.memory_clear()
+                ctx.decode(pyllama.Batch.from_tokens(prompt))
+                batch = pyllama.Batch.from_tokens((prompt * (n // len(prompt) + 1))[:n], pos0=len(prompt))
+                for i in range(n):
+                    batch.set_logits(i, True)
+                t = now()
+                ctx.decode(batch)
+                times.append(now() - t)
+            out[str(n)] = 1e3 * sorted(times)[len(times) // 2] / n
     return out
 
 
