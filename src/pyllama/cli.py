@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -604,6 +605,13 @@ SCALED_FILE_OPTIONS = ("lora_scaled", "control_vector_scaled")
 def _serve_models(args: argparse.Namespace) -> int:
     from .server import serve_models
 
+    try:
+        from .server import config  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "tomli":
+            raise
+        print("pyllama: --config needs tomli on Python 3.10: pip install 'pyllama[server]'", file=sys.stderr)
+        return 1
     if args.model is not None:
         raise _UsageError("give a MODEL, or --models-dir / --config for several: not both")
     if args.alias is not None:
@@ -654,8 +662,7 @@ def _rebased(dest: str, value: Any, base: Path) -> Any:
     """A file option's value with its relative paths made relative to ``base``."""
 
     def rebase(path: str) -> str:
-        p = Path(path).expanduser()
-        return str(p if p.is_absolute() else base / p)
+        return os.path.normpath(base / Path(path).expanduser())
 
     def each(item: Any, scaled: bool) -> Any:
         if not isinstance(item, str):
@@ -671,7 +678,7 @@ def _rebased(dest: str, value: Any, base: Path) -> Any:
 
     if dest == "chat_template":
         if isinstance(value, str) and "{" not in value and (base / Path(value).expanduser()).is_file():
-            return str(base / Path(value).expanduser())
+            return os.path.normpath(base / Path(value).expanduser())
         return value
     if dest in FILE_OPTIONS or dest in SCALED_FILE_OPTIONS:
         scaled = dest in SCALED_FILE_OPTIONS

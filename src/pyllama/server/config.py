@@ -198,9 +198,7 @@ def _config(data: dict[str, Any], base: Path) -> Config:
         if file is not None:
             if not isinstance(file, str) or not file:
                 raise ValueError(f"{where} path must be the path of a GGUF file")
-            model_path = Path(file).expanduser()
-            if not model_path.is_absolute():
-                model_path = base / model_path
+            model_path = Path(os.path.normpath(base / Path(file).expanduser()))
         aliases: list[str] = []
         if "alias" in table:
             value = table.pop("alias")
