@@ -585,6 +585,8 @@ def test_the_command_line_refuses_what_it_cannot_serve(
     alpha = str(models_dir / "alpha.gguf")
     assert "not both" in serve_error(capsys, alpha, "--models-dir", str(models_dir))
     assert "--alias" in serve_error(capsys, "--models-dir", str(models_dir), "--alias", "x")
+    assert "go with several models" in serve_error(capsys, alpha, "--models-max", "2")
+    assert "--models-max must be >= 0" in serve_error(capsys, "--models-dir", str(models_dir), "--models-max", "-1")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no model in" in serve_error(capsys, "--models-dir", str(empty))

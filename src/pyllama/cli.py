@@ -519,7 +519,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models-max",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
         help="with several models: the most loaded at once, the least recently used unloaded first (default 4; "
         "0: no limit)",
@@ -570,6 +570,8 @@ def _serve(args: argparse.Namespace) -> int:
     _check_serve_numbers(args)
     if args.models_dir is not None or args.config is not None:
         return _serve_models(args)
+    if args.models_max is not None or not args.models_autoload:
+        raise _UsageError("--models-max and --no-models-autoload go with several models: --models-dir or --config")
     with _load(args, args.model, **_serve_extra(args)) as llm:
         try:
             serve(
@@ -603,7 +605,7 @@ SCALED_FILE_OPTIONS = ("lora_scaled", "control_vector_scaled")
 
 
 def _serve_models(args: argparse.Namespace) -> int:
-    from .server import serve_models
+    from .server import DEFAULT_MODELS_MAX, serve_models
 
     try:
         from .server import config  # noqa: F401
@@ -616,7 +618,8 @@ def _serve_models(args: argparse.Namespace) -> int:
         raise _UsageError("give a MODEL, or --models-dir / --config for several: not both")
     if args.alias is not None:
         raise _UsageError("--alias names the one MODEL; with several, each model's id is its name (aliases: --config)")
-    if args.models_max < 0:
+    models_max = DEFAULT_MODELS_MAX if args.models_max is None else args.models_max
+    if models_max < 0:
         raise _UsageError("--models-max must be >= 0 (0: no limit)")
     specs = _model_specs(args)
     try:
@@ -624,7 +627,7 @@ def _serve_models(args: argparse.Namespace) -> int:
             specs,
             host=args.host,
             port=args.port,
-            models_max=args.models_max,
+            models_max=models_max,
             autoload=args.models_autoload,
             api_key=args.api_key,
             max_queue=args.max_queue,
