@@ -163,14 +163,20 @@ class _Models:
         idle = [m for m in self.all if m.state == LOADED and m.in_flight == 0 and m.spec.id not in keep]
         return min(idle, key=lambda m: m.last_used, default=None)
 
+    def _wanted(self) -> set[str]:
+        """The models that requests wait to load, that no load has room for yet."""
+        return {name for name in self.waiting if self.names[name].state == UNLOADED}
+
+    def _unloading(self) -> int:
+        return sum(1 for m in self.all if m.state == UNLOADING)
+
     def _make_room(self, model: _Model) -> bool:
         """True where ``model`` may load now; else, where no unload already makes the room that the
         waiting models need, the unload of the least recently used idle model begins."""
         if self.max <= 0 or self._running() < self.max:
             return True
-        wanted = set(self.waiting) | {model.spec.id}
-        unloading = sum(1 for m in self.all if m.state == UNLOADING)
-        if unloading < len(wanted):
+        wanted = self._wanted() | {model.spec.id}
+        if self._unloading() < len(wanted):
             victim = self._victim(wanted)
             if victim is not None:
                 logger.info("models_max (%d) reached: unloading %r, the least recently used", self.max, victim.spec.id)
@@ -308,12 +314,13 @@ class _Models:
         model.in_flight -= 1
         if model.in_flight == 0:
             # a model that falls idle while others wait for room goes at once (as llama-server's)
+            wanted = self._wanted()
             if (
-                self.waiting
+                wanted
                 and model.state == LOADED
                 and model.spec.id not in self.waiting
                 and 0 < self.max <= self._running()
-                and sum(1 for m in self.all if m.state == UNLOADING) < len(self.waiting)
+                and self._unloading() < len(wanted)
             ):
                 logger.info("model %r is idle and others wait for room: unloading it", model.spec.id)
                 self._start_unload(model)
