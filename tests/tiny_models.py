@@ -31,7 +31,7 @@ def template_text(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_fields(vocab: Path) -> tuple[tuple[str, Any, Any, Any], ...]:
     """The tokenizer.* keys of a vocabulary file: (key, value, type, sub-type). gguf-py takes seconds to
     read a large vocabulary, so each file is read once per process."""
