@@ -568,3 +568,24 @@ def test_a_long_random_mix_keeps_memory_and_tokens_in_step(model: pyllama.Model,
             assert stats["bytes"] <= budget
         assert stats["n_saved"] > 0 and stats["n_loaded"] > 0 and n_requests > 40
         engine.close()
+
+
+def test_the_stop_word_is_the_stop_string_that_ended_it(model: pyllama.Model) -> None:
+    """EngineRequest.stop_word names the stop string that ended a generation: of several that appear,
+    the one that begins first in the text (the reply is cut before it); None when none did."""
+    with pyllama.Context(model, n_ctx=512, n_threads=1) as ctx:
+        engine = pyllama.Engine(ctx, 1)
+        prompt = list(model.tokenize("Once upon a time"))
+        free = engine.submit(prompt, greedy(model), max_tokens=24, ignore_eos=True)
+        text = free.run()
+        assert free.stop_word is None and free.finish_reason == "length"
+        assert len(text) > 12
+        stops = [text[8:12], text[4:7], "\x00never"]
+        # the truth: where each stop string first begins in the free text (the longest among equals)
+        found = sorted((text.find(s), -len(s), s) for s in stops if s in text)
+        at, _, first = found[0]
+        stopped = engine.submit(prompt, greedy(model), max_tokens=24, ignore_eos=True, stop=stops)
+        out = stopped.run()
+        assert stopped.finish_reason == "stop" and stopped.stop_word == first
+        assert out == text[:at]
+        engine.close()

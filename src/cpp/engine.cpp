@@ -365,6 +365,13 @@ the thread that waits for a request's text (Ctrl-C then interrupts a long prompt
             return f.empty() ? py::object(py::none()) : py::object(py::str(f));
         },
         "None while running; then 'stop' (end of generation or a stop string), 'length' or 'cancelled'.");
+    r.def_property_readonly(
+        "stop_word",
+        [](const Request & self) -> py::object {
+            const std::string w = self.stop_word();
+            return w.empty() ? py::object(py::none()) : py::object(utf8_lenient(w));
+        },
+        "The stop string that ended the generation (llama-server's stopping_word), else None.");
     r.def_property_readonly("n_prompt", &Request::n_prompt);
     r.def_property_readonly("n_reused", &Request::n_reused, "Prompt tokens taken from the cache instead of evaluated.");
     r.def_property_readonly("n_drafted", &Request::n_drafted,

@@ -111,13 +111,18 @@ bool generated_text::check_stop() {
     const size_t from  = scanned_ > max_stop_ ? scanned_ - max_stop_ : 0;
     size_t       first = std::string::npos;
     for (const auto & s : stop_) {
-        first = std::min(first, text_.find(s, from));
+        const size_t at = text_.find(s, from);
+        if (at < first || (at == first && at != std::string::npos && s.size() > matched_.size())) {
+            first    = at;
+            matched_ = s;
+        }
     }
     scanned_ = text_.size();
     if (first != std::string::npos) {
         text_.resize(first);
         return true;
     }
+    matched_.clear();
     return false;
 }
 
@@ -306,6 +311,11 @@ void Request::cancel() {
 std::string Request::finish_reason() const {
     std::lock_guard<std::mutex> lock(mtx_);
     return done_ ? finish_reason_ : std::string();
+}
+
+std::string Request::stop_word() const {
+    std::lock_guard<std::mutex> lock(mtx_);
+    return done_ ? stop_word_ : std::string();
 }
 
 std::vector<llama_token> Request::completion() const {
@@ -1106,6 +1116,10 @@ void Scheduler::sample(const std::shared_ptr<Request> & r, const llama_vocab * v
     r->last_            = tok;
     const size_t n_done = r->completion_.size();
     if (r->text_.check_stop()) {
+        {
+            std::lock_guard<std::mutex> lock(r->mtx_);
+            r->stop_word_ = r->text_.matched();
+        }
         release(r, "stop");
     } else if (r->opt_.max_tokens >= 0 && n_done >= static_cast<size_t>(r->opt_.max_tokens)) {
         release(r, "length");

@@ -103,8 +103,10 @@ class generated_text {
     // Appends the piece of `tok` (special tokens as text when `special`); returns its bytes.
     std::string append(const llama_vocab * vocab, llama_token tok, bool special);
 
-    // True when a stop string appeared: the text is cut before it.
-    bool check_stop();
+    // True when a stop string appeared: the text is cut before it, and matched() names it (the one
+    // that begins first; the longest of those that begin there).
+    bool                check_stop();
+    const std::string & matched() const { return matched_; }
 
     std::string release(bool all);
 
@@ -114,6 +116,7 @@ class generated_text {
     std::string                      text_;
     size_t                           released_ = 0;
     size_t                           scanned_  = 0;
+    std::string                      matched_;
 };
 
 // A file descriptor that an event loop watches (asyncio's add_reader) and a threaded scheduler
@@ -160,6 +163,7 @@ class Request {
     void        cancel();       // from any thread: ends at the next step (a sole prompt's decode stops now)
 
     std::string                finish_reason() const;  // empty while running
+    std::string                stop_word() const;      // the stop string that ended it, else empty
     size_t                     n_prompt() const { return prompt_.size(); }
     size_t                     n_reused() const { return n_reused_.load(); }
     size_t                     n_drafted() const { return n_drafted_.load(); }    // draft tokens verified
@@ -204,6 +208,7 @@ class Request {
     std::deque<std::string>    pieces_;
     bool                       done_ = false;
     std::string                finish_reason_;
+    std::string                stop_word_;
     std::exception_ptr         error_;  // what failed the request, raised once by next()
     std::vector<llama_token>   completion_;
     std::vector<token_logprob> logprobs_;

@@ -199,6 +199,13 @@ class Stream(Iterator[dict[str, Any]]):
         self._use.cancel()
 
     @property
+    def generation(self) -> Gen | None:
+        """The generation core's request behind the stream once it has started (None before): its
+        prompt counters (``n_prompt``, ``n_reused``) and, when it has ended, ``stop_word``, the stop
+        string that ended it (one of the request's ``stop`` strings or of the chat template's own)."""
+        return self._use.generation
+
+    @property
     def tool_messages(self) -> list[dict[str, Any]]:
         """With ``run_tools=True``: the assistant messages with calls and the tool results of the
         rounds streamed so far (the final answer is the content of the last round's chunks)."""
@@ -256,6 +263,11 @@ class AsyncStream:
         if chunk is None:
             raise StopAsyncIteration
         return chunk
+
+    @property
+    def generation(self) -> Gen | None:
+        """See ``Stream.generation``."""
+        return self._stream.generation
 
     async def aclose(self) -> None:
         self._stream.cancel()

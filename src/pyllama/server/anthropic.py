@@ -375,7 +375,6 @@ def parse_request(body: dict[str, Any], llm: Llama, *, counting: bool = False) -
                 raise invalid(f"stop_sequences[{i}]", "must not be empty")
         if stops and not counting:
             kwargs["stop"] = stops
-            kwargs["logprobs"] = True  # each token's text: which stop sequence matched is read off it
     if body.get("metadata") is not None:
         user = params.obj("metadata", body["metadata"]).get("user_id")
         if user is not None:
@@ -583,26 +582,6 @@ def _tool_input(arguments: str) -> Any:
         return {}  # not JSON at all: the model wrote no input
 
 
-def matched_stop(generation: EngineRequest | None, stops: list[str]) -> str | None:
-    """The stop sequence that ended ``generation``: the one found first in the text of the tokens it
-    kept (the stop strings are cut from its reply, not from them; needs logprobs on). A stop sequence
-    anywhere in that text ended it, since the core checks them after every token."""
-    if generation is None or not stops:
-        return None
-    text = b"".join(piece for _, piece, _, _ in generation.logprobs)
-    found: tuple[int, str] | None = None
-    for stop in stops:
-        at = text.find(stop.encode("utf-8"))
-        if at >= 0 and (found is None or at < found[0]):
-            found = (at, stop)
-    return None if found is None else found[1]
-
-
-def _generation(chunks: AsyncStream) -> EngineRequest | None:
-    """The generation core's request behind a chat stream (its prompt counters, its tokens' text)."""
-    return chunks._stream._use.generation
-
-
 class Builder:
     """Chat chunks in; the message's content blocks and the events of Anthropic's stream out.
 
@@ -732,7 +711,9 @@ class Builder:
         elif reason == "tool_calls":
             stop_reason = "tool_use"
         else:
-            stop_sequence = matched_stop(self.generation(), self.stops)
+            generation = self.generation()
+            word = None if generation is None else generation.stop_word  # the request's, or the template's
+            stop_sequence = word if word in self.stops else None
             stop_reason = "end_turn" if stop_sequence is None else "stop_sequence"
         cached = usage["prompt_tokens_details"]["cached_tokens"]
         self.message["usage"] = {
@@ -808,7 +789,7 @@ def add_anthropic_routes(app: FastAPI, server: _Server) -> None:
             server.model_id,
             max_tokens=chat.max_tokens,
             stops=chat.stop_sequences,
-            generation=lambda: _generation(chunks),
+            generation=lambda: chunks.generation,
         )
         if chat.stream:
             return MessageEvents(server, chunks, builder, chat.fields)
