@@ -325,6 +325,14 @@ def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list
         "sides alike. **Ratios are to the decode without drafts measured in the same run: above 1 is",
         "faster.**",
         "",
+    )
+    if sp.get("load"):
+        d(
+            f"The machine's 1-minute load average before each process of the run: {span(sp['load'], 1)} (the",
+            f"run's own processes count for about {meta.get('threads', 2)} of it; more is other work on the machine).",
+            "",
+        )
+    d(
         "### Copy-heavy prompt",
         "",
         f"A passage of {cp['passage_words']} words, then its first 20 words again"
