@@ -296,8 +296,8 @@ def equal_cell(texts: list[str], truth: dict[str, Any] | None, prefix: bool = Fa
     equal, margins = agreement(texts, truth, prefix)
     cell = f"{equal} of {len(texts)}"
     if margins:
-        cell += " (the others part where the plain decode's top-2 margin was " + ", ".join(f"{m:.3f}" for m in margins)
-        cell += ")"
+        shown = ", ".join(dict.fromkeys(f"{m:.3f}" for m in margins))  # each margin once
+        cell += f" (the others part where the plain decode's top-2 margin was {shown})"
     return cell
 
 
