@@ -296,8 +296,8 @@ def equal_cell(texts: list[str], truth: dict[str, Any] | None, prefix: bool = Fa
     equal, margins = agreement(texts, truth, prefix)
     cell = f"{equal} of {len(texts)}"
     if margins:
-        cell += " (the others part where the plain decode's top-2 margin was " + ", ".join(f"{m:.3f}" for m in margins)
-        cell += ")"
+        shown = ", ".join(dict.fromkeys(f"{m:.3f}" for m in margins))  # each margin once
+        cell += f" (the others part where the plain decode's top-2 margin was {shown})"
     return cell
 
 
@@ -325,6 +325,14 @@ def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list
         "sides alike. **Ratios are to the decode without drafts measured in the same run: above 1 is",
         "faster.**",
         "",
+    )
+    if sp.get("load"):
+        d(
+            f"The machine's 1-minute load average before each process of the run: {span(sp['load'], 1)} (the",
+            f"run's own processes count for about {meta.get('threads', 2)} of it; more is other work on the machine).",
+            "",
+        )
+    d(
         "### Copy-heavy prompt",
         "",
         f"A passage of {cp['passage_words']} words, then its first 20 words again"

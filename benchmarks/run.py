@@ -748,6 +748,7 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     out: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "load": [],  # the 1-minute load average before each process
         "n_ctx": n_ctx,
         "copy": {"prompt": copy, "max_tokens": n_copy, "passage_words": len(SPEC_PASSAGE.split()), "argv": ref_argv},
     }
@@ -758,6 +759,7 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         spec = {**base, "arms": arms, "prompts": [copy], "kwargs": copy_kwargs, "truth": rnd == 0}
         if rnd == 0:
             spec["verify_cost"] = [1, 16, 32, 48, 64]
+        out["load"].append(os.getloadavg()[0])
         got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
         if "truth" in got:
             cp["truth"] = got.pop("truth")
@@ -768,6 +770,7 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         for i in range(reps + 1):
             for name in names:
                 log(f"spec, round {rnd + 1}/{cfg['rounds']}: {name} ({i}/{reps})")
+                out["load"].append(os.getloadavg()[0])
                 r = run_measured(ref_argv[name])
                 if not i:
                     continue
@@ -809,6 +812,7 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
     for rnd in range(cfg["rounds"]):
         log(f"spec, round {rnd + 1}/{cfg['rounds']}: editing request, with and without the prediction")
         spec = {**base, "arms": edit_arms, "prompts": [edit], "kwargs": ed["kwargs"], "truth": rnd == 0}
+        out["load"].append(os.getloadavg()[0])
         got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
         if "truth" in got:
             ed["truth"] = got.pop("truth")
@@ -818,6 +822,7 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
         n_free = cfg["spec_free_reps"]
         spec = {**base, "reps": n_free, "arms": free_arms, "prompts": prompts, "kwargs": free_kwargs}
         spec["prompt_offset"] = rnd * (n_free + 1)
+        out["load"].append(os.getloadavg()[0])
         got = worker(sys.executable, "worker_pyllama.py", "spec", spec)
         merge(fr, {"pyllama": {"plain": got["arms"]["plain"], "best": got["arms"][best]}})
         fr["pyllama_peak_rss_mib"] = max(fr.get("pyllama_peak_rss_mib", 0.0), got["peak_rss_mib"])

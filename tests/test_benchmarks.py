@@ -409,6 +409,7 @@ def spec_results(tmp_path: Path) -> dict:
         "spec": {
             "date": "2026-12-06",
             "n_ctx": 2048,
+            "load": [1.2, 2.5, 1.9],
             "copy": {
                 "prompt": "PASSAGE",
                 "max_tokens": 160,
@@ -466,6 +467,7 @@ def test_report_spec_section_and_targets(tmp_path: Path) -> None:
     report.write(spec_results(tmp_path), doc)
     text = doc.read_text()
     assert "## 7. Speculative decoding and predicted outputs" in text and "Measured on 2026-12-06" in text
+    assert "1-minute load average before each process of the run: 1.2-2.5" in text
     assert "| pyllama, no drafts | 62.0 | 1.000 | - | 3 of 3 |" in text
     # medians 155 and 200 over 62; accepted 145, rejected 0
     assert "| pyllama, `ngram-simple` | 155.0 | 2.500 | 145 / 0 | 2 of 3 (the others part where" in text
