@@ -7,8 +7,9 @@
 #
 #   benchmarks/gpu.sh [ARCHITECTURES]      # default: native (this machine's GPU)
 #
-# Results: benchmarks/.work/results.json and docs/benchmarks.md (sections speed and server), and the
-# test log in benchmarks/.work/gpu-tests.log.
+# Results: benchmarks/.work/results-gpu.json and docs/benchmarks-gpu.md (the sections speed and server;
+# docs/benchmarks.md, the CPU figures, is left as it is), and the test log in
+# benchmarks/.work/gpu-tests.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 archs="${1:-native}"
@@ -31,4 +32,5 @@ python -m venv --clear "$venv"
 
 # 3. llama.cpp's tools with CUDA (their own build directory), and the speed and server sections
 export PYLLAMA_BENCH_CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$archs"
-"$venv/bin/python" benchmarks/run.py --only speed,server --levels 8 --no-llama-cpp-python --reps 5
+"$venv/bin/python" benchmarks/run.py --only speed,server --levels 8 --no-llama-cpp-python --reps 5 \
+    --results benchmarks/.work/results-gpu.json --doc docs/benchmarks-gpu.md

@@ -7,12 +7,16 @@
   flags into a virtual environment of its own, with its server extra.
 
 Both are built only when missing (``--rebuild`` forces it); of the tools, only those the sections
-run need.
+run need. ``PYLLAMA_BENCH_CMAKE_ARGS`` (e.g. ``"-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90"``, as
+benchmarks/gpu.sh sets it) adds CMake arguments to the tools' build, which then has a build directory
+of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,7 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP = ROOT / "vendor" / "llama.cpp"
 WORK = ROOT / "benchmarks" / ".work"
-TOOLS_BUILD = WORK / "llama.cpp-build"
+# extra CMake arguments for llama.cpp's tools (a GPU backend, say), each set in a build directory of its own
+EXTRA_CMAKE_ARGS = shlex.split(os.environ.get("PYLLAMA_BENCH_CMAKE_ARGS", ""))
+TOOLS_BUILD = WORK / (
+    "llama.cpp-build"
+    if not EXTRA_CMAKE_ARGS
+    else "llama.cpp-build-" + hashlib.sha256(" ".join(EXTRA_CMAKE_ARGS).encode()).hexdigest()[:10]
+)
 LCP_VENV = WORK / "venv-llama-cpp-python"
 LCP_VERSION = "0.3.35"
 TOOLS = ("llama-bench", "llama-completion", "llama-server", "llama-speculative-simple")
@@ -104,6 +114,7 @@ def build_llama_cpp_tools(rebuild: bool = False, tools: tuple[str, ...] = TOOLS)
         "-DLLAMA_BUILD_UI=OFF",
         "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_OPENSSL=OFF",
+        *EXTRA_CMAKE_ARGS,
     ]
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]

@@ -301,6 +301,11 @@ def equal_cell(texts: list[str], truth: dict[str, Any] | None, prefix: bool = Fa
     return cell
 
 
+def show_piece(piece: str) -> str:
+    """A token's text in backticks, its spaces and line ends visible."""
+    return "`" + piece.replace("\n", "\\n").replace(" ", "␣") + "`"
+
+
 def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list[list[str]]) -> None:
     """Section 7: n-gram drafts on a copy-heavy prompt (pyllama against its own plain decode, and
     llama-speculative-simple against llama-completion), predicted outputs on an editing request, and
@@ -416,6 +421,19 @@ def spec_section(d: Doc, sp: dict[str, Any], meta: dict[str, Any], targets: list
             + f". Drafts that are all accepted therefore make the decode at most {vm['1'] / vm[str(big)]:.1f}x",
             f"as fast with batches of {big} (before the time to draft and to sample): each token of a draft",
             "still needs its logits over Gemma 3's 262,144-token vocabulary.",
+            "",
+        )
+    bc = cp.get("batch_check")
+    if bc and bc.get("splits"):
+        picks = ", ".join(f"{x['batch']}: {x['picks']} ({x['margin']:+.3f})" for x in bc["splits"])
+        d(
+            f"Where a run with drafts parts from the plain decode (generated token {bc['position']}: the plain",
+            f"decode has {show_piece(bc['plain'])}, the run with drafts {show_piece(bc['drafted'])}), a bare",
+            "`Context.decode` of the same tokens, the last N of them in one batch and those before one by",
+            "one, picks (batch N: which token, and the plain token's logprob minus the other's): " + picks + ".",
+            "The same tokens give other logits in batches of other shapes (llama.cpp's kernels sum in",
+            "another order; see `benchmarks/batch_shapes.py`), so verifying a draft in one batch can pick",
+            "the other of two close tokens; llama.cpp's own speculative decoding verifies in batches too.",
             "",
         )
     for name, argv in cp.get("argv", {}).items():
@@ -693,6 +711,8 @@ def render(res: dict[str, Any], doc: Path = DOC) -> str:
             ["System", meta.get("system", "?")],
             ["Threads", str(meta.get("threads", "?"))],
             ["CPU flags of every build", f"`-march=native {meta.get('cpu_flags', '')}` (Release)"],
+            *([["GPU", ", ".join(meta["gpus"])]] if meta.get("gpus") else []),
+            *([["CMake arguments of every build", f"`{meta['cmake_args']}`"]] if meta.get("cmake_args") else []),
             ["pyllama", f"{meta.get('pyllama', '?')}, llama.cpp {str(meta.get('llama_cpp_commit', '?'))[:9]}"],
             [
                 "Models",

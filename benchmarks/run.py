@@ -765,6 +765,8 @@ def bench_spec(cfg: dict[str, Any], res: dict[str, Any]) -> None:
             cp["truth"] = got.pop("truth")
         if "verify_ms" in got:
             cp["verify_ms"] = got.pop("verify_ms")
+        if "batch_check" in got:
+            cp["batch_check"] = got.pop("batch_check")
         merge(cp, {"pyllama": got["arms"], "pyllama_peak_rss_mib": got["peak_rss_mib"]})
         names = list(ref_argv) if rnd % 2 == 0 else list(ref_argv)[::-1]
         for i in range(reps + 1):
@@ -899,12 +901,15 @@ def main() -> int:
     ap.add_argument("--no-llama-cpp-python", action="store_true", help="leave llama-cpp-python out")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the reference tools and venv")
     ap.add_argument("--report", action="store_true", help="only rewrite docs/benchmarks.md's sections from the results")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="results (default benchmarks/.work/results.json)")
+    ap.add_argument("--doc", type=Path, default=report.DOC, help="the page written (default docs/benchmarks.md)")
     args = ap.parse_args()
+    results: Path = args.results
 
     if args.report:
-        res = json.loads(RESULTS.read_text())
+        res = json.loads(results.read_text())
         # the sections the results hold; the page keeps the others as they are
-        report.write(res, only=[k for k in report.SECTIONS if k in res])
+        report.write(res, args.doc, only=[k for k in report.SECTIONS if k in res])
         return 0
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -942,7 +947,7 @@ def main() -> int:
         "spec_free_reps": 3 * args.reps,  # the pairs of the free text (cheap runs, a small difference)
     }
     cfg["threads"] = args.threads or default_threads(cfg["tiny"])
-    res: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    res: dict[str, Any] = json.loads(results.read_text()) if results.exists() else {}
     res["meta"] = {
         **machine(),
         "date": datetime.date.today().isoformat(),
@@ -950,6 +955,10 @@ def main() -> int:
         "pyllama": pyllama.__version__,
         "llama_cpp_commit": pyllama.LLAMA_CPP_COMMIT if hasattr(pyllama, "LLAMA_CPP_COMMIT") else "4df29be4f",
         "cpu_flags": refs.cpu_flags(),
+        "cmake_args": " ".join(refs.EXTRA_CMAKE_ARGS),
+        "gpus": [
+            f"{d['description']} ({d['memory_total'] // 2**20:,} MiB)" for d in pyllama.devices() if d["type"] == "gpu"
+        ],
         "models": {"gemma": cfg["gemma"].name, "tiny": cfg["tiny"].name},
         "reps": args.reps,
         "rounds": args.rounds,
@@ -958,8 +967,8 @@ def main() -> int:
         t = time.perf_counter()
         SECTIONS[s](cfg, res)
         res.setdefault("took_s", {})[s] = round(time.perf_counter() - t, 1)
-        RESULTS.write_text(json.dumps(res, indent=1, default=str))
-    report.write(res, only=sections)
+        results.write_text(json.dumps(res, indent=1, default=str))
+    report.write(res, args.doc, only=sections)
     return 0
 
 

@@ -323,6 +323,44 @@ def speculative(spec: dict[str, Any]) -> dict[str, Any]:
             values = sorted(top.values(), reverse=True)
             margins.append(values[0] - values[1] if len(values) > 1 else float("inf"))
         out["truth"] = {"text": r["choices"][0]["text"], "pieces": lp["tokens"], "margins": margins}
+        other = next((t for a in out["arms"].values() for t in a["text"] if t != out["truth"]["text"]), None)
+        if other is not None:
+            out["batch_check"] = batch_check(spec, prompts[0], out["truth"]["text"], other)
+    return out
+
+
+def batch_check(spec: dict[str, Any], prompt: str, truth: str, other: str) -> dict[str, Any] | None:
+    """Where a run with drafts parted from the plain decode: the two tokens there, and which one a bare
+    ``Context.decode`` picks (argmax of the logits) when the tokens before it are evaluated one by one up
+    to a point and the rest in one batch, for batches of 1 (the plain decode) and 8 to 64 tokens. None
+    when the texts do not tokenize back to themselves."""
+    model = pyllama.Model(spec["model"])
+    threads = spec["threads"]
+    ids = model.tokenize(prompt)
+    gen = model.tokenize(truth, add_special=False, parse_special=False)
+    alt = model.tokenize(other, add_special=False, parse_special=False)
+    k = next((i for i, (a, b) in enumerate(zip(gen, alt, strict=False)) if a != b), None)
+    if k is None or model.detokenize(gen) != truth or model.detokenize(alt) != other:
+        return None
+    out: dict[str, Any] = {
+        "position": k,
+        "plain": model.detokenize([gen[k]]),
+        "drafted": model.detokenize([alt[k]]),
+        "splits": [],
+    }
+    with pyllama.Context(model, n_ctx=spec["n_ctx"], n_threads=threads, n_threads_batch=threads) as ctx:
+        for n in [1, *range(8, min(k, 64) + 1, 8)]:
+            ctx.memory_clear()
+            ctx.decode(pyllama.Batch.from_tokens(ids, logits_last=False))
+            for i, t in enumerate(gen[: k - n]):
+                ctx.decode(pyllama.Batch.from_tokens([t], pos0=len(ids) + i, logits_last=False))
+            ctx.decode(pyllama.Batch.from_tokens(gen[k - n : k], pos0=len(ids) + k - n))
+            logits = ctx.logits()
+            z = logits - logits.max()
+            lp = z - np.log(np.exp(z).sum())
+            pick = int(np.argmax(logits))
+            picks = "plain" if pick == gen[k] else "drafted" if pick == alt[k] else "other"
+            out["splits"].append({"batch": n, "picks": picks, "margin": float(lp[gen[k]] - lp[alt[k]])})
     return out
 
 
