@@ -131,6 +131,16 @@ class Guard:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+            # read the body first (up to the limit): closing the connection with it unread makes the
+            # kernel reset it, and the client can lose the answer
+            received = 0
+            while received <= self.max_bytes:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
             await self.respond(path, error)(scope, receive, send)
             return
         too_large = APIError(
