@@ -5,8 +5,8 @@
 A worker (`pyllama rpc-server` on 127.0.0.1, a process of its own with --threads) lends this machine's
 CPU over llama.cpp's RPC protocol. The same Model then runs with every layer here (weight repacking on,
 the default, and off, as the worker's CPU backend has it), with every layer on the worker, and with half
-of them there and half here. Each setting is timed as worker_pyllama.py's speed task times pyllama
-(pp512 through one Context.decode, tg128 through the generation core, greedy); the settings alternate
+of them there and half here. Each setting is timed by worker_pyllama.py's core_speed (pp512 through
+one Context.decode, tg128 through the generation core, greedy); the settings alternate
 round by round so that the machine's drift hits each alike. Prints the medians, each setting's ratio to
 the local run, and the results as JSON. On one machine the worker and the caller share its cores, so
 this measures what the protocol costs (a round trip per graph, the tensors copied), not a second
@@ -25,11 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import pyllama
 
-N_PP, N_TG = 512, 128
+from worker_pyllama import core_speed
 
 
 def free_port() -> int:
@@ -53,37 +51,6 @@ def start_worker(threads: int) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.1)
     proc.kill()
     raise SystemExit("the RPC worker did not start")
-
-
-def measure(model: pyllama.Model, threads: int, reps: int) -> dict[str, list[float]]:
-    """pp512 (one Context.decode of random tokens) and tg128 (the generation core, greedy): tokens/s of
-    each measured repetition, after one warm-up."""
-    rng = np.random.default_rng(0)
-    cparams = dict(n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads)
-    out: dict[str, list[float]] = {"pp": [], "tg": []}
-    with pyllama.Context(model, n_ctx=N_PP, **cparams) as ctx:
-        for i in range(reps + 1):
-            ctx.memory_clear(False)
-            batch = pyllama.Batch.from_tokens([int(t) for t in rng.integers(100, model.n_vocab - 100, N_PP)])
-            t = time.perf_counter()
-            ctx.decode(batch)
-            if i:
-                out["pp"].append(N_PP / (time.perf_counter() - t))
-    greedy = pyllama.Sampler(model, greedy=True)
-    first = model.tokenize("The history of the old lighthouse")[-1]
-    with pyllama.Context(model, n_ctx=N_TG, **cparams) as ctx:
-        engine = pyllama.Engine(ctx)
-        for i in range(reps + 1):
-            engine.reset()
-            greedy.reset()
-            g = engine.submit([first], greedy, max_tokens=N_TG, ignore_eos=True)
-            t = time.perf_counter()
-            g.run()
-            dt = time.perf_counter() - t
-            assert g.n_completion == N_TG, g.n_completion
-            if i:
-                out["tg"].append(N_TG / dt)
-    return out
 
 
 def main() -> int:
@@ -112,8 +79,9 @@ def main() -> int:
         for r in range(args.rounds):
             for name in settings if r % 2 == 0 else reversed(list(settings)):
                 with pyllama.Model(path, **settings[name]) as model:
-                    for key, values in measure(model, args.threads, args.reps).items():
-                        pooled[name][key].extend(values)
+                    got = core_speed(model, args.threads, args.reps)
+                    pooled[name]["pp"] += got["pp_context_decode"]
+                    pooled[name]["tg"] += got["tg_generator_greedy"]
                 print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
     finally:
         proc.kill()

@@ -32,19 +32,16 @@ def first_token(model: pyllama.Model) -> int:
     return model.token_bos if model.add_bos and model.token_bos is not None else 0
 
 
-def speed(spec: dict[str, Any]) -> dict[str, Any]:
-    """pp512 and tg128 as llama-bench runs them (n_ctx = n_prompt or n_gen, n_batch 2048,
-    n_ubatch 512), through the low-level objects and through Llama.complete/chat."""
-    path, threads, reps = spec["model"], spec["threads"], spec["reps"]
-    n_pp, n_tg = spec.get("n_prompt", 512), spec.get("n_gen", 128)
+def core_speed(
+    model: pyllama.Model, threads: int, reps: int, n_pp: int = 512, n_tg: int = 128
+) -> dict[str, list[float]]:
+    """pp (one Context.decode of n_pp random tokens, logits for the last) and tg (the C++ generation
+    core, one sequence, greedy: n_tg decodes and n_tg samples) as llama-bench runs them (n_ctx = n_pp
+    or n_tg, n_batch 2048, n_ubatch 512): tokens/s of each repetition after a warm-up."""
     rng = np.random.default_rng(0)
-    model = pyllama.Model(path)
-    out: dict[str, list[float]] = {}
     cparams = dict(n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads)
-
-    # pp: one Context.decode of n_pp random tokens, logits for the last.
+    out: dict[str, list[float]] = {"pp_context_decode": [], "tg_generator_greedy": []}
     with pyllama.Context(model, n_ctx=n_pp, **cparams) as ctx:
-        samples = []
         for i in range(reps + 1):
             ctx.memory_clear(False)
             batch = pyllama.Batch.from_tokens(random_prompt(model, n_pp, rng))
@@ -52,15 +49,10 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
             ctx.decode(batch)
             dt = now() - t
             if i:
-                samples.append(n_pp / dt)
-        out["pp_context_decode"] = samples
-
-    # tg: the C++ generation core (Engine, one sequence, inline) with the greedy sampler: n_tg decodes
-    # and n_tg samples.
+                out["pp_context_decode"].append(n_pp / dt)
     greedy = pyllama.Sampler(model, greedy=True)
     with pyllama.Context(model, n_ctx=n_tg, **cparams) as ctx:
         gen = pyllama.Engine(ctx)
-        samples = []
         for i in range(reps + 1):
             gen.reset()
             greedy.reset()
@@ -70,9 +62,21 @@ def speed(spec: dict[str, Any]) -> dict[str, Any]:
             dt = now() - t
             assert g.n_completion == n_tg, g.n_completion
             if i:
-                samples.append(n_tg / dt)
-        out["tg_generator_greedy"] = samples
+                out["tg_generator_greedy"].append(n_tg / dt)
+    return out
 
+
+def speed(spec: dict[str, Any]) -> dict[str, Any]:
+    """pp512 and tg128 as llama-bench runs them (n_ctx = n_prompt or n_gen, n_batch 2048,
+    n_ubatch 512), through the low-level objects and through Llama.complete/chat."""
+    path, threads, reps = spec["model"], spec["threads"], spec["reps"]
+    n_pp, n_tg = spec.get("n_prompt", 512), spec.get("n_gen", 128)
+    model = pyllama.Model(path)
+    out: dict[str, list[float]] = core_speed(model, threads, reps, n_pp, n_tg)
+    rng = np.random.default_rng(1)
+    cparams = dict(n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads)
+    greedy = pyllama.Sampler(model, greedy=True)
+    with pyllama.Context(model, n_ctx=n_tg, **cparams) as ctx:
         # tg: the same in a Python loop: Context.decode + Sampler.sample per token.
         samples = []
         for i in range(reps + 1):

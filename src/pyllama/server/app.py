@@ -124,25 +124,14 @@ class Guard:
             return
         headers = dict(scope["headers"])
         path = scope["path"]
+        refused = None
         if self.keys and path not in PUBLIC_PATHS and not self._authorized(headers):
-            error = APIError(
+            refused = APIError(
                 401,
                 "invalid or missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            # read the body first (up to the limit): closing the connection with it unread makes the
-            # kernel reset it, and the client can lose the answer
-            received = 0
-            while received <= self.max_bytes:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            await self.respond(path, error)(scope, receive, send)
-            return
         too_large = APIError(
             413,
             f"the request body is larger than {self.max_bytes} bytes",
@@ -150,7 +139,7 @@ class Guard:
             headers={"Connection": "close"},
         )
         length = headers.get(b"content-length")
-        if length is not None:
+        if length is not None and refused is None:
             try:
                 declared = int(length)
             except ValueError:
@@ -159,6 +148,8 @@ class Guard:
             if declared > self.max_bytes:
                 await self.respond(path, too_large)(scope, receive, send)
                 return
+        # The body is read before any answer, a refusal too (up to the limit): closing the connection
+        # with a body unread makes the kernel reset it, and the client can lose the answer.
         body = bytearray()
         more = True
         while more:
@@ -168,8 +159,11 @@ class Guard:
             body += message.get("body", b"")
             more = bool(message.get("more_body", False))
             if len(body) > self.max_bytes:
-                await self.respond(path, too_large)(scope, receive, send)
+                await self.respond(path, refused or too_large)(scope, receive, send)
                 return
+        if refused is not None:
+            await self.respond(path, refused)(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
